@@ -1,0 +1,102 @@
+"""The small interface every cluster backend implements, and the values it speaks in.
+
+Backends are swappable the way httpx swaps transports: the simulated factory
+(``controller.backends.simulated``) and the Ray backend implement the same five calls —
+inventory, launch, stop, status, telemetry — and the scheduler never knows which one runs
+the work.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from controller.spec import JobSpec
+from controller.state import Placement
+from controller.topology import NodeInfo
+
+__all__ = [
+    "ClusterBackend",
+    "GPUReading",
+    "TelemetrySnapshot",
+    "WorkloadPhase",
+    "WorkloadStatus",
+]
+
+
+class WorkloadPhase(enum.Enum):
+    """Where launched work is in its life on the backend."""
+
+    STARTING = "Starting"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadStatus:
+    """What a backend knows about one launched job."""
+
+    job: str
+    phase: WorkloadPhase
+    progress: float = 0.0
+    started_at: float = 0.0
+    finished_at: float | None = None
+    last_checkpoint_at: float | None = None
+    message: str = ""
+    retryable: bool = True
+    energy_joules: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GPUReading:
+    """One GPU's telemetry. ``energy_joules`` is a monotonic counter since the backend began
+    (the NVML total-energy counter on real GPUs)."""
+
+    node: str
+    index: int
+    model: str
+    power_watts: float
+    energy_joules: float
+    utilization: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+    temperature_celsius: float
+    sm_clock_mhz: float
+    power_limit_watts: float
+    jobs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySnapshot:
+    """All GPU readings at one instant, and where they came from (``simulated``/``nvml``)."""
+
+    at: float
+    source: str
+    gpus: tuple[GPUReading, ...]
+
+
+class ClusterBackend(Protocol):
+    """Runs placed work. Every call is cheap; long work happens behind it."""
+
+    def inventory(self) -> Sequence[NodeInfo]:
+        """The GPU nodes that can take work now (failed nodes left out)."""
+        ...
+
+    def launch(self, spec: JobSpec, placement: Placement) -> None:
+        """Start every worker of the gang where the placement says. Idempotent per job."""
+        ...
+
+    def stop(self, job: str) -> None:
+        """Stop a job's workers and release what the backend holds. Idempotent."""
+        ...
+
+    def status(self, job: str) -> WorkloadStatus | None:
+        """The job's status, or None if the backend does not know it."""
+        ...
+
+    def telemetry(self) -> TelemetrySnapshot:
+        """Power, energy and utilization of every GPU now."""
+        ...

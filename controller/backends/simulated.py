@@ -1,0 +1,360 @@
+"""A simulated AI factory: fake GPU nodes with a real topology, drawing power by the model.
+
+This is a first-class backend, not a test double: the simulator, the benchmarks and the
+operator on clusters without GPUs (kind) all run work here. Time comes from an injected clock
+(virtual for fast replays, wall-clock for the operator). Jobs progress at a speed set by
+their power cap (a capped GPU clocks down: speed ~ cube root of the dynamic power share),
+checkpoint every ``checkpoint_interval_seconds``, and lose only the work since the last
+checkpoint when a node or GPU fails.
+
+Energy is integrated per GPU from piecewise-constant power and attributed to the jobs that
+own the GPU over time (shares split by milli-GPU), so job energy sums to the energy of the
+allocated GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from controller.backends.base import GPUReading, TelemetrySnapshot, WorkloadPhase, WorkloadStatus
+from controller.power import GPUPowerProfile, profile_for
+from controller.spec import JobKind, JobSpec
+from controller.state import MILLI, Placement
+from controller.topology import NodeInfo
+
+__all__ = ["SimulatedBackend", "default_utilization", "speed_under_cap"]
+
+GIB = 1024**3
+DEFAULT_MEMORY_GIB = {"H200": 141, "H100": 80, "B200": 180, "A100": 80, "L40S": 48}
+
+
+def default_utilization(spec: JobSpec) -> float:
+    """Utilization a job drives on its GPUs when it says nothing (training ~ saturating)."""
+    if spec.expected_utilization is not None:
+        return spec.expected_utilization
+    return 0.93 if spec.kind is JobKind.TRAINING else 0.6
+
+
+def speed_under_cap(profile: GPUPowerProfile, utilization: float,
+                    cap_watts: float | None) -> float:
+    """Relative speed of a capped GPU: dynamic power scales ~ f^3, speed ~ f."""
+    if cap_watts is None:
+        return 1.0
+    full = profile.power_watts(utilization)
+    capped = profile.power_watts(utilization, cap_watts)
+    base = profile.active_idle_watts
+    if full <= base or capped >= full:
+        return 1.0
+    return max(0.05, ((capped - base) / (full - base)) ** (1.0 / 3.0))
+
+
+@dataclass(slots=True)
+class _Workload:
+    spec: JobSpec
+    placement: Placement
+    started_at: float
+    runtime_seconds: float | None
+    work_done_before: float
+    speed: float
+    utilization: float
+    phase: WorkloadPhase = WorkloadPhase.RUNNING
+    finished_at: float | None = None
+    message: str = ""
+    retryable: bool = True
+    energy_joules: float = 0.0
+    frozen_work: float | None = None
+
+    def work_done(self, now: float) -> float:
+        if self.frozen_work is not None:
+            return self.frozen_work
+        return self.work_done_before + max(0.0, now - self.started_at) * self.speed
+
+    def finish_time(self) -> float | None:
+        if self.runtime_seconds is None or self.phase is not WorkloadPhase.RUNNING:
+            return None
+        remaining = max(0.0, self.runtime_seconds - self.work_done_before)
+        return self.started_at + remaining / self.speed
+
+    def checkpointed_work(self, now: float) -> float:
+        """Work saved at the last checkpoint (all of it for jobs that never checkpoint? no:
+        a job without checkpoints loses everything)."""
+        interval = self.spec.checkpoint_interval_seconds
+        if interval is None:
+            return 0.0
+        done = self.work_done(now)
+        return math.floor(done / interval) * interval
+
+    def last_checkpoint_at(self, now: float) -> float:
+        interval = self.spec.checkpoint_interval_seconds
+        if interval is None:
+            return self.started_at
+        saved = self.checkpointed_work(now)
+        if saved <= self.work_done_before:
+            return self.started_at
+        return self.started_at + (saved - self.work_done_before) / self.speed
+
+
+@dataclass(slots=True)
+class _GPU:
+    node: int
+    profile: GPUPowerProfile
+    power: float
+    energy: float = 0.0
+    last: float = 0.0
+    owners: dict[str, int] = field(default_factory=dict)
+    failed: bool = False
+
+
+class SimulatedBackend:
+    """Simulated GPU nodes. ``clock()`` returns seconds (virtual or wall)."""
+
+    def __init__(self, nodes: Sequence[NodeInfo], clock: Callable[[], float],
+                 default_runtime_seconds: float | None = 3600.0) -> None:
+        self._nodes = list(nodes)
+        self._clock = clock
+        self.default_runtime_seconds = default_runtime_seconds
+        self._node_index = {n.name: i for i, n in enumerate(self._nodes)}
+        self._down: set[int] = set()
+        self._gpus: list[_GPU] = []
+        self._node_first_gpu: list[int] = []
+        start = clock()
+        for i, node in enumerate(self._nodes):
+            self._node_first_gpu.append(len(self._gpus))
+            profile = profile_for(node.gpu_model)
+            for _ in range(node.gpus):
+                self._gpus.append(_GPU(i, profile, profile.idle_power_watts(), last=start))
+        self._jobs: dict[str, _Workload] = {}
+        self._runtimes: dict[str, float | None] = {}
+
+    # ----------------------------------------------------------------- backend protocol
+
+    def inventory(self) -> Sequence[NodeInfo]:
+        return [n for i, n in enumerate(self._nodes) if i not in self._down]
+
+    def all_nodes(self) -> Sequence[NodeInfo]:
+        return list(self._nodes)
+
+    def set_runtime(self, job: str, seconds: float | None) -> None:
+        """The true runtime of a job (from a trace); the scheduler never sees it."""
+        self._runtimes[job] = seconds
+
+    def launch(self, spec: JobSpec, placement: Placement, work_done: float = 0.0) -> None:
+        now = self._clock()
+        existing = self._jobs.get(spec.key)
+        if existing is not None and existing.phase is WorkloadPhase.RUNNING:
+            return
+        runtime = self._runtimes.get(spec.key, spec.expected_runtime_seconds
+                                     or self.default_runtime_seconds)
+        if spec.kind is JobKind.INFERENCE and spec.key not in self._runtimes:
+            runtime = None
+        util = default_utilization(spec)
+        first = self._gpus[placement.slots[0].gpus[0]].profile if placement.slots else None
+        speed = speed_under_cap(first, util, spec.power_cap_watts_per_gpu) if first else 1.0
+        work = _Workload(spec, placement, now, runtime, work_done, speed, util)
+        self._jobs[spec.key] = work
+        for slot in placement.slots:
+            for g in slot.gpus:
+                gpu = self._gpus[g]
+                self._settle(g, now)
+                gpu.owners[spec.key] = slot.milli
+                self._repower(g)
+
+    def stop(self, job: str) -> None:
+        work = self._jobs.get(job)
+        if work is None:
+            return
+        now = self._clock()
+        self._release(work, now)
+        if work.phase is WorkloadPhase.RUNNING:
+            work.frozen_work = work.work_done(now)
+            work.phase = WorkloadPhase.FAILED
+            work.finished_at = now
+            work.message = "stopped"
+
+    def forget(self, job: str) -> None:
+        self.stop(job)
+        self._jobs.pop(job, None)
+
+    def status(self, job: str) -> WorkloadStatus | None:
+        work = self._jobs.get(job)
+        if work is None:
+            return None
+        now = self._clock()
+        self._maybe_finish(work, now)
+        progress = 0.0
+        if work.runtime_seconds:
+            progress = min(1.0, work.work_done(now) / work.runtime_seconds)
+        return WorkloadStatus(
+            job=job, phase=work.phase, progress=progress, started_at=work.started_at,
+            finished_at=work.finished_at, last_checkpoint_at=work.last_checkpoint_at(now),
+            message=work.message, retryable=work.retryable,
+            energy_joules=self._job_energy(work, now))
+
+    def telemetry(self) -> TelemetrySnapshot:
+        now = self._clock()
+        for work in list(self._jobs.values()):
+            self._maybe_finish(work, now)
+        readings: list[GPUReading] = []
+        for g, gpu in enumerate(self._gpus):
+            self._settle(g, now)
+            node = self._nodes[gpu.node]
+            util = self._gpu_utilization(gpu)
+            mem_total = DEFAULT_MEMORY_GIB.get(node.gpu_model, 80) * GIB
+            used_share = sum(gpu.owners.values()) / MILLI
+            readings.append(GPUReading(
+                node=node.name, index=g - self._node_first_gpu[gpu.node],
+                model=node.gpu_model, power_watts=gpu.power, energy_joules=gpu.energy,
+                utilization=util, memory_used_bytes=int(mem_total * 0.9 * used_share),
+                memory_total_bytes=mem_total,
+                temperature_celsius=30.0 + 45.0 * (gpu.power / gpu.profile.power_limit_watts),
+                sm_clock_mhz=0.0 if gpu.failed else (1980.0 if gpu.owners else 345.0),
+                power_limit_watts=gpu.profile.power_limit_watts, jobs=tuple(sorted(gpu.owners))))
+        return TelemetrySnapshot(now, "simulated", tuple(readings))
+
+    # ----------------------------------------------------------------- events
+
+    def next_finish_for(self, job: str) -> float | None:
+        """When a running job will complete at its current speed (None: never/unknown)."""
+        work = self._jobs.get(job)
+        return None if work is None else work.finish_time()
+
+    def finished_jobs(self) -> list[str]:
+        """Jobs that have completed by now (their GPUs released)."""
+        now = self._clock()
+        done = []
+        for key, work in self._jobs.items():
+            self._maybe_finish(work, now)
+            if work.phase is WorkloadPhase.SUCCEEDED:
+                done.append(key)
+        return done
+
+    def fail_node(self, name: str, message: str = "") -> list[str]:
+        """A node dies: its jobs fail (retryable), it leaves the inventory. Returns the jobs."""
+        n = self._node_index[name]
+        self._down.add(n)
+        hit = self._fail_gpus(set(range(self._node_first_gpu[n],
+                                         self._node_first_gpu[n] + self._nodes[n].gpus)),
+                              message or f"node {name} failed")
+        return hit
+
+    def fail_gpu(self, name: str, index: int, message: str = "") -> list[str]:
+        n = self._node_index[name]
+        return self._fail_gpus({self._node_first_gpu[n] + index},
+                               message or f"GPU {index} on node {name} failed")
+
+    def repair_node(self, name: str) -> None:
+        n = self._node_index[name]
+        self._down.discard(n)
+        now = self._clock()
+        for g in range(self._node_first_gpu[n], self._node_first_gpu[n] + self._nodes[n].gpus):
+            self._settle(g, now)
+            self._gpus[g].failed = False
+            self._repower(g)
+
+    def failed_gpus(self) -> list[tuple[str, int]]:
+        return [(self._nodes[gpu.node].name, g - self._node_first_gpu[gpu.node])
+                for g, gpu in enumerate(self._gpus) if gpu.failed]
+
+    def saved_work(self, job: str) -> float:
+        """Seconds of work kept by the job's last checkpoint (restart resumes from here)."""
+        work = self._jobs.get(job)
+        if work is None:
+            return 0.0
+        now = self._clock()
+        if work.frozen_work is not None and work.phase is WorkloadPhase.FAILED:
+            interval = work.spec.checkpoint_interval_seconds
+            return 0.0 if interval is None else \
+                math.floor(work.frozen_work / interval) * interval
+        return work.checkpointed_work(now)
+
+    def job_energy_joules(self, job: str) -> float:
+        work = self._jobs.get(job)
+        return 0.0 if work is None else self._job_energy(work, self._clock())
+
+    # ----------------------------------------------------------------- internals
+
+    def _fail_gpus(self, gpus: set[int], message: str) -> list[str]:
+        now = self._clock()
+        hit: list[str] = []
+        for key, work in self._jobs.items():
+            if work.phase is not WorkloadPhase.RUNNING:
+                continue
+            if any(g in gpus for s in work.placement.slots for g in s.gpus):
+                self._maybe_finish(work, now)
+                if work.phase is not WorkloadPhase.RUNNING:
+                    continue
+                work.frozen_work = work.work_done(now)
+                self._release(work, now)
+                work.phase = WorkloadPhase.FAILED
+                work.finished_at = now
+                work.message = message
+                work.retryable = True
+                hit.append(key)
+        for g in gpus:
+            self._settle(g, now)
+            self._gpus[g].failed = True
+            self._repower(g)
+        return hit
+
+    def _maybe_finish(self, work: _Workload, now: float) -> None:
+        end = work.finish_time()
+        if end is not None and end <= now + 1e-9:
+            work.frozen_work = work.runtime_seconds
+            self._release(work, end)
+            work.phase = WorkloadPhase.SUCCEEDED
+            work.finished_at = end
+            work.message = "completed"
+
+    def _release(self, work: _Workload, at: float) -> None:
+        for slot in work.placement.slots:
+            for g in slot.gpus:
+                gpu = self._gpus[g]
+                if work.spec.key in gpu.owners:
+                    self._settle(g, at)
+                    del gpu.owners[work.spec.key]
+                    self._repower(g)
+
+    def _gpu_utilization(self, gpu: _GPU) -> float:
+        util = 0.0
+        for job, milli in gpu.owners.items():
+            work = self._jobs.get(job)
+            if work is not None:
+                util += work.utilization * milli / MILLI
+        return min(1.0, util)
+
+    def _repower(self, g: int) -> None:
+        gpu = self._gpus[g]
+        if gpu.failed:
+            gpu.power = 0.0
+            return
+        if not gpu.owners:
+            gpu.power = gpu.profile.idle_power_watts()
+            return
+        caps = [w.spec.power_cap_watts_per_gpu for j in gpu.owners
+                if (w := self._jobs.get(j)) is not None and w.spec.power_cap_watts_per_gpu]
+        gpu.power = gpu.profile.power_watts(self._gpu_utilization(gpu),
+                                            min(caps) if caps else None)
+
+    def _settle(self, g: int, now: float) -> None:
+        gpu = self._gpus[g]
+        dt = now - gpu.last
+        if dt <= 0:
+            return
+        joules = gpu.power * dt
+        gpu.energy += joules
+        total = sum(gpu.owners.values())
+        if total:
+            for job, milli in gpu.owners.items():
+                work = self._jobs.get(job)
+                if work is not None:
+                    work.energy_joules += joules * milli / total
+        gpu.last = now
+
+    def _job_energy(self, work: _Workload, now: float) -> float:
+        if work.phase is WorkloadPhase.RUNNING:
+            for slot in work.placement.slots:
+                for g in slot.gpus:
+                    self._settle(g, now)
+        return work.energy_joules

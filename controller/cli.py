@@ -1,0 +1,202 @@
+"""The ``aifactory`` command line: ``simulate`` now; the operator and reports plug in here.
+
+``aifactory simulate`` with no arguments runs the default simulated factory on the sample
+manifests in ``manifests/samples/``. ``--compare`` runs several policies on the same input
+and prints them side by side; ``--json`` writes ``{"results": [...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from controller.errors import AifactoryError
+
+__all__ = ["main"]
+
+DEFAULT_WORKLOAD = "manifests/samples"
+
+
+def _default_workload() -> Path:
+    """``manifests/samples`` of a source checkout, else the copy shipped in the package."""
+    here = Path(__file__).resolve().parent.parent / DEFAULT_WORKLOAD
+    if here.is_dir():
+        return here
+    return Path(str(resources.files("controller") / "data" / "samples"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aifactory", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run jobs on a simulated factory")
+    sim.add_argument("--cluster", default="small",
+                     help="factory spec: built-in name (small, 100k, nvl72), YAML path, openb "
+                          "node CSV or Lingjun topology CSV (default: small)")
+    sim.add_argument("--workload", default=None,
+                     help="folder of TrainingJob/InferenceService manifests, or an openb pod "
+                          f"CSV (default: {DEFAULT_WORKLOAD})")
+    sim.add_argument("--policy", default="aifactory", help="placement policy")
+    sim.add_argument("--compare", default=None,
+                     help="comma-separated policies to run on the same input")
+    sim.add_argument("--mode", choices=("replay", "fill"), default="replay",
+                     help="replay: arrivals and departures in time; fill: place in order with "
+                          "no departures (FGD)")
+    sim.add_argument("--json", dest="json_path", default=None, help="write results as JSON")
+    sim.add_argument("--limit", type=int, default=None, help="use only the first N jobs")
+    sim.add_argument("--seed", type=int, default=0, help="seed for the random policy")
+    sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sim.add_argument("--show-jobs", action="store_true",
+                     help="print where every job ran or why it waited")
+    return parser
+
+
+def _policies(args: argparse.Namespace) -> list[str]:
+    from controller.policies import POLICY_NAMES
+
+    names = [n.strip() for n in args.compare.split(",")] if args.compare else [args.policy]
+    for name in names:
+        if name not in POLICY_NAMES:
+            raise AifactoryError(f"--policy/--compare: unknown policy {name!r}; valid "
+                                 f"policies are {', '.join(POLICY_NAMES)}")
+    return names
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from controller.factory import load_factory
+    from controller.fill import fill
+    from controller.policies import make_policy
+    from controller.simulation import Simulation, build_state, watts_estimator
+    from controller.topology import Topology
+    from controller.workload import load_workload
+
+    console = Console()
+    factory = load_factory(args.cluster)
+    workload = Path(args.workload) if args.workload else _default_workload()
+    arrivals = load_workload(workload)
+    if args.limit is not None:
+        arrivals = arrivals[: args.limit]
+    names = _policies(args)
+    topo = Topology.build(factory.nodes, factory.levels)
+    console.print(f"[bold]factory[/] {factory.name}: {topo.describe()}")
+    console.print(f"[bold]workload[/] {workload}: {len(arrivals)} jobs, mode {args.mode}")
+    results: list[dict[str, Any]] = []
+    sims: list[Simulation] = []
+    for name in names:
+        started = time.perf_counter()
+        if args.mode == "fill":
+            state = build_state(factory, topo)
+            out = fill(state, [a.spec for a in arrivals], make_policy(name, args.seed),
+                       watts_estimator(topo))
+            row = out.to_dict()
+        else:
+            sim = Simulation(factory, name, seed=args.seed)
+            sim.submit_all(arrivals)
+            if args.no_progress or len(arrivals) < 200:
+                res = sim.run()
+            else:
+                with Progress(console=console, transient=True) as bar:
+                    task = bar.add_task(f"{name}", total=len(arrivals))
+                    res = sim.run(progress=lambda done, total: bar.update(task,
+                                                                          completed=done))
+            row = res.to_dict()
+            sims.append(sim)
+        row["wall_seconds"] = time.perf_counter() - started
+        results.append(row)
+    _print_table(console, results, args.mode)
+    if args.show_jobs and sims:
+        _print_jobs(console, sims[0])
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({"results": results}, indent=2) + "\n")
+        console.print(f"wrote {args.json_path}")
+    return 0
+
+
+REPLAY_COLUMNS = (
+    ("policy", "policy", "{}"),
+    ("jobs_completed", "done", "{}"),
+    ("jobs_never_placed", "never placed", "{}"),
+    ("gpu_allocation_rate_mean", "alloc", "{:.1%}"),
+    ("queue_wait_seconds_mean", "wait mean s", "{:.0f}"),
+    ("queue_wait_seconds_p95", "wait p95 s", "{:.0f}"),
+    ("gang_single_rack_fraction", "1-rack gangs", "{:.0%}"),
+    ("unplaced_while_capacity_free", "waited w/ GPUs free", "{}"),
+    ("energy_joules", "energy MWh", "{}"),
+    ("cost_dollars", "cost $", "{:,.0f}"),
+    ("decision_seconds_p99", "decide p99 ms", "{}"),
+)
+FILL_COLUMNS = (
+    ("policy", "policy", "{}"),
+    ("jobs_placed", "placed", "{}"),
+    ("jobs_failed", "failed", "{}"),
+    ("allocation_rate_at_first_failure", "alloc @1st fail", "{:.1%}"),
+    ("unallocated_gpus_at_first_failure", "unalloc GPUs @1st fail", "{:.1f}"),
+    ("final_allocation_rate", "alloc @100% demand", "{:.1%}"),
+    ("decision_seconds_p99", "decide p99 ms", "{}"),
+)
+
+
+def _cell(key: str, fmt: str, value: Any) -> str:
+    if key == "energy_joules":
+        return f"{value / 3.6e9:.2f}"
+    if key == "decision_seconds_p99":
+        return f"{value * 1e3:.2f}"
+    return fmt.format(value)
+
+
+def _print_table(console: Any, rows: Sequence[dict[str, Any]], mode: str) -> None:
+    from rich.table import Table
+
+    columns = FILL_COLUMNS if mode == "fill" else REPLAY_COLUMNS
+    table = Table(title=f"aifactory simulate ({mode})")
+    for _, header, _ in columns:
+        table.add_column(header, justify="left" if header == "policy" else "right")
+    for row in rows:
+        table.add_row(*(_cell(k, f, row[k]) for k, _, f in columns))
+    console.print(table)
+
+
+def _print_jobs(console: Any, sim: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"jobs ({sim.policy.name})")
+    for header in ("job", "GPUs", "state", "where / why"):
+        table.add_column(header)
+    topo = sim.topo
+    for key, rec in sim.jobs.items():
+        if rec.failed_reason:
+            state, where = "failed", rec.failed_reason
+        elif rec.first_start is None:
+            state, where = "waiting", rec.reason
+        else:
+            state = "done" if rec.done else "running"
+            last = rec.history[-1] if rec.history else ""
+            where = last
+            if rec.placement is not None:
+                nodes = [topo.nodes[n].name for n in rec.placement.nodes]
+                where = ", ".join(nodes[:4]) + (" ..." if len(nodes) > 4 else "")
+        table.add_row(key, f"{rec.spec.gpu_equivalents:g}", state, where)
+    console.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "simulate":
+            return _simulate(args)
+    except AifactoryError as exc:
+        print(f"aifactory: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

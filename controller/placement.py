@@ -1,0 +1,417 @@
+"""Topology-aware gang placement: where one gang goes, or why it cannot go anywhere now.
+
+The rule (our policy, ``topology``): place the gang inside one domain at the lowest level
+possible, choosing the tightest such domain (BestFit, fewest free GPUs, ties broken by domain
+id); a required level is never crossed, and a gang crosses a preferred level only when nothing
+fits below it. Inside the chosen domain, a split across children first takes the children with
+most room (fewest domains spanned) and gives the remainder to the tightest child that holds it,
+as Kueue's TAS BestFit does; at node level the tightest nodes go first, so whole free nodes and
+racks stay whole for big gangs. Fractional requests pack onto already shared GPUs first.
+
+Everything here is pure: it reads a ``ClusterState`` and returns a ``Placement`` or an
+``Unplaced`` with a reason a person can act on. Nothing is mutated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from controller.spec import JobSpec
+from controller.state import MILLI, ClusterState, Placement, WorkerSlot
+from controller.topology import NODE_LEVEL, Domain, Topology
+
+__all__ = [
+    "PlacementRequest",
+    "Unplaced",
+    "explain_unplaced",
+    "materialize",
+    "place_topology_aware",
+    "static_check",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Unplaced:
+    """A gang that cannot be placed now (or ever, when ``permanent``), and why."""
+
+    reason: str
+    permanent: bool = False
+    power_limited: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRequest:
+    """A JobSpec resolved against one topology: level and model names turned into indices."""
+
+    job: str
+    workers: int
+    gpus_per_worker: int
+    milli: int
+    models: frozenset[int] | None
+    model_names: tuple[str, ...]
+    required_level: int | None
+    preferred_level: int | None
+    spread_level: int | None
+    watts_per_gpu: float
+    avoid_nodes: frozenset[int] = frozenset()
+
+    @property
+    def total_gpus(self) -> int:
+        return self.workers * self.gpus_per_worker
+
+    @property
+    def fractional(self) -> bool:
+        return self.milli < MILLI
+
+    def describe(self) -> str:
+        """``gang of 96 GPUs`` / ``1 GPU worker`` / ``0.46-GPU share``, for reasons."""
+        if self.fractional:
+            return f"{self.milli / MILLI:.2f}-GPU share"
+        if self.workers == 1:
+            return f"{self.gpus_per_worker}-GPU worker"
+        return f"gang of {self.total_gpus} GPUs ({self.workers} x {self.gpus_per_worker})"
+
+    @staticmethod
+    def resolve(spec: JobSpec, topo: Topology, watts_per_gpu: float = 0.0,
+                avoid_nodes: frozenset[int] = frozenset()) -> PlacementRequest | Unplaced:
+        """Resolve names; unknown levels or models give a permanent Unplaced with the fix."""
+        levels = topo.level_names
+
+        def level(name: str | None, field: str) -> int | None | Unplaced:
+            if name is None:
+                return None
+            if name not in levels:
+                return Unplaced(f"{field}: unknown topology level {name!r}; valid levels are "
+                                f"{', '.join(levels)}", permanent=True)
+            return levels.index(name)
+
+        required = level(spec.required_level, "spec.topology.required")
+        preferred = level(spec.preferred_level, "spec.topology.preferred")
+        spread = level(spec.spread_level, "spec.topology.spreadAcross") \
+            if spec.spread_level in levels or spec.spread_level is None else None
+        for value in (required, preferred, spread):
+            if isinstance(value, Unplaced):
+                return value
+        assert not isinstance(required, Unplaced) and not isinstance(preferred, Unplaced)
+        assert not isinstance(spread, Unplaced)
+        if required is not None and preferred is not None and preferred < required:
+            return Unplaced(f"spec.topology.preferred: level {spec.preferred_level!r} is above "
+                            f"the required level {spec.required_level!r}; prefer a level at or "
+                            "below the required one", permanent=True)
+        models: frozenset[int] | None = None
+        if spec.gpu_models:
+            known = {m: i for i, m in enumerate(topo.models)}
+            models = frozenset(known[m] for m in spec.gpu_models if m in known)
+            if not models:
+                return Unplaced(f"spec.gpuModel: no {'|'.join(spec.gpu_models)} nodes in the "
+                                f"factory; models present: {', '.join(topo.models)}",
+                                permanent=True)
+        if spread is not None and required is not None and spread <= required:
+            spread = None
+        return PlacementRequest(
+            job=spec.key, workers=spec.workers, gpus_per_worker=spec.gpus_per_worker,
+            milli=spec.gpu_milli, models=models, model_names=spec.gpu_models,
+            required_level=required, preferred_level=preferred, spread_level=spread,
+            watts_per_gpu=watts_per_gpu, avoid_nodes=avoid_nodes)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def materialize(state: ClusterState, req: PlacementRequest,
+                workers_per_node: Sequence[tuple[int, int]]) -> Placement:
+    """Turn ``(node, workers)`` pairs into a Placement with concrete GPU indices."""
+    slots: list[WorkerSlot] = []
+    g = req.gpus_per_worker
+    for node, count in workers_per_node:
+        gpus = state.free_gpu_indices(node, count * g)
+        for w in range(count):
+            slots.append(WorkerSlot(node, gpus[w * g:(w + 1) * g], MILLI))
+    return Placement(req.job, tuple(slots), req.watts_per_gpu)
+
+
+def node_power_ok(state: ClusterState, node: int, watts: float,
+                  pending: dict[int, float]) -> bool:
+    """Would adding ``watts`` on ``node`` keep every budget covering it within its limit?"""
+    for b in state.budgets.node_budgets[node]:
+        if state.budget_watts[b] + pending.get(b, 0.0) + watts > state.budgets.limits[b] + 1e-6:
+            return False
+    return True
+
+
+def add_pending(state: ClusterState, node: int, watts: float, pending: dict[int, float]) -> None:
+    for b in state.budgets.node_budgets[node]:
+        pending[b] = pending.get(b, 0.0) + watts
+
+
+def _level_name(topo: Topology, level: int) -> str:
+    return "factory" if level < 0 else topo.levels[level].name
+
+
+def static_check(empty: ClusterState, req: PlacementRequest) -> Unplaced | None:
+    """Reasons a gang can never fit this factory, judged on the empty factory."""
+    topo = empty.topo
+    what = req.describe()
+    model_txt = f"{'|'.join(req.model_names)} " if req.model_names else ""
+    if req.fractional:
+        return None if empty.free_gpus(topo.root, req.models) > 0 else Unplaced(
+            f"{what} fits nowhere: the factory has no {model_txt}GPUs", permanent=True)
+    largest = max((n.gpus for i, n in enumerate(topo.nodes)
+                   if req.models is None or topo.node_model[i] in req.models), default=0)
+    if req.gpus_per_worker > largest:
+        return Unplaced(f"worker of {req.gpus_per_worker} GPUs fits no node: the largest "
+                        f"{model_txt}node has {largest} GPUs", permanent=True)
+    total = empty.free_gpus(topo.root, req.models)
+    if empty.worker_capacity(topo.root, req.gpus_per_worker, req.models) < req.workers:
+        return Unplaced(f"{what} exceeds the factory: {total} {model_txt}GPUs in total",
+                        permanent=True)
+    if req.required_level is not None:
+        doms = topo.domains[req.required_level]
+        best = max(doms, key=lambda d: empty.free_gpus(d, req.models))
+        if max(empty.worker_capacity(d, req.gpus_per_worker, req.models) for d in doms) \
+                < req.workers:
+            name = _level_name(topo, req.required_level)
+            return Unplaced(f"{name}-required {what} fits no {name}: the largest {name} has "
+                            f"{empty.free_gpus(best, req.models)} {model_txt}GPUs",
+                            permanent=True)
+    return None
+
+
+def explain_unplaced(state: ClusterState, req: PlacementRequest) -> Unplaced:
+    """Why the gang does not fit right now, in words a person can act on."""
+    topo = state.topo
+    what = req.describe()
+    model_txt = f"{'|'.join(req.model_names)} " if req.model_names else ""
+    if req.fractional:
+        return Unplaced(f"{what} waits: no {model_txt}GPU has {req.milli} milli-GPU free")
+    need_watts = req.total_gpus * req.watts_per_gpu
+    g = req.gpus_per_worker
+    if req.required_level is not None:
+        name = _level_name(topo, req.required_level)
+        doms = topo.domains[req.required_level]
+        best = max(doms, key=lambda d: (state.worker_capacity(d, g, req.models),
+                                        state.free_gpus(d, req.models)))
+        free = state.free_gpus(best, req.models)
+        cap = state.worker_capacity(best, g, req.models)
+        if cap >= req.workers:
+            return _power_reason(state, best, need_watts, what)
+        text = (f"{name}-required {what} fits no {name}: largest free {name} has {free} free "
+                f"{model_txt}GPUs")
+        if free >= req.total_gpus:
+            text += f" but room for only {cap} workers of {g} GPUs"
+        return Unplaced(text)
+    free = state.free_gpus(topo.root, req.models)
+    cap = state.worker_capacity(topo.root, g, req.models)
+    if cap >= req.workers:
+        return _power_reason(state, topo.root, need_watts, what)
+    if free >= req.total_gpus:
+        return Unplaced(f"{what} waits: {free} {model_txt}GPUs are free but fragmented; "
+                        f"room for only {cap} workers of {g} GPUs")
+    return Unplaced(f"{what} waits: {free} of {state.free_gpus(topo.root, None)} free GPUs "
+                    f"are {model_txt}GPUs; needs {req.total_gpus}" if req.model_names else
+                    f"{what} waits: {free} GPUs free in the factory, needs {req.total_gpus}")
+
+
+def _power_reason(state: ClusterState, dom: Domain, need: float, what: str) -> Unplaced:
+    budgets = state.budgets
+    worst = None
+    for b in range(len(budgets.names)):
+        head = state.power_headroom(b)
+        if worst is None or head < worst[0]:
+            worst = (head, b)
+    if worst is None:
+        return Unplaced(f"{what} waits: capacity exists but no placement satisfied the "
+                        "constraints")
+    head, b = worst
+    return Unplaced(f"{what} waits on power: budget {budgets.names[b]} "
+                    f"({budgets.limits[b]:.0f} W) has {max(head, 0.0):.0f} W headroom; the "
+                    f"gang needs {need:.0f} W more", power_limited=True)
+
+
+# --------------------------------------------------------------------------- our policy
+
+
+def place_topology_aware(state: ClusterState, req: PlacementRequest,
+                         group_count: Callable[[Domain], int] | None = None
+                         ) -> Placement | Unplaced:
+    """Our placement: lowest level, tightest domain, whole nodes and racks kept whole.
+
+    ``group_count`` (for inference replicas) counts the replicas of the same service in a
+    domain at ``req.spread_level``; the least-loaded domain there is chosen first.
+    """
+    if req.fractional:
+        return _place_fraction(state, req)
+    topo = state.topo
+    w, g = req.workers, req.gpus_per_worker
+    need_watts = w * g * req.watts_per_gpu
+
+    def fits(dom: Domain) -> bool:
+        return (state.worker_capacity(dom, g, req.models) >= w
+                and state.domain_power_headroom(dom) + 1e-6 >= need_watts)
+
+    top = req.required_level if req.required_level is not None else -1
+    frontier = [topo.root] if top < 0 else [d for d in topo.domains[top] if fits(d)]
+    frontier = [d for d in frontier if fits(d)]
+    level = top
+    if req.spread_level is not None and group_count is not None:
+        spread = req.spread_level
+        while level < spread and frontier:
+            frontier = [c for d in frontier for c in topo.children_of(d) if fits(c)]
+            level += 1
+        if frontier:
+            low = min(group_count(d) for d in frontier)
+            frontier = [d for d in frontier if group_count(d) == low]
+    if not frontier:
+        return explain_unplaced(state, req)
+    node_level = topo.node_level
+    while level + 1 < node_level:
+        deeper = [c for d in frontier for c in topo.children_of(d) if fits(c)]
+        if not deeper:
+            break
+        frontier = deeper
+        level += 1
+    if level + 1 == node_level and w * g <= topo.max_node_gpus:
+        single = _single_node(state, req, frontier)
+        if single is not None:
+            return single
+    chosen = min(frontier, key=lambda d: (state.free_gpus(d, req.models), d.id))
+    pending: dict[int, float] = {}
+    assignment = _assign(state, req, chosen, w, pending)
+    if assignment is None:
+        return explain_unplaced(state, req)
+    return materialize(state, req, assignment)
+
+
+def _single_node(state: ClusterState, req: PlacementRequest,
+                 parents: list[Domain]) -> Placement | None:
+    """The tightest single node for the whole gang among the parents' nodes, if any."""
+    need = req.workers * req.gpus_per_worker
+    watts = need * req.watts_per_gpu
+    ranked: list[tuple[int, int, tuple[str, ...], Domain]] = []
+    for d in parents:
+        f = state.has_node_with_free(d, need, req.models)
+        if f is not None:
+            ranked.append((f, state.free_gpus(d, req.models), d.id, d))
+    ranked.sort(key=lambda item: item[:3])
+    topo = state.topo
+    for _, _, _, d in ranked:
+        candidates = [
+            n for n in range(d.node_start, d.node_end)
+            if state.node_free[n] >= need and n not in req.avoid_nodes
+            and (req.models is None or topo.node_model[n] in req.models)]
+        candidates.sort(key=lambda n: (state.node_free[n], n))
+        for n in candidates:
+            if node_power_ok(state, n, watts, {}):
+                return materialize(state, req, [(n, req.workers)])
+    return None
+
+
+def _assign(state: ClusterState, req: PlacementRequest, dom: Domain, workers: int,
+            pending: dict[int, float]) -> list[tuple[int, int]] | None:
+    """Distribute ``workers`` inside ``dom``: one child if one holds them, else a split."""
+    topo = state.topo
+    g = req.gpus_per_worker
+    if dom.level == topo.node_level:
+        n = dom.node_start
+        watts = workers * g * req.watts_per_gpu
+        if n in req.avoid_nodes or not node_power_ok(state, n, watts, pending):
+            return None
+        add_pending(state, n, watts, pending)
+        return [(n, workers)]
+    kids = [c for c in topo.children_of(dom)
+            if state.worker_capacity(c, g, req.models) > 0]
+    cap = {c.index: state.worker_capacity(c, g, req.models) for c in kids}
+    holders = [c for c in kids if cap[c.index] >= workers]
+    if holders:
+        holders.sort(key=lambda c: (state.free_gpus(c, req.models), c.id))
+        for c in holders:
+            trial = dict(pending)
+            got = _assign(state, req, c, workers, trial)
+            if got is not None:
+                pending.clear()
+                pending.update(trial)
+                return got
+    if kids and kids[0].level == topo.node_level:
+        order = sorted(kids, key=lambda c: (state.node_free[c.node_start], c.id))
+    else:
+        order = sorted(kids, key=lambda c: (-cap[c.index], c.id))
+    out: list[tuple[int, int]] = []
+    remaining = workers
+    taken: list[Domain] = []
+    for c in order:
+        if remaining <= 0:
+            break
+        share = min(cap[c.index], remaining)
+        trial = dict(pending)
+        got = _assign_partial(state, req, c, share, trial)
+        if not got:
+            continue
+        placed = sum(k for _, k in got)
+        pending.clear()
+        pending.update(trial)
+        out.extend(got)
+        taken.append(c)
+        remaining -= placed
+    return out if remaining <= 0 else None
+
+
+def _assign_partial(state: ClusterState, req: PlacementRequest, dom: Domain, workers: int,
+                    pending: dict[int, float]) -> list[tuple[int, int]]:
+    """Place up to ``workers`` inside ``dom`` (power may allow fewer); tight nodes first."""
+    full = _assign(state, req, dom, workers, pending)
+    if full is not None:
+        return full
+    if not state.budgets.names:
+        return []
+    # Power-limited: take node by node, as many workers as each budget allows.
+    topo = state.topo
+    g = req.gpus_per_worker
+    out: list[tuple[int, int]] = []
+    nodes = sorted(range(dom.node_start, dom.node_end), key=lambda n: (state.node_free[n], n))
+    remaining = workers
+    for n in nodes:
+        if remaining <= 0:
+            break
+        if n in req.avoid_nodes or (req.models is not None
+                                    and topo.node_model[n] not in req.models):
+            continue
+        k = min(state.node_free[n] // g, remaining)
+        while k > 0 and not node_power_ok(state, n, k * g * req.watts_per_gpu, pending):
+            k -= 1
+        if k > 0:
+            add_pending(state, n, k * g * req.watts_per_gpu, pending)
+            out.append((n, k))
+            remaining -= k
+    return out
+
+
+def _place_fraction(state: ClusterState, req: PlacementRequest) -> Placement | Unplaced:
+    """A fraction of one GPU: the shared GPU it fills most tightly, else a whole GPU."""
+    topo = state.topo
+    m = req.milli
+    watts = req.watts_per_gpu * m / MILLI
+    for free in sorted(f for f in state.partial_by_free if f >= m):
+        best: tuple[int, int, int] | None = None
+        for gpu in state.partial_by_free[free]:
+            node = topo.node_of_gpu(gpu)
+            if node in req.avoid_nodes or (req.models is not None
+                                           and topo.node_model[node] not in req.models):
+                continue
+            key = (state.node_free[node], gpu, node)
+            if (best is None or key < best) and node_power_ok(state, node, watts, {}):
+                best = key
+        if best is not None:
+            return Placement(req.job, (WorkerSlot(best[2], (best[1],), m),), req.watts_per_gpu)
+    whole = PlacementRequest(req.job, 1, 1, MILLI, req.models, req.model_names,
+                             req.required_level, req.preferred_level, None,
+                             req.watts_per_gpu * m / MILLI, req.avoid_nodes)
+    got = place_topology_aware(state, whole)
+    if isinstance(got, Unplaced):
+        return explain_unplaced(state, req)
+    slot = got.slots[0]
+    return Placement(req.job, (WorkerSlot(slot.node, slot.gpus, m),), req.watts_per_gpu)
+
+
+def level_index_of(topo: Topology, name: str) -> int:
+    return topo.level_names.index(name) if name != NODE_LEVEL else topo.node_level

@@ -1,0 +1,309 @@
+"""Placement policies: ours and the baselines people run today, behind one small Protocol.
+
+All run in the same simulator on the same input so that their numbers compare:
+
+- ``aifactory``: ours (``controller.placement``): lowest level, tightest domain, power-aware.
+- ``first-fit``: nodes in name order, first that has room (a gang scheduler without topology
+  beyond a required level, like Volcano's gang plugin with default node order).
+- ``best-fit``: the node with the fewest free GPUs that fits, cluster-wide, no topology.
+- ``random``: a random node with room (seeded).
+- ``kueue-bestfit``: Kueue TAS as KEP-2724 describes BestFit: start at the requested level
+  (the node level when none), go up while nothing fits (preferred) or fail (required), choose
+  the fitting domain with least free capacity, then distribute downwards taking the children
+  with most free capacity first and the tightest fitting child for the remainder; nodes with
+  most free capacity first. Kueue has no GPU sharing (``nvidia.com/gpu`` is an integer
+  resource), so a fractional request takes a whole GPU.
+- ``per-pod``: kube-scheduler-like: each worker placed on its own, LeastAllocated, no gang
+  semantics, so a gang can be partially placed and hold GPUs while it waits.
+
+Only ``aifactory`` honours power budgets; the others ignore them (their violations are
+measured by the simulator, not prevented).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from controller.placement import (
+    PlacementRequest,
+    Unplaced,
+    explain_unplaced,
+    materialize,
+    place_topology_aware,
+)
+from controller.state import MILLI, ClusterState, Placement, WorkerSlot
+from controller.topology import Domain
+
+__all__ = ["POLICY_NAMES", "PlacementPolicy", "make_policy"]
+
+GroupCount = Callable[[Domain], int]
+
+
+class PlacementPolicy(Protocol):
+    """Where one gang goes in a snapshot, or why not. Pure: never mutates the state."""
+
+    name: str
+    gang: bool
+    power_aware: bool
+
+    def place(self, state: ClusterState, req: PlacementRequest,
+              group_count: GroupCount | None = None) -> Placement | Unplaced: ...
+
+
+@dataclass(slots=True)
+class TopologyAwarePolicy:
+    name: str = "aifactory"
+    gang: bool = True
+    power_aware: bool = True
+
+    def place(self, state: ClusterState, req: PlacementRequest,
+              group_count: GroupCount | None = None) -> Placement | Unplaced:
+        return place_topology_aware(state, req, group_count)
+
+
+def _eligible(state: ClusterState, req: PlacementRequest, n: int) -> bool:
+    return req.models is None or state.topo.node_model[n] in req.models
+
+
+def _greedy(state: ClusterState, req: PlacementRequest, nodes: Iterable[int]
+            ) -> list[tuple[int, int]] | None:
+    """Take workers node by node in the given order until the gang is placed."""
+    out: list[tuple[int, int]] = []
+    remaining = req.workers
+    g = req.gpus_per_worker
+    for n in nodes:
+        if not _eligible(state, req, n):
+            continue
+        k = min(state.node_free[n] // g, remaining)
+        if k > 0:
+            out.append((n, k))
+            remaining -= k
+            if remaining == 0:
+                return out
+    return None
+
+
+@dataclass(slots=True)
+class NodeOrderPolicy:
+    """A non-topology policy defined by how it orders nodes and GPUs (first/best/random)."""
+
+    name: str
+    order: str
+    seed: int = 0
+    gang: bool = True
+    power_aware: bool = False
+    _rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def _node_order(self, state: ClusterState, dom: Domain) -> list[int]:
+        nodes = list(range(dom.node_start, dom.node_end))
+        if self.order == "best":
+            nodes.sort(key=lambda n: (state.node_free[n], n))
+        elif self.order == "random":
+            self._rng.shuffle(nodes)
+        return nodes
+
+    def _pick_domain(self, state: ClusterState, req: PlacementRequest) -> Domain | None:
+        topo = state.topo
+        if req.required_level is None:
+            return topo.root
+        doms = [d for d in topo.domains[req.required_level]
+                if state.worker_capacity(d, req.gpus_per_worker, req.models) >= req.workers]
+        if not doms:
+            return None
+        if self.order == "best":
+            return min(doms, key=lambda d: (state.free_gpus(d, req.models), d.id))
+        if self.order == "random":
+            return self._rng.choice(doms)
+        return doms[0]
+
+    def place(self, state: ClusterState, req: PlacementRequest,
+              group_count: GroupCount | None = None) -> Placement | Unplaced:
+        if req.fractional:
+            return self._place_fraction(state, req)
+        dom = self._pick_domain(state, req)
+        got = None if dom is None else _greedy(state, req, self._node_order(state, dom))
+        if got is None:
+            return explain_unplaced(state, req)
+        return materialize(state, req, got)
+
+    def _place_fraction(self, state: ClusterState, req: PlacementRequest
+                        ) -> Placement | Unplaced:
+        topo = state.topo
+        m = req.milli
+        best: tuple[int, int, int] | None = None
+        candidates: list[tuple[int, int]] = []
+        for n in self._node_order(state, topo.root):
+            if not _eligible(state, req, n):
+                continue
+            for gpu in topo.gpu_range(n):
+                free = MILLI - state.gpu_used_milli[gpu]
+                if free < m:
+                    continue
+                if self.order == "first":
+                    return Placement(req.job, (WorkerSlot(n, (gpu,), m),), req.watts_per_gpu)
+                if self.order == "random":
+                    candidates.append((n, gpu))
+                elif best is None or (free, n, gpu) < best:
+                    best = (free, n, gpu)
+        if self.order == "random" and candidates:
+            n, gpu = self._rng.choice(candidates)
+            return Placement(req.job, (WorkerSlot(n, (gpu,), m),), req.watts_per_gpu)
+        if best is not None:
+            return Placement(req.job, (WorkerSlot(best[1], (best[2],), m),),
+                             req.watts_per_gpu)
+        return explain_unplaced(state, req)
+
+
+@dataclass(slots=True)
+class KueueBestFitPolicy:
+    """Kueue TAS BestFit (KEP-2724), re-implemented on our topology model."""
+
+    name: str = "kueue-bestfit"
+    gang: bool = True
+    power_aware: bool = False
+
+    def place(self, state: ClusterState, req: PlacementRequest,
+              group_count: GroupCount | None = None) -> Placement | Unplaced:
+        if req.fractional:  # no GPU sharing in Kueue: a fraction takes a whole GPU
+            req = PlacementRequest(req.job, 1, 1, MILLI, req.models, req.model_names,
+                                   req.required_level, req.preferred_level, None,
+                                   req.watts_per_gpu, req.avoid_nodes)
+        topo = state.topo
+        g, w = req.gpus_per_worker, req.workers
+
+        def cap(d: Domain) -> int:
+            return state.worker_capacity(d, g, req.models)
+
+        level = req.required_level if req.required_level is not None else (
+            req.preferred_level if req.preferred_level is not None else topo.node_level)
+        chosen: list[Domain] = []
+        while True:
+            doms = topo.domains[level] if level >= 0 else (topo.root,)
+            fitting = [d for d in doms if cap(d) >= w]
+            if fitting:
+                chosen = [min(fitting, key=lambda d: (cap(d), d.id))]
+                break
+            if req.required_level is not None:
+                return explain_unplaced(state, req)
+            if level < 0:
+                return explain_unplaced(state, req)
+            level -= 1
+        assignment = self._distribute(state, req, chosen[0], w, cap)
+        if assignment is None:
+            return explain_unplaced(state, req)
+        return materialize(state, req, assignment)
+
+    def _distribute(self, state: ClusterState, req: PlacementRequest, dom: Domain,
+                    workers: int, cap: Callable[[Domain], int]
+                    ) -> list[tuple[int, int]] | None:
+        topo = state.topo
+        if dom.level == topo.node_level:
+            return [(dom.node_start, workers)]
+        kids = sorted((c for c in topo.children_of(dom) if cap(c) > 0),
+                      key=lambda c: (-cap(c), c.id))
+        picked: list[tuple[Domain, int]] = []
+        remaining = workers
+        for i, c in enumerate(kids):
+            if remaining <= 0:
+                break
+            if cap(c) >= remaining:
+                # BestFit for the last domain: the tightest remaining child that holds it.
+                rest = [k for k in kids[i:] if cap(k) >= remaining]
+                last = min(rest, key=lambda k: (cap(k), k.id))
+                picked.append((last, remaining))
+                remaining = 0
+                break
+            picked.append((c, cap(c)))
+            remaining -= cap(c)
+        if remaining > 0:
+            return None
+        out: list[tuple[int, int]] = []
+        for c, share in picked:
+            got = self._distribute(state, req, c, share, cap)
+            if got is None:
+                return None
+            out.extend(got)
+        return out
+
+
+@dataclass(slots=True)
+class PerPodPolicy:
+    """kube-scheduler-like: LeastAllocated per worker, no gang; partial placements happen."""
+
+    name: str = "per-pod"
+    gang: bool = False
+    power_aware: bool = False
+
+    def place(self, state: ClusterState, req: PlacementRequest,
+              group_count: GroupCount | None = None) -> Placement | Unplaced:
+        topo = state.topo
+        g = req.gpus_per_worker
+        if req.fractional:
+            best: tuple[int, int, int] | None = None
+            for n in range(len(topo.nodes)):
+                if not _eligible(state, req, n):
+                    continue
+                for gpu in topo.gpu_range(n):
+                    free = MILLI - state.gpu_used_milli[gpu]
+                    if free >= req.milli:
+                        key = (-state.node_free[n], -free, gpu)
+                        if best is None or key < best:
+                            best = (key[0], key[1], gpu)
+            if best is None:
+                return explain_unplaced(state, req)
+            gpu = best[2]
+            return Placement(req.job, (WorkerSlot(topo.node_of_gpu(gpu), (gpu,), req.milli),),
+                             req.watts_per_gpu)
+        free = state.node_free.copy()
+        out: list[tuple[int, int]] = []
+        for _ in range(req.workers):
+            best_n = -1
+            best_ratio = -1.0
+            for n, node in enumerate(topo.nodes):
+                if free[n] >= g and _eligible(state, req, n):
+                    ratio = free[n] / node.gpus
+                    if ratio > best_ratio:
+                        best_n, best_ratio = n, ratio
+            if best_n < 0:
+                break
+            free[best_n] -= g
+            if out and out[-1][0] == best_n:
+                out[-1] = (best_n, out[-1][1] + 1)
+            else:
+                out.append((best_n, 1))
+        if not out:
+            return explain_unplaced(state, req)
+        merged: dict[int, int] = {}
+        for n, k in out:
+            merged[n] = merged.get(n, 0) + k
+        placement = materialize(state, req, sorted(merged.items()))
+        if len(placement.slots) < req.workers:
+            return Placement(placement.job, placement.slots, placement.watts_per_gpu,
+                             complete=False)
+        return placement
+
+
+POLICY_NAMES = ("aifactory", "first-fit", "best-fit", "random", "kueue-bestfit", "per-pod")
+
+
+def make_policy(name: str, seed: int = 0) -> PlacementPolicy:
+    """A policy by name; unknown names raise ValueError listing the valid ones."""
+    if name == "aifactory":
+        return TopologyAwarePolicy()
+    if name == "first-fit":
+        return NodeOrderPolicy("first-fit", "first", seed)
+    if name == "best-fit":
+        return NodeOrderPolicy("best-fit", "best", seed)
+    if name == "random":
+        return NodeOrderPolicy("random", "random", seed)
+    if name == "kueue-bestfit":
+        return KueueBestFitPolicy()
+    if name == "per-pod":
+        return PerPodPolicy()
+    raise ValueError(f"unknown policy {name!r}; valid policies are {', '.join(POLICY_NAMES)}")

@@ -1,0 +1,408 @@
+"""The scheduling cycle: ``schedule(state, pending, running, now, config) -> CycleResult``.
+
+A pure function over a snapshot, written as kueue writes its cycle, in numbered phases:
+
+1. heads: pending jobs ordered by priority, then submission order;
+2. snapshot: a private clone of the usage, so nothing outside changes;
+3. nominate: per job, the quota check, then a placement from the policy;
+4. admit: take the GPUs in the snapshot; a job behind a blocked head is admitted only when
+   it does not delay the head (EASY backfill against the head's reservation, using expected
+   runtimes when given);
+5. preempt: a blocked job may evict lower-priority jobs (or, to reclaim its nominal quota,
+   jobs of its cohort that borrow); the victim set is the one that frees room while losing the
+   least work since the victims' last checkpoints. Victims are requeued by the caller.
+
+No I/O and no clock reads, except an optional injected ``clock`` that times decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from controller.placement import PlacementRequest, Unplaced, static_check
+from controller.policies import PlacementPolicy
+from controller.quota import QuotaBook
+from controller.spec import JobSpec, QueueSpec
+from controller.state import ClusterState, Placement
+from controller.topology import Domain
+
+__all__ = [
+    "Admission",
+    "CycleResult",
+    "Preemption",
+    "QueuedJob",
+    "RunningJob",
+    "SchedulerConfig",
+    "schedule",
+]
+
+INF = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedJob:
+    """A job waiting for GPUs. ``partial`` holds GPUs a non-gang policy already bound."""
+
+    spec: JobSpec
+    submitted_at: float
+    seq: int
+    partial: Placement | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunningJob:
+    """An admitted job: where it runs, since when, and when it last checkpointed."""
+
+    spec: JobSpec
+    placement: Placement
+    started_at: float
+    last_checkpoint_at: float
+
+    def lost_gpu_seconds(self, now: float) -> float:
+        """Work lost if evicted now: GPUs x seconds since the last checkpoint."""
+        return self.placement.gpu_equivalents * max(0.0, now - self.last_checkpoint_at)
+
+    def expected_end(self) -> float:
+        runtime = self.spec.expected_runtime_seconds
+        return INF if runtime is None else self.started_at + runtime
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    job: str
+    placement: Placement
+    backfilled: bool = False
+    borrowing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Preemption:
+    victim: str
+    preemptor: str
+    lost_gpu_seconds: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CycleResult:
+    admitted: tuple[Admission, ...] = ()
+    preempted: tuple[Preemption, ...] = ()
+    waiting: Mapping[str, str] = field(default_factory=dict)
+    waiting_kind: Mapping[str, str] = field(default_factory=dict)
+    failed: Mapping[str, str] = field(default_factory=dict)
+    partial: Mapping[str, Placement] = field(default_factory=dict)
+    decision_seconds: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """What a cycle needs besides the state. ``watts_per_gpu(spec)`` estimates draw above
+    idle per GPU for a job (the power model's job); ``empty`` is the empty factory, for
+    reasons that never change."""
+
+    policy: PlacementPolicy
+    empty: ClusterState
+    watts_per_gpu: Callable[[JobSpec], float]
+    queues: tuple[QueueSpec, ...] = ()
+    backfill: bool = True
+    preemption: bool = True
+    max_preemption_domains: int = 8
+
+
+def schedule(state: ClusterState, pending: Sequence[QueuedJob], running: Sequence[RunningJob],
+             now: float, config: SchedulerConfig,
+             clock: Callable[[], float] | None = None) -> CycleResult:
+    """One scheduling cycle. ``state`` is not mutated."""
+    cycle = _Cycle(state, running, now, config, clock)
+    # Phase 1: heads.
+    order = sorted(pending, key=lambda q: (-q.spec.priority, q.submitted_at, q.seq))
+    for queued in order:
+        cycle.nominate(queued)
+    return CycleResult(tuple(cycle.admitted), tuple(cycle.preempted), cycle.waiting,
+                       cycle.waiting_kind, cycle.failed, cycle.partial, tuple(cycle.timings))
+
+
+class _Cycle:
+    """Working memory of one cycle (phases 2-5)."""
+
+    def __init__(self, state: ClusterState, running: Sequence[RunningJob], now: float,
+                 config: SchedulerConfig, clock: Callable[[], float] | None) -> None:
+        # Phase 2: snapshot.
+        self.state = state.clone()
+        self.now = now
+        self.config = config
+        self.clock = clock
+        self.running = {r.spec.key: r for r in running}
+        usage: dict[str, float] = {}
+        for r in running:
+            usage[r.spec.queue] = usage.get(r.spec.queue, 0.0) + r.placement.gpu_equivalents
+        self.quota = QuotaBook(config.queues, usage)
+        self.admitted: list[Admission] = []
+        self.preempted: list[Preemption] = []
+        self.waiting: dict[str, str] = {}
+        self.waiting_kind: dict[str, str] = {}
+        # Shapes that found no placement this cycle: capacity only shrinks within a cycle
+        # (until a preemption frees some), so the same shape fails again; skip the search.
+        self.failed_shapes: dict[tuple[object, ...], Unplaced] = {}
+        self.failed: dict[str, str] = {}
+        self.partial: dict[str, Placement] = {}
+        self.timings: list[float] = []
+        self.head: QueuedJob | None = None
+        self.reservation: tuple[frozenset[int], float] | None = None
+        self.reservation_done = False
+        self.groups: dict[str, list[int]] = {}
+        for r in running:
+            if r.spec.group is not None:
+                self.groups.setdefault(r.spec.group, []).extend(
+                    s.node for s in r.placement.slots)
+
+    # ----------------------------------------------------------------- phase 3: nominate
+
+    def request(self, spec: JobSpec) -> PlacementRequest | Unplaced:
+        policy = self.config.policy
+        watts = self.config.watts_per_gpu(spec) if policy.power_aware else 0.0
+        return PlacementRequest.resolve(spec, self.state.topo, watts)
+
+    def nominate(self, queued: QueuedJob) -> None:
+        spec = queued.spec
+        req = self.request(spec)
+        if isinstance(req, Unplaced):
+            self.failed[spec.key] = req.reason
+            return
+        never = static_check(self.config.empty, req)
+        if never is not None:
+            self.failed[spec.key] = never.reason
+            return
+        verdict = self.quota.check(spec.queue, spec.gpu_equivalents)
+        if not verdict.ok:
+            if verdict.permanent:
+                self.failed[spec.key] = verdict.reason
+                return
+            if self.config.preemption and self.quota.within_nominal(spec.queue,
+                                                                    spec.gpu_equivalents):
+                if self.preempt(queued, req):
+                    return
+            self.wait(spec.key, verdict.reason, "quota")
+            return
+        if not self.config.policy.gang and queued.partial is not None:
+            self.continue_partial(queued, req)
+            return
+        got = self.place(req, spec)
+        if isinstance(got, Placement):
+            if self.head is not None and not self.may_backfill(spec, got):
+                self.wait(spec.key, f"{req.describe()} waits behind higher-priority "
+                          f"{self.head.spec.key}: starting it now would delay that job",
+                          "backfill")
+                return
+            self.admit(spec, got, backfilled=self.head is not None,
+                       borrowing=verdict.borrowing)
+            return
+        if self.config.preemption and self.preempt(queued, req):
+            return
+        self.wait(spec.key, got.reason, "power" if got.power_limited else "capacity")
+        if self.head is None and self.config.backfill and self.config.policy.gang:
+            self.head = queued
+
+    def wait(self, key: str, reason: str, kind: str) -> None:
+        self.waiting[key] = reason
+        self.waiting_kind[key] = kind
+
+    def place(self, req: PlacementRequest, spec: JobSpec) -> Placement | Unplaced:
+        shape = (req.workers, req.gpus_per_worker, req.milli, req.models,
+                 req.required_level, req.preferred_level, req.watts_per_gpu, req.avoid_nodes)
+        known = self.failed_shapes.get(shape)
+        if known is not None and self.config.policy.gang:
+            return known
+        got = self._place(req, spec)
+        if isinstance(got, Unplaced):
+            self.failed_shapes[shape] = got
+        return got
+
+    def _place(self, req: PlacementRequest, spec: JobSpec) -> Placement | Unplaced:
+        group_count = self.group_counter(spec)
+        start = self.clock() if self.clock else 0.0
+        got = self.config.policy.place(self.state, req, group_count)
+        if self.clock:
+            self.timings.append(self.clock() - start)
+        if isinstance(got, Placement) and not self.config.policy.power_aware:
+            got = replace(got, watts_per_gpu=self.config.watts_per_gpu(spec))
+        if isinstance(got, Placement) and not got.complete:
+            if not self.config.policy.gang:
+                return got
+            return Unplaced(f"{req.describe()} waits: no room for the whole gang")
+        return got
+
+    def group_counter(self, spec: JobSpec) -> Callable[[Domain], int] | None:
+        if spec.group is None or spec.spread_level is None:
+            return None
+        nodes = self.groups.get(spec.group, [])
+
+        def count(dom: Domain) -> int:
+            return sum(1 for n in nodes if dom.node_start <= n < dom.node_end)
+        return count
+
+    def continue_partial(self, queued: QueuedJob, req: PlacementRequest) -> None:
+        held = queued.partial
+        assert held is not None
+        missing = queued.spec.workers - len(held.slots)
+        sub = replace(req, workers=missing)
+        got = self.place(sub, queued.spec)
+        if isinstance(got, Unplaced):
+            self.wait(queued.spec.key, f"partially placed ({len(held.slots)} of "
+                      f"{queued.spec.workers} workers): {got.reason}", "capacity")
+            return
+        self.state.release(held.job)
+        merged = Placement(held.job, held.slots + got.slots, held.watts_per_gpu,
+                           complete=len(held.slots) + len(got.slots) >= queued.spec.workers)
+        self.state.allocate(merged)
+        self.partial[queued.spec.key] = merged
+        if merged.complete:
+            self.quota.charge(queued.spec.queue, queued.spec.gpu_equivalents)
+            self.admitted.append(Admission(queued.spec.key, merged))
+        else:
+            self.wait(queued.spec.key, f"partially placed ({len(merged.slots)} of "
+                      f"{queued.spec.workers} workers)", "capacity")
+
+    # ----------------------------------------------------------------- phase 4: admit
+
+    def admit(self, spec: JobSpec, placement: Placement, backfilled: bool = False,
+              borrowing: bool = False) -> None:
+        if not placement.complete:
+            # Non-gang policy: the bound part holds its GPUs; the job waits for the rest.
+            self.state.allocate(placement)
+            self.partial[spec.key] = placement
+            self.wait(spec.key, f"partially placed ({len(placement.slots)} of "
+                      f"{spec.workers} workers)", "capacity")
+            return
+        self.state.allocate(placement)
+        self.quota.charge(spec.queue, spec.gpu_equivalents)
+        if spec.group is not None:
+            self.groups.setdefault(spec.group, []).extend(s.node for s in placement.slots)
+        self.admitted.append(Admission(spec.key, placement, backfilled, borrowing))
+
+    def may_backfill(self, spec: JobSpec, placement: Placement) -> bool:
+        """EASY backfill: fine if it ends before the head's start or avoids its nodes."""
+        if not self.reservation_done:
+            self.reservation = self.reserve()
+            self.reservation_done = True
+        if self.reservation is None:
+            return True
+        nodes, start_at = self.reservation
+        runtime = spec.expected_runtime_seconds
+        if runtime is not None and self.now + runtime <= start_at:
+            return True
+        return not any(s.node in nodes for s in placement.slots)
+
+    def reserve(self) -> tuple[frozenset[int], float] | None:
+        """Where and when the head could start if running jobs end as expected."""
+        head = self.head
+        assert head is not None
+        req = self.request(head.spec)
+        if isinstance(req, Unplaced):
+            return None
+        trial = self.state.clone()
+        ending = sorted(self.running.values(), key=lambda r: (r.expected_end(), r.started_at))
+        ending += [_as_running(a, self.now) for a in self.admitted]
+        start_at = self.now
+        for r in ending:
+            if trial.release(r.spec.key) is None:
+                continue
+            start_at = max(start_at, r.expected_end())
+            if trial.worker_capacity(trial.topo.root, req.gpus_per_worker,
+                                     req.models) < req.workers:
+                continue
+            got = self.config.policy.place(trial, req, None)
+            if isinstance(got, Placement):
+                return frozenset(s.node for s in got.slots), start_at
+        return None
+
+    # ----------------------------------------------------------------- phase 5: preempt
+
+    def preempt(self, queued: QueuedJob, req: PlacementRequest) -> bool:
+        """Evict the cheapest victim set that lets ``queued`` place; True if it did."""
+        spec = queued.spec
+        reclaim = self.quota.enabled and self.quota.within_nominal(spec.queue,
+                                                                   spec.gpu_equivalents)
+        candidates = [
+            r for r in self.running.values()
+            if r.spec.key in self.state.allocations and (
+                (r.spec.priority < spec.priority and (not self.quota.enabled or
+                                                      r.spec.queue == spec.queue or
+                                                      self.quota.borrowing(r.spec.queue)))
+                or (reclaim and r.spec.queue != spec.queue
+                    and self.quota.same_cohort(r.spec.queue, spec.queue)
+                    and self.quota.borrowing(r.spec.queue)))]
+        if not candidates:
+            return False
+        topo = self.state.topo
+        level = req.required_level if req.required_level is not None else -1
+        doms = list(topo.domains[level]) if level >= 0 else [topo.root]
+        by_dom: dict[int, list[RunningJob]] = {}
+        for r in candidates:
+            for d in {topo.ancestor(s.node, level) for s in r.placement.slots}:
+                by_dom.setdefault(d, []).append(r)
+        ranked = sorted(
+            (d for d in doms if d.index in by_dom),
+            key=lambda d: -(self.state.free_gpus(d) + sum(
+                r.placement.gpu_count for r in by_dom[d.index])))
+        best: tuple[float, list[RunningJob], Placement] | None = None
+        for dom in ranked[: self.config.max_preemption_domains]:
+            victims = sorted(by_dom[dom.index],
+                             key=lambda r: (r.lost_gpu_seconds(self.now), r.spec.priority,
+                                            -r.started_at))
+            found = self.victim_set(req, spec, victims)
+            if found is None:
+                continue
+            cost = sum(v.lost_gpu_seconds(self.now) for v in found[0])
+            if best is None or cost < best[0]:
+                best = (cost, found[0], found[1])
+        if best is None:
+            return False
+        cost, victims, placement = best
+        self.failed_shapes.clear()
+        for v in victims:
+            self.state.release(v.spec.key)
+            self.quota.charge(v.spec.queue, -v.placement.gpu_equivalents)
+            del self.running[v.spec.key]
+            why = "reclaims its queue's nominal quota" if v.spec.priority >= spec.priority \
+                else f"has higher priority ({spec.priority} > {v.spec.priority})"
+            self.preempted.append(Preemption(
+                v.spec.key, spec.key, v.lost_gpu_seconds(self.now),
+                f"preempted by {spec.key}, which {why}; requeued from its last checkpoint"))
+        self.admit(spec, placement)
+        return True
+
+    def victim_set(self, req: PlacementRequest, spec: JobSpec, victims: list[RunningJob]
+                   ) -> tuple[list[RunningJob], Placement] | None:
+        trial = self.state.clone()
+        chosen: list[RunningJob] = []
+        for v in victims:
+            trial.release(v.spec.key)
+            chosen.append(v)
+            got = self.config.policy.place(trial, req, None)
+            if isinstance(got, Placement) and got.complete:
+                break
+        else:
+            return None
+        # Minimize: drop victims not needed, most expensive first.
+        for v in sorted(chosen, key=lambda r: -r.lost_gpu_seconds(self.now)):
+            if len(chosen) == 1:
+                break
+            trial.allocate(v.placement)
+            got2 = self.config.policy.place(trial, req, None)
+            if isinstance(got2, Placement) and got2.complete:
+                chosen.remove(v)
+            else:
+                trial.release(v.spec.key)
+        final = self.config.policy.place(trial, req, None)
+        if not isinstance(final, Placement):
+            return None
+        if not self.config.policy.power_aware:
+            final = replace(final, watts_per_gpu=self.config.watts_per_gpu(spec))
+        return chosen, final
+
+
+def _as_running(a: Admission, now: float) -> RunningJob:
+    spec = JobSpec(name=a.job.split("/", 1)[-1], namespace=a.job.split("/", 1)[0])
+    return RunningJob(spec, a.placement, now, now)

@@ -1,0 +1,23 @@
+"""Small hand-built factories for tests, with their topology drawn in the test modules."""
+
+from __future__ import annotations
+
+from controller.topology import BLOCK_LABEL, RACK_LABEL, LevelSpec, NodeInfo, Topology
+
+
+def grid_nodes(blocks: int, racks: int, nodes: int, gpus: int = 8, model: str = "H200",
+               prefix: str = "n") -> list[NodeInfo]:
+    """``blocks x racks x nodes`` nodes named ``n-b0-r1-02`` with block/rack labels."""
+    out = []
+    for b in range(blocks):
+        for r in range(racks):
+            for n in range(nodes):
+                out.append(NodeInfo(f"{prefix}-b{b}-r{r}-{n:02d}", gpus, model,
+                                    ((BLOCK_LABEL, f"b{b}"), (RACK_LABEL, f"b{b}-r{r}"))))
+    return out
+
+
+def grid(blocks: int, racks: int, nodes: int, gpus: int = 8, model: str = "H200",
+         levels: tuple[LevelSpec, ...] | None = None) -> Topology:
+    nodes_ = grid_nodes(blocks, racks, nodes, gpus, model)
+    return Topology.build(nodes_) if levels is None else Topology.build(nodes_, levels)

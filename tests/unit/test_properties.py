@@ -1,0 +1,104 @@
+"""Invariants that must hold whatever the workload, checked with hypothesis:
+
+- no GPU is given twice (fractions on one GPU never add up to more than one);
+- a gang is all or nothing;
+- a required topology level is never crossed;
+- admitted power estimates never exceed any budget;
+- usage counted per domain sums up the tree to the root, and matches the allocations.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controller.placement import PlacementRequest, static_check
+from controller.policies import POLICY_NAMES, make_policy
+from controller.scheduler import QueuedJob, RunningJob, SchedulerConfig, schedule
+from controller.spec import JobSpec
+from controller.state import MILLI, BudgetIndex, ClusterState
+from tests.factories import grid
+
+jobs = st.builds(
+    lambda w, g, milli, req, prio: JobSpec(
+        "x", workers=w if milli == MILLI else 1, gpus_per_worker=g if milli == MILLI else 1,
+        gpu_milli=milli, required_level=req, priority=prio),
+    st.integers(1, 6), st.sampled_from([1, 2, 4, 8]),
+    st.sampled_from([MILLI, MILLI, MILLI, 250, 500, 700]),
+    st.sampled_from([None, None, "rack", "block"]), st.integers(0, 3))
+
+WATTS = 400.0
+
+
+def check_tree(state: ClusterState) -> None:
+    state.check_consistency()
+    topo = state.topo
+    for level in range(topo.node_level):
+        total = sum(state.free_gpus(d) for d in topo.domains[level])
+        assert total == state.free_gpus(topo.root) == sum(state.node_free)
+    for g, used in enumerate(state.gpu_used_milli):
+        assert 0 <= used <= MILLI, f"GPU {g} used {used}"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(jobs, st.booleans()), min_size=1, max_size=25),
+       st.sampled_from(POLICY_NAMES), st.integers(2, 3))
+def test_invariants_hold_under_any_workload(steps: list[tuple[JobSpec, bool]], policy: str,
+                                            nodes_per_rack: int) -> None:
+    topo = grid(2, 2, nodes_per_rack)
+    idle = [80.0]
+    limit = topo.total_gpus * 80.0 + 0.5 * topo.total_gpus * WATTS
+    rack_limit = topo.domains[1][0].gpus * 80.0 + 0.75 * topo.domains[1][0].gpus * WATTS
+    budgets = BudgetIndex.build(topo, [("factory", limit, {}),
+                                       ("rack", rack_limit, {"aifactory.io/rack": "b0-r0"})],
+                                idle)
+    state = ClusterState(topo, budgets)
+    the_policy = make_policy(policy, seed=1)
+    config = SchedulerConfig(policy=the_policy, empty=ClusterState(topo, budgets),
+                             watts_per_gpu=lambda spec: WATTS)
+    running: dict[str, RunningJob] = {}
+    for i, (job, finish_one) in enumerate(steps):
+        spec = JobSpec(f"j{i}", workers=job.workers, gpus_per_worker=job.gpus_per_worker,
+                       gpu_milli=job.gpu_milli, required_level=job.required_level,
+                       priority=job.priority)
+        result = schedule(state, [QueuedJob(spec, float(i), i)], list(running.values()),
+                          float(i), config)
+        for pre in result.preempted:
+            state.release(pre.victim)
+            del running[pre.victim]
+        for key, part in result.partial.items():
+            state.release(key)
+            state.allocate(part)
+        for adm in result.admitted:
+            placement = adm.placement
+            # All or nothing: every worker, with the GPUs it asked for (per-pod, the
+            # kube-scheduler baseline, binds workers one by one but is only admitted whole).
+            assert len(placement.slots) == spec.workers
+            assert all(len(s.gpus) == spec.gpus_per_worker for s in placement.slots)
+            if spec.required_level is not None and the_policy.gang:
+                level = topo.level_names.index(spec.required_level)
+                assert len(placement.domains_at(topo, level)) == 1
+            if adm.job not in state.allocations:
+                state.allocate(placement)
+            running[adm.job] = RunningJob(spec, placement, float(i), float(i))
+        check_tree(state)
+        if the_policy.power_aware:
+            for b in range(len(budgets.names)):
+                assert state.budget_watts[b] <= budgets.limits[b] + 1e-6
+        if finish_one and running:
+            key = sorted(running)[0]
+            state.release(key)
+            del running[key]
+            check_tree(state)
+
+
+@settings(max_examples=40, deadline=None)
+@given(jobs)
+def test_a_gang_that_fits_the_empty_factory_is_placed_there(job: JobSpec) -> None:
+    topo = grid(2, 2, 2)
+    empty = ClusterState(topo)
+    req = PlacementRequest.resolve(job, topo)
+    assert isinstance(req, PlacementRequest)
+    never = static_check(empty, req)
+    got = make_policy("aifactory").place(empty, req)
+    assert (never is None) == (not hasattr(got, "reason"))
