@@ -39,7 +39,7 @@ needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared (measurement
 # Measured when this was written: rmse 20.5 W and max 82.6 W over 686 steady samples (the
 # worst are the bursty 10 % duty phase and the 75 % duty phase of the second run, which
 # draws 632 W at 75 % utilization where the first run draws 686 W at 82 %); against the
-# per-phase means of h200_power_summary.json: mean abs error 3.8 W, max 7.8 W (duty_50).
+# per-phase means of h200_power_summary.json: mean abs error 3.8 W, max 7.7 W (duty_50).
 SUMMARY_MEAN_ABS_ERROR_LIMIT_W = 5.0
 SUMMARY_MAX_ABS_ERROR_LIMIT_W = 10.0
 
