@@ -6,7 +6,7 @@ exceptions here are for input that can never be valid and for broken invariants.
 
 from __future__ import annotations
 
-__all__ = ["AifactoryError", "InputFileError", "InvariantError", "SpecError"]
+__all__ = ["AifactoryError", "InputFileError", "InvariantError", "SpecError", "SpecFileError"]
 
 
 class AifactoryError(Exception):
@@ -36,6 +36,23 @@ class InputFileError(AifactoryError, ValueError):
         if column is not None:
             where += f" column {column!r}"
         super().__init__(f"{where}: {message}")
+
+
+class SpecFileError(SpecError, InputFileError):
+    """An invalid spec read from a file: names the file, the line and the field.
+
+    Both a SpecError (it has ``field``) and an InputFileError (it has ``path`` and
+    ``line``), so callers catching either see it.
+    """
+
+    def __init__(self, path: str, field: str, message: str, line: int | None = None) -> None:
+        self.field = field
+        self.message = message
+        self.path = path
+        self.line = line
+        self.column = None
+        where = path if line is None else f"{path}:{line}"
+        Exception.__init__(self, f"{where}: {field}: {message}")
 
 
 class InvariantError(AifactoryError, AssertionError):
