@@ -78,7 +78,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from controller.topology import Topology
     from controller.workload import load_workload
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     factory = load_factory(args.cluster)
     workload = Path(args.workload) if args.workload else _default_workload()
     arrivals = load_workload(workload)

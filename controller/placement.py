@@ -55,6 +55,7 @@ class PlacementRequest:
     spread_level: int | None
     watts_per_gpu: float
     avoid_nodes: frozenset[int] = frozenset()
+    spread_cap: int = 1
 
     @property
     def total_gpus(self) -> int:
@@ -113,7 +114,9 @@ class PlacementRequest:
             job=spec.key, workers=spec.workers, gpus_per_worker=spec.gpus_per_worker,
             milli=spec.gpu_milli, models=models, model_names=spec.gpu_models,
             required_level=required, preferred_level=preferred, spread_level=spread,
-            watts_per_gpu=watts_per_gpu, avoid_nodes=avoid_nodes)
+            watts_per_gpu=watts_per_gpu, avoid_nodes=avoid_nodes,
+            spread_cap=-(-spec.group_size // max(1, min(spec.spread_min_domains,
+                                                         spec.group_size))))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -241,7 +244,7 @@ def place_topology_aware(state: ClusterState, req: PlacementRequest,
     domain at ``req.spread_level``; the least-loaded domain there is chosen first.
     """
     if req.fractional:
-        return _place_fraction(state, req)
+        return _place_fraction(state, req, group_count)
     topo = state.topo
     w, g = req.workers, req.gpus_per_worker
     need_watts = w * g * req.watts_per_gpu
@@ -260,8 +263,15 @@ def place_topology_aware(state: ClusterState, req: PlacementRequest,
             frontier = [c for d in frontier for c in topo.children_of(d) if fits(c)]
             level += 1
         if frontier:
-            low = min(group_count(d) for d in frontier)
-            frontier = [d for d in frontier if group_count(d) == low]
+            # Spread for availability, but pack within the bound so other domains stay
+            # whole: any domain under the per-domain cap qualifies; failing that, the least
+            # loaded ones.
+            under = [d for d in frontier if group_count(d) < req.spread_cap]
+            if under:
+                frontier = under
+            else:
+                low = min(group_count(d) for d in frontier)
+                frontier = [d for d in frontier if group_count(d) == low]
     if not frontier:
         return explain_unplaced(state, req)
     node_level = topo.node_level
@@ -386,11 +396,16 @@ def _assign_partial(state: ClusterState, req: PlacementRequest, dom: Domain, wor
     return out
 
 
-def _place_fraction(state: ClusterState, req: PlacementRequest) -> Placement | Unplaced:
-    """A fraction of one GPU: the shared GPU it fills most tightly, else a whole GPU."""
+def _place_fraction(state: ClusterState, req: PlacementRequest,
+                    group_count: Callable[[Domain], int] | None = None
+                    ) -> Placement | Unplaced:
+    """A fraction of one GPU: the shared GPU it fills most tightly, else a whole GPU.
+
+    Replicas of a spread group skip shared GPUs in domains that already hold their cap."""
     topo = state.topo
     m = req.milli
     watts = req.watts_per_gpu * m / MILLI
+    spread = req.spread_level if group_count is not None else None
     for free in sorted(f for f in state.partial_by_free if f >= m):
         best: tuple[int, int, int] | None = None
         for gpu in state.partial_by_free[free]:
@@ -398,15 +413,18 @@ def _place_fraction(state: ClusterState, req: PlacementRequest) -> Placement | U
             if node in req.avoid_nodes or (req.models is not None
                                            and topo.node_model[node] not in req.models):
                 continue
+            if spread is not None and group_count is not None and group_count(
+                    topo.domains[spread][topo.ancestor(node, spread)]) >= req.spread_cap:
+                continue
             key = (state.node_free[node], gpu, node)
             if (best is None or key < best) and node_power_ok(state, node, watts, {}):
                 best = key
         if best is not None:
             return Placement(req.job, (WorkerSlot(best[2], (best[1],), m),), req.watts_per_gpu)
     whole = PlacementRequest(req.job, 1, 1, MILLI, req.models, req.model_names,
-                             req.required_level, req.preferred_level, None,
-                             req.watts_per_gpu * m / MILLI, req.avoid_nodes)
-    got = place_topology_aware(state, whole)
+                             req.required_level, req.preferred_level, req.spread_level,
+                             req.watts_per_gpu * m / MILLI, req.avoid_nodes, req.spread_cap)
+    got = place_topology_aware(state, whole, group_count)
     if isinstance(got, Unplaced):
         return explain_unplaced(state, req)
     slot = got.slots[0]

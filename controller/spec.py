@@ -58,7 +58,10 @@ class JobSpec:
     ``gpu_milli`` below 1000 asks for a fraction of one GPU (then ``workers`` and
     ``gpus_per_worker`` are 1), like KAI-Scheduler's gpu-fraction. ``gpu_models`` empty means
     any model. Levels are topology level names (``block``, ``rack``, ``node``...).
-    An InferenceService replica is a JobSpec with ``group`` set to the service name.
+    An InferenceService replica is a JobSpec with ``group`` set to the service name and
+    ``group_size`` to the replica count. Replicas spread over at least
+    ``spread_min_domains`` domains of ``spread_level`` (each domain holds at most
+    ceil(replicas / min domains)), and pack inside that bound so other racks stay whole.
     """
 
     name: str
@@ -71,6 +74,8 @@ class JobSpec:
     required_level: str | None = None
     preferred_level: str | None = None
     spread_level: str | None = None
+    spread_min_domains: int = 2
+    group_size: int = 1
     queue: str = DEFAULT_QUEUE
     priority: int = 0
     expected_runtime_seconds: float | None = None
@@ -279,6 +284,9 @@ def _inference(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> JobSpec:
     spread = topo.get("spreadAcross", "rack") if isinstance(topo, dict) else "rack"
     if not isinstance(spread, str):
         raise SpecError(f"{path}.topology.spreadAcross", "must be a topology level name")
+    min_domains = 2
+    if isinstance(topo, dict) and "minDomains" in topo:
+        min_domains = _positive_int(topo, "minDomains", f"{path}.topology", default=2)
     util = _get(spec, "expectedUtilization", path, float, default=0.6)
     assert isinstance(util, float)
     if not 0.0 <= util <= 1.0:
@@ -292,6 +300,8 @@ def _inference(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> JobSpec:
         required_level=required,
         preferred_level=preferred,
         spread_level=spread,
+        spread_min_domains=min_domains,
+        group_size=replicas,
         restart_limit=1_000_000,
         expected_utilization=util,
         group=common["name"],
@@ -327,7 +337,8 @@ def job_from_manifest(doc: Mapping[str, Any]) -> JobSpec:
 def replica_jobs(service: JobSpec) -> list[JobSpec]:
     """One single-gang JobSpec per InferenceService replica, named ``<service>-r<i>``."""
     return [
-        replace(service, name=f"{service.name}-r{i}", workers=1, group=service.name)
+        replace(service, name=f"{service.name}-r{i}", workers=1, group=service.name,
+                group_size=service.workers)
         for i in range(service.workers)
     ]
 

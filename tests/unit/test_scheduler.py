@@ -161,10 +161,15 @@ def test_a_job_that_can_never_fit_fails_with_reason() -> None:
                                              "32 GPUs in total")
 
 
-def test_inference_replicas_spread_across_racks() -> None:
+@pytest.mark.parametrize(
+    ("min_domains", "expected"),
+    [pytest.param(2, [0, 0, 1, 1], id="two racks, packed within the bound of 2 per rack"),
+     pytest.param(4, [0, 1, 0, 1], id="more domains asked than exist: least loaded first")])
+def test_inference_replicas_spread_across_racks(min_domains: int, expected: list[int]) -> None:
     state = ClusterState(TOPO)
     specs = [JobSpec(f"svc-r{i}", gpus_per_worker=2, spread_level="rack", group="svc",
-                     priority=1) for i in range(4)]
+                     group_size=4, spread_min_domains=min_domains, priority=1)
+             for i in range(4)]
     running: list[RunningJob] = []
     racks = []
     for i, spec in enumerate(specs):
@@ -173,5 +178,4 @@ def test_inference_replicas_spread_across_racks() -> None:
         state.allocate(adm.placement)
         running.append(RunningJob(spec, adm.placement, 0.0, 0.0))
         racks.append(adm.placement.domains_at(TOPO, 1)[0])
-    assert sorted(racks) == [0, 0, 1, 1]
-    assert racks[0] != racks[1]
+    assert racks == expected
