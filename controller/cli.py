@@ -105,8 +105,12 @@ def _simulate(args: argparse.Namespace) -> int:
             else:
                 with Progress(console=console, transient=True) as bar:
                     task = bar.add_task(f"{name}", total=len(arrivals))
-                    res = sim.run(progress=lambda done, total: bar.update(task,
-                                                                          completed=done))
+
+                    def advance(done: int, total: int, bar: Any = bar, task: Any = task
+                                ) -> None:
+                        bar.update(task, completed=done)
+
+                    res = sim.run(progress=advance)
             row = res.to_dict()
             sims.append(sim)
         row["wall_seconds"] = time.perf_counter() - started

@@ -29,7 +29,7 @@ def percentile(values: Iterable[float], q: float) -> float:
     data = sorted(values)
     if not data:
         return 0.0
-    rank = max(0, min(len(data) - 1, int(round(q / 100.0 * len(data) + 0.5)) - 1))
+    rank = max(0, min(len(data) - 1, round(q / 100.0 * len(data) + 0.5) - 1))
     return data[rank]
 
 

@@ -79,7 +79,7 @@ class PlacementRequest:
         """Resolve names; unknown levels or models give a permanent Unplaced with the fix."""
         levels = topo.level_names
 
-        def level(name: str | None, field: str) -> int | None | Unplaced:
+        def level(name: str | None, field: str) -> int | Unplaced | None:
             if name is None:
                 return None
             if name not in levels:

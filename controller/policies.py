@@ -245,7 +245,7 @@ class PerPodPolicy:
         topo = state.topo
         g = req.gpus_per_worker
         if req.fractional:
-            best: tuple[int, int, int] | None = None
+            best_gpu: tuple[int, int, int] | None = None
             for n in range(len(topo.nodes)):
                 if not _eligible(state, req, n):
                     continue
@@ -253,26 +253,26 @@ class PerPodPolicy:
                     free = MILLI - state.gpu_used_milli[gpu]
                     if free >= req.milli:
                         key = (-state.node_free[n], -free, gpu)
-                        if best is None or key < best:
-                            best = (key[0], key[1], gpu)
-            if best is None:
+                        if best_gpu is None or key < best_gpu:
+                            best_gpu = key
+            if best_gpu is None:
                 return explain_unplaced(state, req)
-            gpu = best[2]
+            gpu = best_gpu[2]
             return Placement(req.job, (WorkerSlot(topo.node_of_gpu(gpu), (gpu,), req.milli),),
                              req.watts_per_gpu)
-        free = state.node_free.copy()
+        left = state.node_free.copy()
         out: list[tuple[int, int]] = []
         for _ in range(req.workers):
             best_n = -1
             best_ratio = -1.0
             for n, node in enumerate(topo.nodes):
-                if free[n] >= g and _eligible(state, req, n):
-                    ratio = free[n] / node.gpus
+                if left[n] >= g and _eligible(state, req, n):
+                    ratio = left[n] / node.gpus
                     if ratio > best_ratio:
                         best_n, best_ratio = n, ratio
             if best_n < 0:
                 break
-            free[best_n] -= g
+            left[best_n] -= g
             if out and out[-1][0] == best_n:
                 out[-1] = (best_n, out[-1][1] + 1)
             else:

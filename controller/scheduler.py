@@ -179,10 +179,10 @@ class _Cycle:
             if verdict.permanent:
                 self.failed[spec.key] = verdict.reason
                 return
-            if self.config.preemption and self.quota.within_nominal(spec.queue,
-                                                                    spec.gpu_equivalents):
-                if self.preempt(queued, req):
-                    return
+            if (self.config.preemption
+                    and self.quota.within_nominal(spec.queue, spec.gpu_equivalents)
+                    and self.preempt(queued, req)):
+                return
             self.wait(spec.key, verdict.reason, "quota")
             return
         if not self.config.policy.gang and queued.partial is not None:

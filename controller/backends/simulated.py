@@ -47,7 +47,8 @@ def speed_under_cap(profile: GPUPowerProfile, utilization: float,
     base = profile.active_idle_watts
     if full <= base or capped >= full:
         return 1.0
-    return max(0.05, ((capped - base) / (full - base)) ** (1.0 / 3.0))
+    share: float = (capped - base) / (full - base)
+    return max(0.05, math.pow(share, 1.0 / 3.0))
 
 
 @dataclass(slots=True)

@@ -53,7 +53,7 @@ def test_node_from_gpu_feature_discovery_labels() -> None:
     node = NodeInfo.from_labels("gpu-1", {GPU_COUNT_LABEL: "8",
                                           GPU_PRODUCT_LABEL: "NVIDIA-H200"})
     assert (node.gpus, node.gpu_model) == (8, "NVIDIA-H200")
-    with pytest.raises(SpecError, match="nvidia.com/gpu.count"):
+    with pytest.raises(SpecError, match=r"nvidia\.com/gpu\.count"):
         NodeInfo.from_labels("gpu-2", {GPU_PRODUCT_LABEL: "NVIDIA-H200"})
 
 
