@@ -1,0 +1,344 @@
+"""The control plane: one factory's queue, usage and jobs, driving any cluster backend.
+
+It owns the authoritative ``ClusterState`` and the job records, runs the pure scheduler
+(``controller.scheduler.schedule``) when something changed, launches admitted gangs on the
+backend, stops preempted ones, and polls the backend for completions and failures (a failed
+gang is requeued from its last checkpoint up to its restart limit). The simulator
+(``controller.simulation``) is this class on a virtual clock with the simulated backend; the
+operator drives it in real time with the simulated or the Ray backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from controller.backends.base import ClusterBackend, WorkloadPhase
+from controller.backends.simulated import default_utilization
+from controller.factory import FactorySpec
+from controller.metrics import SimMetrics, SimResult
+from controller.placement import PlacementRequest, Unplaced
+from controller.policies import PlacementPolicy, make_policy
+from controller.power import profile_for
+from controller.scheduler import CycleResult, QueuedJob, RunningJob, SchedulerConfig, schedule
+from controller.spec import JobKind, JobSpec
+from controller.state import BudgetIndex, ClusterState, Placement
+from controller.topology import Topology
+
+__all__ = ["ControlPlane", "JobPhase", "JobRecord", "build_state", "watts_estimator"]
+
+
+class JobPhase:
+    """Phases a job's status shows (strings, as the CRDs' ``status.phase``)."""
+
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+def watts_estimator(topo: Topology) -> Callable[[JobSpec], float]:
+    """Estimated draw above idle per GPU of a job: worst eligible model, capped if asked.
+
+    Training is budgeted at full utilization (conservative); inference at its expected
+    utilization."""
+    def estimate(spec: JobSpec) -> float:
+        models = spec.gpu_models or topo.models
+        util = 1.0 if spec.kind is JobKind.TRAINING else default_utilization(spec)
+        best = 0.0
+        for model in models:
+            profile = profile_for(model)
+            draw = profile.power_watts(util, spec.power_cap_watts_per_gpu)
+            best = max(best, draw - profile.idle_power_watts())
+        return best
+    return estimate
+
+
+def build_state(factory: FactorySpec, topo: Topology) -> ClusterState:
+    """Empty usage with the factory's power budgets indexed over its topology."""
+    idle = [profile_for(m).idle_power_watts() for m in topo.models]
+    budgets = BudgetIndex.build(
+        topo, [(b.name, b.watts, dict(b.selector)) for b in factory.power_budgets], idle,
+        factory.base_watts_per_node)
+    return ClusterState(topo, budgets)
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """Everything the control plane knows about one job; the operator writes it to status."""
+
+    spec: JobSpec
+    submitted_at: float
+    seq: int
+    runtime: float | None = None
+    work_saved: float = 0.0
+    restarts: int = 0
+    preemptions: int = 0
+    first_start: float | None = None
+    started_at: float | None = None
+    last_checkpoint_at: float = 0.0
+    placement: Placement | None = None
+    partial: Placement | None = None
+    generation: int = 0
+    done: bool = False
+    succeeded: bool = False
+    failed_reason: str | None = None
+    reason: str = ""
+    reason_kind: str = ""
+    energy_joules: float = 0.0
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def phase(self) -> str:
+        if self.done:
+            return JobPhase.SUCCEEDED if self.succeeded else JobPhase.FAILED
+        return JobPhase.RUNNING if self.placement is not None else JobPhase.QUEUED
+
+
+class ControlPlane:
+    """One factory, one policy, one backend. Thread-confined: call it from one thread."""
+
+    def __init__(self, factory: FactorySpec, backend: ClusterBackend,
+                 policy: PlacementPolicy | str = "aifactory", *, backfill: bool = True,
+                 preemption: bool = True, seed: int = 0,
+                 clock: Callable[[], float] = time.time,
+                 decision_clock: Callable[[], float] | None = time.perf_counter,
+                 topology: Topology | None = None) -> None:
+        self.factory = factory
+        self.topo = topology or Topology.build(factory.nodes, factory.levels)
+        self.policy = make_policy(policy, seed) if isinstance(policy, str) else policy
+        self._now_fn = clock
+        self.state = build_state(factory, self.topo)
+        self.config = SchedulerConfig(
+            policy=self.policy, empty=build_state(factory, self.topo),
+            watts_per_gpu=watts_estimator(self.topo), queues=factory.queues,
+            backfill=backfill, preemption=preemption)
+        self.backend = backend
+        self.jobs: dict[str, JobRecord] = {}
+        self._seq = itertools.count()
+        self._dirty = False
+        self.decision_clock = decision_clock
+        self.metrics = SimMetrics(self.topo, self.state, factory.cost)
+        self.metrics.start(self.now)
+        self.last_cycle: CycleResult | None = None
+        self.cycles = 0
+        self.listeners: list[Callable[[str, JobRecord, str], None]] = []
+
+    @property
+    def now(self) -> float:
+        return self._now_fn()
+
+    # ----------------------------------------------------------------- input
+
+    def submit(self, spec: JobSpec, runtime_seconds: float | None = None,
+               at: float | None = None) -> JobRecord:
+        """Queue a job now (idempotent per key while it is not done)."""
+        return self.enqueue(spec, runtime_seconds, at)
+
+    def enqueue(self, spec: JobSpec, runtime_seconds: float | None = None,
+                at: float | None = None) -> JobRecord:
+        """Put a job in the queue, submitted at ``at`` (default now)."""
+        key = spec.key
+        existing = self.jobs.get(key)
+        if existing is not None and not existing.done:
+            return existing
+        when = self.now if at is None else at
+        rec = JobRecord(spec, when, next(self._seq), runtime_seconds)
+        self.jobs[key] = rec
+        self.metrics.job_submitted(spec)
+        self._dirty = True
+        self._emit("Queued", rec, "queued")
+        return rec
+
+    def adopt(self, spec: JobSpec, placement: Placement, started_at: float,
+              submitted_at: float | None = None, restarts: int = 0) -> JobRecord:
+        """Take over a job already running where ``placement`` says (after a restart of the
+        control plane): its GPUs are marked used and nothing is launched twice."""
+        rec = self.enqueue(spec, at=submitted_at)
+        if rec.placement is not None:
+            return rec
+        self.state.allocate(placement)
+        rec.placement = placement
+        rec.started_at = rec.first_start = started_at
+        rec.last_checkpoint_at = started_at
+        rec.restarts = restarts
+        self.metrics.job_running(spec, placement, self.now)
+        return rec
+
+    def cancel(self, key: str) -> None:
+        """Remove a job: stop it if running, drop it if queued (the operator's delete)."""
+        rec = self.jobs.pop(key, None)
+        if rec is None:
+            return
+        if rec.placement is not None or rec.partial is not None:
+            self.state.release(key)
+            self.backend.stop(key)
+            self.metrics.job_stopped(rec.spec, self.now)
+        self._dirty = True
+
+    def _emit(self, reason: str, rec: JobRecord, message: str) -> None:
+        for listener in self.listeners:
+            listener(reason, rec, message)
+
+    # ----------------------------------------------------------------- real-time stepping
+
+    def step(self) -> CycleResult | None:
+        """Poll the backend for finished or failed work, then run one scheduling cycle."""
+        self.poll()
+        return self.cycle(force=True)
+
+    def poll(self) -> None:
+        for key, rec in list(self.jobs.items()):
+            if rec.placement is None or rec.done:
+                continue
+            status = self.backend.status(key)
+            if status is None:
+                continue
+            if status.last_checkpoint_at is not None:
+                rec.last_checkpoint_at = status.last_checkpoint_at
+            rec.energy_joules = status.energy_joules
+            if status.phase is WorkloadPhase.SUCCEEDED:
+                self.finish(rec, status.finished_at or self.now)
+            elif status.phase is WorkloadPhase.FAILED:
+                self.fail_running(rec, status.message or "worker failed",
+                                  restart=status.retryable)
+
+    def finish(self, rec: JobRecord, at: float) -> None:
+        self.state.release(rec.spec.key)
+        rec.placement = None
+        rec.done = rec.succeeded = True
+        rec.history.append(f"{at:.0f}s succeeded")
+        self.metrics.job_stopped(rec.spec, at)
+        self.metrics.job_completed(rec.spec, rec.energy_joules)
+        self._dirty = True
+        self._emit("Succeeded", rec, "all workers finished")
+
+    def fail_running(self, rec: JobRecord, why: str, restart: bool = True) -> None:
+        """A running gang lost a worker: release it and requeue (or fail past the limit)."""
+        key = rec.spec.key
+        self.state.release(key)
+        self.metrics.job_stopped(rec.spec, self.now)
+        self.requeue(rec, why, restart=restart)
+        self.backend.stop(key)
+        self._dirty = True
+
+    def requeue(self, rec: JobRecord, why: str, restart: bool) -> None:
+        saver = getattr(self.backend, "saved_work", None)
+        rec.work_saved = saver(rec.spec.key) if saver is not None else rec.work_saved
+        rec.placement = None
+        rec.started_at = None
+        rec.generation += 1
+        if restart:
+            rec.restarts += 1
+            self.metrics.restarts += 1
+            if rec.restarts > rec.spec.restart_limit:
+                rec.done = True
+                rec.failed_reason = f"{why}; restart limit {rec.spec.restart_limit} reached"
+                self.metrics.jobs_failed += 1
+                self._emit("Failed", rec, rec.failed_reason)
+                return
+            self._emit("Restarting", rec, f"{why}; restart {rec.restarts} of "
+                       f"{rec.spec.restart_limit} from the last checkpoint")
+        rec.history.append(f"{self.now:.0f}s requeued: {why}")
+
+    # ----------------------------------------------------------------- the cycle
+
+    def pending(self) -> list[QueuedJob]:
+        return [QueuedJob(r.spec, r.submitted_at, r.seq, r.partial)
+                for r in self.jobs.values() if not r.done and r.placement is None]
+
+    def running(self) -> list[RunningJob]:
+        return [RunningJob(r.spec, r.placement, r.started_at or 0.0, r.last_checkpoint_at)
+                for r in self.jobs.values() if r.placement is not None and not r.done]
+
+    def cycle(self, force: bool = False) -> CycleResult | None:
+        if not (self._dirty or force):
+            return None
+        self._dirty = False
+        now = self.now
+        pending = self.pending()
+        if not pending:
+            self.metrics.observe(now)
+            return None
+        result = schedule(self.state, pending, self.running(), now, self.config,
+                          self.decision_clock)
+        self.cycles += 1
+        self.last_cycle = result
+        self._apply(result, now)
+        self.metrics.observe(now)
+        return result
+
+    def _launch(self, rec: JobRecord, placement: Placement) -> None:
+        self.backend.launch(rec.spec, placement)
+
+    def _apply(self, result: CycleResult, now: float) -> None:
+        self.metrics.decisions(result.decision_seconds)
+        for pre in result.preempted:
+            rec = self.jobs[pre.victim]
+            self.state.release(pre.victim)
+            self.metrics.job_stopped(rec.spec, now)
+            self.metrics.preemptions += 1
+            rec.preemptions += 1
+            rec.history.append(f"{now:.0f}s {pre.reason}")
+            self.requeue(rec, pre.reason, restart=False)
+            self.backend.stop(pre.victim)
+            self._emit("Preempted", rec, pre.reason)
+        for key, placement in result.partial.items():
+            rec = self.jobs[key]
+            self.state.release(key)
+            self.state.allocate(placement)
+            rec.partial = placement
+        for adm in result.admitted:
+            rec = self.jobs[adm.job]
+            if adm.job not in self.state.allocations:
+                self.state.allocate(adm.placement)
+            rec.partial = None
+            rec.placement = adm.placement
+            rec.started_at = now
+            rec.last_checkpoint_at = now
+            rec.reason = ""
+            if rec.first_start is None:
+                rec.first_start = now
+                self.metrics.job_started(rec.spec, now - rec.submitted_at, adm.placement)
+            rec.history.append(f"{now:.0f}s admitted on {len(adm.placement.nodes)} nodes")
+            self._launch(rec, adm.placement)
+            self.metrics.job_running(rec.spec, adm.placement, now)
+            self._emit("Admitted", rec, self.describe_placement(adm.placement))
+        for key, reason in result.failed.items():
+            rec = self.jobs[key]
+            rec.done = True
+            rec.failed_reason = reason
+            self.metrics.jobs_failed += 1
+            self._emit("Failed", rec, reason)
+        for key, reason in result.waiting.items():
+            rec = self.jobs[key]
+            changed = reason != rec.reason
+            rec.reason = reason
+            rec.reason_kind = result.waiting_kind.get(key, "")
+            if rec.reason_kind == "capacity":
+                req = PlacementRequest.resolve(rec.spec, self.topo)
+                if not isinstance(req, Unplaced) and not req.fractional and \
+                        self.state.free_gpus(self.topo.root, req.models) >= req.total_gpus:
+                    self.metrics.unplaced_while_free.add(key)
+            if changed:
+                self._emit("Waiting", rec, reason)
+
+    def describe_placement(self, placement: Placement) -> str:
+        """``16 GPUs on 2 nodes in rack b0-r1`` style summary of a placement."""
+        topo = self.topo
+        parts = [f"{placement.gpu_equivalents:g} GPUs on {len(placement.nodes)} nodes"]
+        for level in range(topo.node_level - 1, -1, -1):
+            doms = placement.domains_at(topo, level)
+            name = topo.levels[level].name
+            if len(doms) == 1:
+                parts.append(f"in {name} {topo.domains[level][doms[0]].name}")
+                break
+            parts.append(f"across {len(doms)} {name}s")
+        return " ".join(parts)
+
+    def result(self) -> SimResult:
+        never = sum(1 for r in self.jobs.values() if r.first_start is None)
+        return self.metrics.result(self.policy.name, self.now, self.backend,  # type: ignore[arg-type]
+                                   never)
