@@ -12,7 +12,6 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ def _default_workload() -> Path:
     here = Path(__file__).resolve().parent.parent / DEFAULT_WORKLOAD
     if here.is_dir():
         return here
-    return Path(str(resources.files("controller") / "data" / "samples"))
+    raise AifactoryError(f"no --workload given and no {DEFAULT_WORKLOAD}/ beside the "
+                         "package; pass --workload DIR|POD_CSV")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0, help="seed for the random policy")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.add_argument("--show-jobs", action="store_true",
-                     help="print where every job ran or why it waited")
+                     help="print where every job ran or why it waited (default for "
+                          "workloads of up to 50 jobs with one policy)")
     return parser
 
 
@@ -116,7 +117,7 @@ def _simulate(args: argparse.Namespace) -> int:
         row["wall_seconds"] = time.perf_counter() - started
         results.append(row)
     _print_table(console, results, args.mode)
-    if args.show_jobs and sims:
+    if sims and (args.show_jobs or (len(arrivals) <= 50 and not args.compare)):
         _print_jobs(console, sims[0])
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({"results": results}, indent=2) + "\n")
@@ -172,22 +173,18 @@ def _print_jobs(console: Any, sim: Any) -> None:
     from rich.table import Table
 
     table = Table(title=f"jobs ({sim.policy.name})")
-    for header in ("job", "GPUs", "state", "where / why"):
-        table.add_column(header)
-    topo = sim.topo
+    for header in ("job", "GPUs", "state", "waited s", "where it ran / why it waits"):
+        table.add_column(header, justify="right" if header in ("GPUs", "waited s") else "left")
     for key, rec in sim.jobs.items():
+        waited = "" if rec.first_start is None else f"{rec.first_start - rec.submitted_at:.0f}"
         if rec.failed_reason:
             state, where = "failed", rec.failed_reason
         elif rec.first_start is None:
             state, where = "waiting", rec.reason
         else:
             state = "done" if rec.done else "running"
-            last = rec.history[-1] if rec.history else ""
-            where = last
-            if rec.placement is not None:
-                nodes = [topo.nodes[n].name for n in rec.placement.nodes]
-                where = ", ".join(nodes[:4]) + (" ..." if len(nodes) > 4 else "")
-        table.add_row(key, f"{rec.spec.gpu_equivalents:g}", state, where)
+            where = rec.where + (f" ({rec.restarts} restarts)" if rec.restarts else "")
+        table.add_row(key, f"{rec.spec.gpu_equivalents:g}", state, waited, where)
     console.print(table)
 
 

@@ -88,6 +88,7 @@ class JobRecord:
     reason: str = ""
     reason_kind: str = ""
     energy_joules: float = 0.0
+    where: str = ""
     history: list[str] = field(default_factory=list)
 
     @property
@@ -302,10 +303,11 @@ class ControlPlane:
             if rec.first_start is None:
                 rec.first_start = now
                 self.metrics.job_started(rec.spec, now - rec.submitted_at, adm.placement)
-            rec.history.append(f"{now:.0f}s admitted on {len(adm.placement.nodes)} nodes")
+            rec.where = self.describe_placement(adm.placement)
+            rec.history.append(f"{now:.0f}s admitted: {rec.where}")
             self._launch(rec, adm.placement)
             self.metrics.job_running(rec.spec, adm.placement, now)
-            self._emit("Admitted", rec, self.describe_placement(adm.placement))
+            self._emit("Admitted", rec, rec.where)
         for key, reason in result.failed.items():
             rec = self.jobs[key]
             rec.done = True
@@ -328,7 +330,9 @@ class ControlPlane:
     def describe_placement(self, placement: Placement) -> str:
         """``16 GPUs on 2 nodes in rack b0-r1`` style summary of a placement."""
         topo = self.topo
-        parts = [f"{placement.gpu_equivalents:g} GPUs on {len(placement.nodes)} nodes"]
+        nodes = placement.nodes
+        where = f"node {topo.nodes[nodes[0]].name}" if len(nodes) == 1 else f"{len(nodes)} nodes"
+        parts = [f"{placement.gpu_equivalents:g} GPUs on {where}"]
         for level in range(topo.node_level - 1, -1, -1):
             doms = placement.domains_at(topo, level)
             name = topo.levels[level].name
