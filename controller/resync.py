@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from controller.backends.base import ClusterBackend
 from controller.backends.ray_gang import placement_from_slots
@@ -55,12 +55,17 @@ class FoundGang(Protocol):
     def started_at(self) -> float: ...
 
 
-class GangAdopter(Protocol):
-    def adoptable(self) -> Sequence[FoundGang]: ...
+G = TypeVar("G", bound=FoundGang)
 
-    def adopt(self, spec: JobSpec, gang: FoundGang) -> None: ...
 
-    def discard(self, gang: FoundGang) -> None: ...
+class GangAdopter(Protocol[G]):
+    """A backend that can find running gangs, take them over, or remove them."""
+
+    def adoptable(self) -> Sequence[G]: ...
+
+    def adopt(self, spec: JobSpec, gang: G) -> None: ...
+
+    def discard(self, gang: G) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +74,7 @@ class AdoptionReport:
     discarded: tuple[str, ...]
 
 
-def adopt_running(cp: ControlPlane, backend: GangAdopter,
+def adopt_running(cp: ControlPlane, backend: GangAdopter[G],
                   specs: Mapping[str, JobSpec]) -> AdoptionReport:
     """Adopt every running gang whose job is in ``specs``; discard the others (and gangs on
     nodes the control plane no longer has)."""

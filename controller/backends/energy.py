@@ -125,5 +125,9 @@ class EnergyLedger:
             for job, milli in shares.items():
                 self.job_joules[job] = self.job_joules.get(job, 0.0) + delta * milli / total
 
+    def rebase(self) -> None:
+        """Forget the last counters (the source changed): the next reading starts anew."""
+        self._last.clear()
+
     def joules(self, job: str) -> float:
         return self.job_joules.get(job, 0.0)

@@ -63,7 +63,8 @@ from controller.spec import JobSpec
 from controller.state import MILLI, Placement
 from controller.topology import NodeInfo, Topology
 
-__all__ = ["AdoptableGang", "RayBackend", "RayBackendError", "default_checkpoint_root"]
+__all__ = ["AdoptableGang", "RayBackend", "RayBackendError", "default_checkpoint_root",
+           "make_ray_backend"]
 
 _ACTIVE_PG_STATES = ("PENDING", "CREATED", "RESCHEDULING")
 _CALL_TIMEOUT_SECONDS = 5.0
@@ -152,6 +153,8 @@ class RayBackend:
         self._meter = ModelMeter()
         self._ledger = EnergyLedger()
         self._probes: dict[str, Any] = {}
+        self._reads: dict[str, Any] = {}
+        self.local_cluster: Any = None  # a LocalRayCluster this backend started and stops
 
     # ----------------------------------------------------------------- inventory
 
@@ -501,7 +504,12 @@ class RayBackend:
         return self.telemetry_mode == "nvml"
 
     def _nvml(self) -> dict[str, list[dict[str, Any]]] | None:
-        """NVML readings per node name from the telemetry actors, or None (use the model)."""
+        """NVML readings per node name from the telemetry actors, or None (use the model).
+
+        Never blocks: reads are sent to every node's actor and collected on a later call
+        once all have answered (so NVML readings lag by one sampling interval). In ``auto``
+        mode the first complete answer decides: NVML on every node, else the model for good.
+        """
         if self.telemetry_mode == "model":
             return None
         nodes = self.ray_nodes()
@@ -510,20 +518,31 @@ class RayBackend:
                 self._probes[n.node_id] = self._telemetry_cls.options(
                     num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
                         n.node_id, soft=False)).remote()
-        refs = {n.info.name: self._probes[n.node_id].read.remote() for n in nodes}
+        if not self._reads:
+            self._reads = {n.info.name: self._probes[n.node_id].read.remote() for n in nodes}
+            return None
+        ready, _ = ray.wait(list(self._reads.values()), num_returns=len(self._reads),
+                            timeout=0)
+        if len(ready) < len(self._reads):
+            return None
         out: dict[str, list[dict[str, Any]]] = {}
-        for name, ref in refs.items():
+        for name, ref in self._reads.items():
             try:
-                readings = ray.get(ref, timeout=_CALL_TIMEOUT_SECONDS)
+                readings = ray.get(ref)
             except Exception:
                 readings = None
             if readings:
                 out[name] = readings
+        self._reads = {}
         if self.telemetry_mode == "auto":
-            self.telemetry_mode = "nvml" if out and len(out) == len(nodes) else "model"
-            if self.telemetry_mode == "model":
+            if out and len(out) == len(nodes):
+                self.telemetry_mode = "nvml"
+                self._ledger.rebase()
+            else:
+                self.telemetry_mode = "model"
                 for actor in self._probes.values():
-                    ray.kill(actor)
+                    with contextlib.suppress(Exception):
+                        ray.kill(actor)
                 self._probes.clear()
                 return None
         return out
@@ -586,4 +605,34 @@ class RayBackend:
             with contextlib.suppress(Exception):
                 ray.kill(actor)
         self._probes.clear()
+        if self.local_cluster is not None:
+            self.local_cluster.shutdown()
+            self.local_cluster = None
+
+
+def make_ray_backend(address: str | None = None, *,
+                     local_nodes: Sequence[NodeInfo] | None = None,
+                     **options: Any) -> RayBackend:
+    """The Ray backend the operator and ``aifactory run`` use.
+
+    Connects to ``address``, else to ``$RAY_ADDRESS``; with neither, starts a local Ray
+    cluster of simulated GPU nodes (``local_nodes``, default 4 x 8 H200 in 2 racks) that
+    ``close()`` shuts down again. ``options`` go to ``RayBackend`` (``checkpoint_root``,
+    ``cpus_per_worker``, ``serve_host``, ``telemetry``...). Call ``backend.factory()`` for
+    the factory to build the ``ControlPlane`` over (it binds the backend's topology)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        return RayBackend(address=address, **options)
+    from controller.backends.ray_local import LocalRayCluster
+    from controller.ray_run import DEMO_NODES
+
+    options.setdefault("serve_host", "127.0.0.1")  # everything is on this machine
+    cluster = LocalRayCluster(list(local_nodes) if local_nodes else list(DEMO_NODES)).start()
+    try:
+        backend = RayBackend(**options)
+    except Exception:
+        cluster.shutdown()
+        raise
+    backend.local_cluster = cluster
+    return backend
 
