@@ -35,12 +35,11 @@ from ray.util.placement_group import (
     remove_placement_group,
 )
 from ray.util.scheduling_strategies import (
-    NodeAffinitySchedulingStrategy,
     PlacementGroupSchedulingStrategy,
 )
 
-from controller.backends.base import GPUReading, TelemetrySnapshot, WorkloadPhase, WorkloadStatus
-from controller.backends.energy import EnergyLedger, GpuKey, ModelMeter, Owner
+from controller.backends.base import TelemetrySnapshot, WorkloadPhase, WorkloadStatus
+from controller.backends.energy import GpuKey, Owner
 from controller.backends.ray_gang import (
     RAY_NAMESPACE,
     RayNode,
@@ -53,12 +52,11 @@ from controller.backends.ray_gang import (
     worker_actor_name,
     worker_plans,
 )
-from controller.backends.ray_telemetry import NodeTelemetry
+from controller.backends.ray_telemetry import GpuPower
 from controller.backends.ray_worker import GangWorker
-from controller.backends.simulated import DEFAULT_MEMORY_GIB, GIB, default_utilization
+from controller.backends.simulated import default_utilization
 from controller.errors import AifactoryError, SpecError
 from controller.factory import FactorySpec, factory_from_nodes
-from controller.power import profile_for
 from controller.spec import JobSpec
 from controller.state import MILLI, Placement
 from controller.topology import NodeInfo, Topology
@@ -128,8 +126,6 @@ class RayBackend:
                  clock: Callable[[], float] = time.time,
                  start_timeout_seconds: float = 120.0, poll_interval_seconds: float = 0.2,
                  serve_host: str | None = None, telemetry: str = "auto") -> None:
-        if telemetry not in ("auto", "nvml", "model"):
-            raise SpecError("telemetry", f"must be auto, nvml or model, got {telemetry!r}")
         if not ray.is_initialized():
             ray.init(address=address, namespace=namespace, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
@@ -139,10 +135,8 @@ class RayBackend:
         self.start_timeout_seconds = start_timeout_seconds
         self.poll_interval_seconds = poll_interval_seconds
         self.serve_host = serve_host
-        self.telemetry_mode = telemetry
         self._clock = clock
         self._worker_cls = ray.remote(GangWorker)
-        self._telemetry_cls = ray.remote(NodeTelemetry)
         self._topology: Topology | None = None
         self._gangs: dict[str, _Gang] = {}
         self._attempts: dict[str, int] = {}
@@ -150,10 +144,7 @@ class RayBackend:
         self._alive_ids: set[str] = set()
         self._nodes_at = -1.0
         self._refreshed_at = -1.0
-        self._meter = ModelMeter()
-        self._ledger = EnergyLedger()
-        self._probes: dict[str, Any] = {}
-        self._reads: dict[str, Any] = {}
+        self.power = GpuPower(telemetry)
         self.local_cluster: Any = None  # a LocalRayCluster this backend started and stops
 
     # ----------------------------------------------------------------- inventory
@@ -168,7 +159,7 @@ class RayBackend:
             self._nodes_at = now
             start = self._clock()
             for n in self._nodes:
-                self._meter.ensure_node(n.info.name, n.info.gpus, n.info.gpu_model, start)
+                self.power.ensure_node(n.info.name, n.info.gpus, n.info.gpu_model, start)
         return list(self._nodes)
 
     def inventory(self) -> Sequence[NodeInfo]:
@@ -247,9 +238,12 @@ class RayBackend:
             return self._worker_cls.options(**options).remote(plan)
 
     def _failed_before_start(self, spec: JobSpec, now: float, message: str) -> None:
+        """The placement names a node that just left Ray (the control plane's inventory was
+        a moment behind): nothing ran, so ``retryable=False`` asks the control plane to
+        requeue without counting a restart (its meaning of the flag)."""
         self._attempts[spec.key] = self._attempts.get(spec.key, -1) + 1
         final = WorkloadStatus(spec.key, WorkloadPhase.FAILED, started_at=now, finished_at=now,
-                               message=message, retryable=True)
+                               message=message, retryable=False)
         self._gangs[spec.key] = _Gang(spec, None, [], [], [], now,  # type: ignore[arg-type]
                                       final=final)
 
@@ -289,7 +283,7 @@ class RayBackend:
         gang.actors = []
         gang.pg = None  # type: ignore[assignment]
         gang.pending.clear()
-        self._meter.release(gang.job, self._clock())
+        self.power.release(gang.job, self._clock())
 
     def _kill_named(self, name: str) -> None:
         with contextlib.suppress(Exception):
@@ -406,7 +400,7 @@ class RayBackend:
             job=gang.job, phase=WorkloadPhase.STARTING, progress=progress,
             started_at=gang.started_at,
             last_checkpoint_at=max(checkpoints) if checkpoints else None,
-            message="starting", energy_joules=self._ledger.joules(gang.job))
+            message="starting", energy_joules=self.power.joules(gang.job))
         failed = [r for r in reports if r.phase == "failed"]
         if stopped:
             return replace(base, phase=WorkloadPhase.FAILED, finished_at=now, message="stopped")
@@ -485,7 +479,7 @@ class RayBackend:
         self._sample_energy(now)
         owner = Owner(spec.key, plans[0].milli if plans else MILLI,
                       default_utilization(spec), spec.power_cap_watts_per_gpu)
-        self._meter.assign(((p.node, g) for p in plans for g in p.local_gpus), owner, now)
+        self.power.assign(((p.node, g) for p in plans for g in p.local_gpus), owner, now)
 
     def _owners(self) -> dict[GpuKey, dict[str, int]]:
         owners: dict[GpuKey, dict[str, int]] = {}
@@ -495,105 +489,19 @@ class RayBackend:
             for plan in gang.plans:
                 report = gang.reports.get(plan.rank)
                 ids = [int(g) for g in report.gpu_ids if g.isdigit()] if report and \
-                    self._nvml_on() else list(plan.local_gpus)
+                    self.power.nvml else list(plan.local_gpus)
                 for g in ids:
                     owners.setdefault((plan.node, g), {})[gang.job] = plan.milli
         return owners
 
-    def _nvml_on(self) -> bool:
-        return self.telemetry_mode == "nvml"
-
-    def _nvml(self) -> dict[str, list[dict[str, Any]]] | None:
-        """NVML readings per node name from the telemetry actors, or None (use the model).
-
-        Never blocks: reads are sent to every node's actor and collected on a later call
-        once all have answered (so NVML readings lag by one sampling interval). In ``auto``
-        mode the first complete answer decides: NVML on every node, else the model for good.
-        """
-        if self.telemetry_mode == "model":
-            return None
-        nodes = self.ray_nodes()
-        for n in nodes:
-            if n.node_id not in self._probes:
-                self._probes[n.node_id] = self._telemetry_cls.options(
-                    num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-                        n.node_id, soft=False)).remote()
-        if not self._reads:
-            self._reads = {n.info.name: self._probes[n.node_id].read.remote() for n in nodes}
-            return None
-        ready, _ = ray.wait(list(self._reads.values()), num_returns=len(self._reads),
-                            timeout=0)
-        if len(ready) < len(self._reads):
-            return None
-        out: dict[str, list[dict[str, Any]]] = {}
-        for name, ref in self._reads.items():
-            try:
-                readings = ray.get(ref)
-            except Exception:
-                readings = None
-            if readings:
-                out[name] = readings
-        self._reads = {}
-        if self.telemetry_mode == "auto":
-            if out and len(out) == len(nodes):
-                self.telemetry_mode = "nvml"
-                self._ledger.rebase()
-            else:
-                self.telemetry_mode = "model"
-                for actor in self._probes.values():
-                    with contextlib.suppress(Exception):
-                        ray.kill(actor)
-                self._probes.clear()
-                return None
-        return out
-
-    def _sample_energy(self, now: float) -> dict[GpuKey, GPUReading]:
-        """Read every GPU (NVML, else the model) and book the energy since the last read to
-        the jobs that held each GPU."""
-        readings = self._nvml() if self.telemetry_mode != "model" else None
-        sample: dict[GpuKey, GPUReading] = {}
-        if readings is None:
-            for (node, index), (watts, joules, util, model) in self._meter.sample(now).items():
-                profile = profile_for(model)
-                sample[(node, index)] = GPUReading(
-                    node=node, index=index, model=model, power_watts=watts,
-                    energy_joules=joules, utilization=util, memory_used_bytes=0,
-                    memory_total_bytes=DEFAULT_MEMORY_GIB.get(model, 80) * GIB,
-                    temperature_celsius=30.0 + 45.0 * watts / profile.power_limit_watts,
-                    sm_clock_mhz=0.0, power_limit_watts=profile.power_limit_watts)
-        else:
-            for node, rows in readings.items():
-                for r in rows:
-                    index = int(r["index"])
-                    sample[(node, index)] = GPUReading(
-                        node=node, index=index, model=str(r["model"]),
-                        power_watts=float(r["power_watts"]),
-                        energy_joules=float(r["energy_joules"]),
-                        utilization=float(r["utilization"]),
-                        memory_used_bytes=int(r["memory_used_bytes"]),
-                        memory_total_bytes=int(r["memory_total_bytes"]),
-                        temperature_celsius=float(r["temperature_celsius"]),
-                        sm_clock_mhz=float(r["sm_clock_mhz"]),
-                        power_limit_watts=float(r["power_limit_watts"]))
-        self._ledger.observe({k: v.energy_joules for k, v in sample.items()}, self._owners())
-        return sample
+    def _sample_energy(self, now: float) -> None:
+        self.power.sample(now, self.ray_nodes(), self._owners())
 
     def telemetry(self) -> TelemetrySnapshot:
-        now = self._clock()
-        self.ray_nodes()
-        sample = self._sample_energy(now)
-        owners = self._owners()
-        out = []
-        for key, reading in sorted(sample.items()):
-            held = owners.get(key) or {}
-            used = reading.memory_used_bytes
-            if not self._nvml_on():
-                used = int(reading.memory_total_bytes * 0.9 * min(1.0, sum(held.values()) / MILLI))
-            out.append(replace(reading, memory_used_bytes=used, jobs=tuple(sorted(held))))
-        return TelemetrySnapshot(now, "nvml" if self._nvml_on() else "model", tuple(out))
+        return self.power.snapshot(self._clock(), self.ray_nodes(), self._owners())
 
     def job_energy_joules(self, job: str) -> float:
-        return self._ledger.joules(job)
+        return self.power.joules(job)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -601,10 +509,7 @@ class RayBackend:
         """Stop every gang this backend tracks and the telemetry actors."""
         for job in list(self._gangs):
             self.stop(job)
-        for actor in self._probes.values():
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
-        self._probes.clear()
+        self.power.close()
         if self.local_cluster is not None:
             self.local_cluster.shutdown()
             self.local_cluster = None

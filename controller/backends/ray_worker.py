@@ -254,7 +254,7 @@ class GangWorker:
                 self._run_command(env)
             else:
                 self._set("failed", f"{self.plan.job}: spec.runtime: set entrypoint "
-                          "(module:function) or command", retryable=False)
+                          "(module:function) or command", retryable=True)
         except Exception as exc:  # the program's error becomes the job's status
             self._log(traceback.format_exc())
             self._set("failed", f"worker {self.plan.rank} on {self.plan.node}: "
@@ -267,7 +267,7 @@ class GangWorker:
         except Exception as exc:
             self._log(traceback.format_exc())
             self._set("failed", f"cannot load entrypoint {self.plan.entrypoint!r} on "
-                      f"{self.plan.node}: {type(exc).__name__}: {exc}", retryable=False)
+                      f"{self.plan.node}: {type(exc).__name__}: {exc}", retryable=True)
             return None
 
     def _call(self, env: dict[str, str]) -> None:
