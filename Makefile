@@ -31,6 +31,7 @@ unit: $(VENV)/.dev
 
 test: $(VENV)/.dev
 	bash hack/install-test-deps.sh
+	bash hack/install-torch.sh $(BIN)/python
 	$(MAKE) lint
 	AIFACTORY_REQUIRE_INTEGRATION=1 $(BIN)/python -m pytest -q
 

@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--show-jobs", action="store_true",
                      help="print where every job ran or why it waited (default for "
                           "workloads of up to 50 jobs with one policy)")
+    from controller.ray_run import add_parser as add_run_parser
+
+    add_run_parser(sub, DEFAULT_WORKLOAD)
     return parser
 
 
@@ -193,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "run":
+            from controller.ray_run import run
+
+            return run(args, Path(args.workload) if args.workload else _default_workload())
     except AifactoryError as exc:
         print(f"aifactory: error: {exc}", file=sys.stderr)
         return 2

@@ -26,3 +26,13 @@ def kube_env() -> Iterator[KubeTestEnv]:
         pytest.skip(str(exc))
     with KubeTestEnv(bin_dir=bin_dir) as env:
         yield env
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[object]:
+    """One local Ray cluster for the session: a head without GPUs and 4 nodes of 8 GPUs in
+    2 racks (see tests/integration/ray_env.py)."""
+    from tests.integration.ray_env import start_cluster
+
+    with start_cluster() as cluster:
+        yield cluster
