@@ -15,6 +15,7 @@ from controller.policies import make_policy
 from controller.power import profile_for
 from controller.simulation import Arrival, FailureEvent, Simulation, build_state
 from controller.spec import JobSpec, PowerBudgetSpec
+from controller.state import Placement
 from controller.topology import Topology
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,11 +43,11 @@ def test_node_failure_restarts_the_gang_from_its_last_checkpoint() -> None:
     spec = JobSpec("ckpt", workers=2, gpus_per_worker=8, checkpoint_interval_seconds=100,
                    restart_limit=2)
     sim.submit_all([Arrival(spec, 0.0, 1000.0)])
-    placements = []
+    placements: list[Placement] = []
     sim.listeners.append(lambda reason, rec, msg: placements.append(rec.placement)
-                         if reason == "Admitted" else None)
+                         if reason == "Admitted" and rec.placement is not None else None)
     sim.run(until=1.0)
-    victim_node = sim.topo.nodes[sim.jobs["default/ckpt"].placement.slots[0].node].name
+    victim_node = sim.topo.nodes[placements[0].slots[0].node].name
     sim.inject(FailureEvent(at=250.0, node=victim_node, repair_after_seconds=10_000))
     result = sim.run()
     rec = sim.jobs["default/ckpt"]
@@ -64,7 +65,9 @@ def test_a_job_without_checkpoints_loses_all_work_and_respects_the_restart_limit
     spec = JobSpec("fragile", workers=1, gpus_per_worker=8, restart_limit=0)
     sim.submit_all([Arrival(spec, 0.0, 1000.0)])
     sim.run(until=1.0)
-    node = sim.topo.nodes[sim.jobs["default/fragile"].placement.slots[0].node].name
+    placement = sim.jobs["default/fragile"].placement
+    assert placement is not None
+    node = sim.topo.nodes[placement.slots[0].node].name
     sim.inject(FailureEvent(at=500.0, node=node, gpu=3))
     result = sim.run()
     rec = sim.jobs["default/fragile"]
