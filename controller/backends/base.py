@@ -37,7 +37,12 @@ class WorkloadPhase(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class WorkloadStatus:
-    """What a backend knows about one launched job."""
+    """What a backend knows about one launched job.
+
+    For a FAILED job, ``retryable`` True means the work itself failed (a worker or its node
+    died): the gang is requeued from its last checkpoint and the failure counts against the
+    job's restart limit. False means nothing ran (the chosen node vanished between placement
+    and launch): the gang is requeued without counting a restart."""
 
     job: str
     phase: WorkloadPhase
