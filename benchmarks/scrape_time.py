@@ -4,7 +4,9 @@ Builds a simulated factory (default: 10,240 GPUs per-GPU and node-level, and the
 100k factory node-level), fills about 70 % of its GPUs with running jobs, starts the real
 metrics server on a free loopback port and times complete HTTP GETs of /metrics, the way
 Prometheus scrapes it. Prints, per factory: the median and worst of N scrapes, the series
-count, the body size, and the split between taking the snapshot and formatting the text.
+count, the body size, the split between taking the snapshot and formatting the text (wall
+time, median) and the CPU time the serving thread spent on both (less sensitive to other
+load on the machine than the wall times).
 With ``--client`` it also times prometheus_client's own ``generate_latest`` of the same
 collector, for comparison; ``--per-gpu-100k`` adds the 100k factory with per-GPU series.
 
@@ -73,6 +75,7 @@ def time_scrapes(sim: Simulation, per_gpu: bool, scrapes: int, renderer: str
                               renderer=renderer) as server:
         snapshot: list[float] = []
         render: list[float] = []
+        cpu: list[float] = []
         client = subprocess.Popen([sys.executable, "-c", CLIENT, server.url, str(scrapes)],
                                   stdout=subprocess.PIPE, text=True)
         while client.poll() is None:  # the server thread notes each scrape's split
@@ -81,12 +84,14 @@ def time_scrapes(sim: Simulation, per_gpu: bool, scrapes: int, renderer: str
                     not snapshot or snapshot[-1] != server.collector.last_snapshot_seconds):
                 snapshot.append(server.collector.last_snapshot_seconds)
                 render.append(server.collector.last_render_seconds)
+                cpu.append(server.collector.last_cpu_seconds)
         out, _ = client.communicate()
         rows = json.loads(out)
     times = [r[0] for r in rows]
     return {"median": statistics.median(times), "max": max(times), "series": rows[-1][2],
             "bytes": rows[-1][1], "snapshot": statistics.median(snapshot or [0.0]),
-            "render": statistics.median(render or [0.0])}
+            "render": statistics.median(render or [0.0]),
+            "cpu": statistics.median(cpu or [0.0])}
 
 
 def main() -> None:
@@ -104,17 +109,19 @@ def main() -> None:
     if args.per_gpu_100k:
         cases.append(("100,352 GPUs (100k)", big, True))
     print(f"{'factory':<22} {'mode':<10} {'renderer':<8} {'median ms':>9} {'max ms':>8} "
-          f"{'snapshot':>9} {'format':>7} {'series':>8} {'MB':>6}")
+          f"{'snapshot':>9} {'format':>7} {'CPU ms':>7} {'series':>8} {'MB':>6}")
     sims: dict[int, Simulation] = {}
     for label, factory, per_gpu in cases:
         sim = sims.get(id(factory)) or sims.setdefault(id(factory), filled(factory))
         renderers = ["fast", "client"] if args.client and per_gpu else ["fast"]
         for renderer in renderers:
             r = time_scrapes(sim, per_gpu, args.scrapes, renderer)
-            fmt = f"{r['render'] * 1e3:7.0f}" if renderer == "fast" else f"{'-':>7}"
+            fast = renderer == "fast"
+            fmt = f"{r['render'] * 1e3:7.0f}" if fast else f"{'-':>7}"
+            cpu = f"{r['cpu'] * 1e3:7.0f}" if fast else f"{'-':>7}"
             print(f"{label:<22} {'per-GPU' if per_gpu else 'node':<10} {renderer:<8} "
                   f"{r['median'] * 1e3:9.0f} {r['max'] * 1e3:8.0f} "
-                  f"{r['snapshot'] * 1e3:9.0f} {fmt} {r['series']:>8} "
+                  f"{r['snapshot'] * 1e3:9.0f} {fmt} {cpu} {r['series']:>8} "
                   f"{r['bytes'] / 1e6:6.1f}")
 
 

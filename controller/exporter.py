@@ -78,6 +78,7 @@ class FactoryCollector(Collector):
         self.renderer = TextRenderer()
         self.last_snapshot_seconds = 0.0
         self.last_render_seconds = 0.0
+        self.last_cpu_seconds = 0.0  # CPU time of the last render_text, this thread only
 
     def families(self) -> list[Family]:
         started = time.perf_counter()
@@ -94,10 +95,12 @@ class FactoryCollector(Collector):
 
     def render_text(self) -> bytes:
         """The whole /metrics body in the text format, the fast way."""
+        cpu = time.thread_time()
         families = self.families()
         started = time.perf_counter()
         body = self.renderer.render(families)
         self.last_render_seconds = time.perf_counter() - started
+        self.last_cpu_seconds = time.thread_time() - cpu
         return body
 
 
