@@ -54,8 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--show-jobs", action="store_true",
                      help="print where every job ran or why it waited (default for "
                           "workloads of up to 50 jobs with one policy)")
+    from controller.live import add_simulate_arguments
     from controller.ray_run import add_parser as add_run_parser
+    from controller.reportcmd import add_report_command
 
+    add_simulate_arguments(sim)
+    add_report_command(sub)
     add_run_parser(sub, DEFAULT_WORKLOAD)
     return parser
 
@@ -77,6 +81,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from controller.factory import load_factory
     from controller.fill import fill
+    from controller.live import sampler_for
     from controller.policies import make_policy
     from controller.simulation import Simulation, build_state, watts_estimator
     from controller.topology import Topology
@@ -89,6 +94,10 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.limit is not None:
         arrivals = arrivals[: args.limit]
     names = _policies(args)
+    if args.serve_metrics is not None:
+        from controller.live import serve_from_args
+
+        return serve_from_args(args, factory, arrivals, names[0], console)
     topo = Topology.build(factory.nodes, factory.levels)
     console.print(f"[bold]factory[/] {factory.name}: {topo.describe()}")
     console.print(f"[bold]workload[/] {workload}: {len(arrivals)} jobs, mode {args.mode}")
@@ -103,6 +112,7 @@ def _simulate(args: argparse.Namespace) -> int:
             row = out.to_dict()
         else:
             sim = Simulation(factory, name, seed=args.seed)
+            sampler = sampler_for(sim, args)
             sim.submit_all(arrivals)
             if args.no_progress or len(arrivals) < 200:
                 res = sim.run()
@@ -116,6 +126,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
                     res = sim.run(progress=advance)
             row = res.to_dict()
+            if sampler is not None:
+                row["timeseries"] = sampler.series().to_dict()
             sims.append(sim)
         row["wall_seconds"] = time.perf_counter() - started
         results.append(row)
@@ -200,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from controller.ray_run import run
 
             return run(args, Path(args.workload) if args.workload else _default_workload())
+        if args.command == "report":
+            from controller.reportcmd import run_report
+
+            return run_report(args)
     except AifactoryError as exc:
         print(f"aifactory: error: {exc}", file=sys.stderr)
         return 2

@@ -276,6 +276,7 @@ class ControlPlane:
 
     def _apply(self, result: CycleResult, now: float) -> None:
         self.metrics.decisions(result.decision_seconds)
+        self.metrics.count_attempts(len(result.admitted), len(result.waiting), len(result.failed))
         for pre in result.preempted:
             rec = self.jobs[pre.victim]
             self.state.release(pre.victim)

@@ -13,6 +13,12 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from controller.backends.simulated import default_utilization
+from controller.histogram import (
+    DECISION_BUCKETS_SECONDS,
+    QUEUE_WAIT_BUCKETS_SECONDS,
+    Histogram,
+    LabelledHistogram,
+)
 from controller.power import CostModel, profile_for
 from controller.spec import JobSpec
 from controller.state import MILLI, ClusterState, Placement
@@ -104,6 +110,12 @@ class SimMetrics:
         self.gangs_in_block = 0
         self.racks_spanned: list[int] = []
         self.unplaced_while_free: set[str] = set()
+        # For the Prometheus exporter (controller.observe): filled as things happen.
+        self.queue_waits = LabelledHistogram(QUEUE_WAIT_BUCKETS_SECONDS)
+        self.decision_histogram = Histogram(DECISION_BUCKETS_SECONDS)
+        self.attempts: dict[str, int] = {"admitted": 0, "waiting": 0, "failed": 0}
+        self.job_gpu_seconds: dict[str, float] = {}
+        self._job_held: dict[str, tuple[float, float]] = {}
 
     def start(self, now: float) -> None:
         self.last_t = self.start_t = now
@@ -125,6 +137,7 @@ class SimMetrics:
 
     def job_started(self, spec: JobSpec, wait: float, placement: Placement) -> None:
         self.waits.append(wait)
+        self.queue_waits.observe(spec.queue, wait)
         if spec.workers > 1 and not spec.is_fractional:
             if self.rack_level is not None:
                 racks = len(placement.domains_at(self.topo, self.rack_level))
@@ -155,18 +168,38 @@ class SimMetrics:
         self.total_watts += delta_total
         self.job_watts[spec.key] = list(per_budget.items())
         self.job_delta[spec.key] = delta_total
+        self._job_held[spec.key] = (now, placement.gpu_equivalents)
 
     def job_stopped(self, spec: JobSpec, now: float) -> None:
         self.observe(now)
         for b, w in self.job_watts.pop(spec.key, []):
             self.budget_actual[b] -= w
         self.total_watts -= self.job_delta.pop(spec.key, 0.0)
+        since, gpus = self._job_held.pop(spec.key, (now, 0.0))
+        self.job_gpu_seconds[spec.key] = self.job_gpu_seconds.get(spec.key, 0.0) + \
+            max(0.0, now - since) * gpus
 
     def job_completed(self, spec: JobSpec, energy_joules: float) -> None:
         self.completed += 1
 
     def decisions(self, seconds: Iterable[float]) -> None:
-        self.decision_times.extend(seconds)
+        times = tuple(seconds)
+        self.decision_times.extend(times)
+        self.decision_histogram.observe_all(times)
+
+    def count_attempts(self, admitted: int, waiting: int, failed: int) -> None:
+        """One scheduling cycle's outcomes, per job considered."""
+        self.attempts["admitted"] += admitted
+        self.attempts["waiting"] += waiting
+        self.attempts["failed"] += failed
+
+    def gpu_seconds(self, key: str, now: float) -> float:
+        """GPU-seconds a job has held so far (GPU-equivalents x seconds, every run)."""
+        held = self.job_gpu_seconds.get(key, 0.0)
+        since = self._job_held.get(key)
+        if since is not None:
+            held += max(0.0, now - since[0]) * since[1]
+        return held
 
     def result(self, policy: str, now: float, backend: SimulatedBackend,
                never_placed: int) -> SimResult:

@@ -72,6 +72,15 @@ class Simulation(ControlPlane):
                          preemption=preemption, seed=seed, clock=self.clock,
                          decision_clock=decision_clock, topology=topo)
         self._events: list[tuple[float, int, str, object]] = []
+        # Called as (from, to) before the virtual clock moves forward: the state seen then
+        # held for the whole interval (controller.timeseries samples it).
+        self.on_advance: list[Callable[[float, float], None]] = []
+
+    def _advance_clock(self, to: float) -> None:
+        if to > self.clock.now:
+            for hook in self.on_advance:
+                hook(self.clock.now, to)
+            self.clock.now = to
 
     # ----------------------------------------------------------------- input
 
@@ -102,7 +111,7 @@ class Simulation(ControlPlane):
             at = self._events[0][0]
             if until is not None and at > until:
                 break
-            self.clock.now = max(self.clock.now, at)
+            self._advance_clock(at)
             while self._events and self._events[0][0] <= self.clock.now:
                 _, _, kind, payload = heapq.heappop(self._events)
                 handled += kind == "arrival"
@@ -111,12 +120,12 @@ class Simulation(ControlPlane):
             if progress is not None:
                 progress(handled, total)
         if until is not None:
-            self.clock.now = max(self.clock.now, until)
+            self._advance_clock(until)
         return self.result()
 
     def advance_to(self, now: float | None = None) -> CycleResult | None:
         """Real-time stepping: handle what is due by ``now`` (wall clock), then one cycle."""
-        self.clock.now = max(self.clock.now, now if now is not None else self.clock.now)
+        self._advance_clock(now if now is not None else self.clock.now)
         current = self.now
         while self._events and self._events[0][0] <= current:
             _, _, kind, payload = heapq.heappop(self._events)

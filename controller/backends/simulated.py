@@ -154,6 +154,9 @@ class SimulatedBackend:
         first = self._gpus[placement.slots[0].gpus[0]].profile if placement.slots else None
         speed = speed_under_cap(first, util, spec.power_cap_watts_per_gpu) if first else 1.0
         work = _Workload(spec, placement, now, runtime, work_done, speed, util)
+        # A relaunched job (after preemption or a failure) keeps its energy: the counter
+        # stays monotonic and sums every run, as a job's energy bill should.
+        work.energy_joules = existing.energy_joules if existing is not None else 0.0
         self._jobs[spec.key] = work
         for slot in placement.slots:
             for g in slot.gpus:
