@@ -26,3 +26,12 @@ def kube_env() -> Iterator[KubeTestEnv]:
         pytest.skip(str(exc))
     with KubeTestEnv(bin_dir=bin_dir) as env:
         yield env
+
+
+@pytest.fixture(scope="session")
+def aifactory_installed(kube_env: KubeTestEnv) -> KubeTestEnv:
+    """The API server with ``kubectl apply -k manifests/`` done (CRDs, RBAC, Deployment)."""
+    from tests.integration.operator_env import install_manifests
+
+    install_manifests(kube_env)
+    return kube_env
