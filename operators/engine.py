@@ -146,6 +146,7 @@ class Engine:
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        self.stats["last_iteration_monotonic"] = time.monotonic()
         self._task = asyncio.create_task(self._run(), name="aifactory-engine")
         self.outbox.start()
 

@@ -91,6 +91,7 @@ def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
         try:
             engine, report = await build_engine(app.kube, app.options)
         except AifactoryError as exc:
+            await app.kube.close()
             raise kopf.PermanentError(str(exc)) from exc
         engine.start()
         app.engine, app.report = engine, report
@@ -141,10 +142,12 @@ def _register_config(registry: kopf.OperatorRegistry, app: OperatorApp, kind: st
     plural = PLURALS[kind]
 
     async def on_event(event: kopf.RawEvent, **_: Any) -> None:
-        kind_of_event = event.get("type")
         body = event.get("object")
-        if kind_of_event is None or not isinstance(body, dict):
-            return  # the initial listing marker
-        app.running_engine().apply_config(kind, plain(body), deleted=kind_of_event == "DELETED")
+        if not isinstance(body, dict):
+            return
+        # type None: an object of a (re)listing; applying it again is a no-op unless it
+        # changed while the watch was down.
+        app.running_engine().apply_config(kind, plain(body),
+                                          deleted=event.get("type") == "DELETED")
 
     kopf.on.event(GROUP, VERSION, plural, registry=registry, id=f"{plural}-event")(on_event)

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from controller.errors import AifactoryError
+from controller.factory import load_factory
 from controller.policies import POLICY_NAMES
 from operators.backends import BACKENDS, BackendError, check_backend
 from operators.engine import EngineOptions
@@ -95,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = options_from(args)
         check_backend(options.backend)  # fail now, not after kopf started
+        if options.backend == "sim" and options.inventory != "nodes":
+            load_factory(options.cluster)  # a wrong --cluster is an error before start-up
     except AifactoryError as exc:
         print(f"aifactory operator: error: {exc}", file=sys.stderr)
         return 2
@@ -111,7 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.metrics_port:
         serve_metrics(app, args.metrics_port)
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
-    kopf.run(registry=registry, clusterwide=True, standalone=True, liveness_endpoint=liveness)
+    try:
+        kopf.run(registry=registry, clusterwide=True, standalone=True,
+                 liveness_endpoint=liveness)
+    except Exception as exc:  # kopf wraps the cause; say it in one line
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        print(f"aifactory operator: error: start-up failed: {cause}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from tests.integration.k8s_env import REPO_ROOT, KubeTestEnv, free_port
+from tests.integration.k8s_env import REPO_ROOT, KubeTestEnv, _die_with_parent, free_port
 
 GROUP_VERSION = "aifactory.io/v1alpha1"
 CRDS = ("trainingjobs", "inferenceservices", "gpuqueues", "powerbudgets")
@@ -96,9 +96,11 @@ class OperatorProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
         env.pop("KUBECONFIG", None)
         with self.log_path.open("wb") as log:
+            # Dies with the test process even if that is killed before its teardown.
             self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         wait_for(self._ready, ready_timeout, "the operator's /healthz", interval=0.1)
 
     def _ready(self) -> bool:
