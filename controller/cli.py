@@ -1,4 +1,4 @@
-"""The ``aifactory`` command line: ``simulate`` now; the operator and reports plug in here.
+"""The ``aifactory`` command line: ``simulate``, ``operator``; reports plug in here.
 
 ``aifactory simulate`` with no arguments runs the default simulated factory on the sample
 manifests in ``manifests/samples/``. ``--compare`` runs several policies on the same input
@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     add_simulate_arguments(sim)
     add_report_command(sub)
     add_run_parser(sub, DEFAULT_WORKLOAD)
+    # The operator parses its own flags (operators/main.py); only its name lives here.
+    sub.add_parser("operator", add_help=False, help="run the Kubernetes operator "
+                   "(aifactory operator --help)")
     return parser
 
 
@@ -204,6 +207,13 @@ def _print_jobs(console: Any, sim: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["operator"]:
+        # The CLI is the composition root: the one place the core may call the operator
+        # layer (see .importlinter), lazily, so `simulate` never imports kopf.
+        from operators.main import main as operator_main
+
+        return operator_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "simulate":

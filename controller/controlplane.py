@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from controller.backends.base import ClusterBackend, WorkloadPhase
 from controller.backends.simulated import default_utilization
@@ -23,7 +23,7 @@ from controller.placement import PlacementRequest, Unplaced
 from controller.policies import PlacementPolicy, make_policy
 from controller.power import profile_for
 from controller.scheduler import CycleResult, QueuedJob, RunningJob, SchedulerConfig, schedule
-from controller.spec import JobKind, JobSpec
+from controller.spec import JobKind, JobSpec, PowerBudgetSpec, QueueSpec
 from controller.state import BudgetIndex, ClusterState, Placement
 from controller.topology import Topology
 
@@ -177,6 +177,34 @@ class ControlPlane:
             self.state.release(key)
             self.backend.stop(key)
             self.metrics.job_stopped(rec.spec, self.now)
+        self._dirty = True
+
+    def reconfigure(self, queues: tuple[QueueSpec, ...] | None = None,
+                    power_budgets: tuple[PowerBudgetSpec, ...] | None = None) -> None:
+        """Replace the queues and/or power budgets while jobs run (the operator's GPUQueue and
+        PowerBudget objects changed). Allocations are kept; the budget estimates are rebuilt
+        over them, and the next cycle sees the new limits."""
+        factory = replace(
+            self.factory,
+            queues=self.factory.queues if queues is None else queues,
+            power_budgets=self.factory.power_budgets if power_budgets is None
+            else power_budgets)
+        now = self.now
+        running = [r for r in self.jobs.values() if r.placement is not None and not r.done]
+        for rec in running:
+            self.metrics.job_stopped(rec.spec, now)
+        state = build_state(factory, self.topo)
+        for placement in self.state.allocations.values():
+            state.allocate(placement)
+        self.factory = factory
+        self.state = state
+        self.config = replace(self.config, empty=build_state(factory, self.topo),
+                              queues=factory.queues)
+        self.metrics.state = state
+        self.metrics.budget_actual = list(state.budgets.baseline_watts)
+        for rec in running:
+            assert rec.placement is not None
+            self.metrics.job_running(rec.spec, rec.placement, now)
         self._dirty = True
 
     def _emit(self, reason: str, rec: JobRecord, message: str) -> None:

@@ -36,3 +36,12 @@ def ray_cluster() -> Iterator[object]:
 
     with start_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def aifactory_installed(kube_env: KubeTestEnv) -> KubeTestEnv:
+    """The API server with ``kubectl apply -k manifests/`` done (CRDs, RBAC, Deployment)."""
+    from tests.integration.operator_env import install_manifests
+
+    install_manifests(kube_env)
+    return kube_env

@@ -1,0 +1,153 @@
+"""kopf handlers, kept thin: each turns a watch event into one engine request and returns.
+
+Handlers never touch the control plane; they copy the body and hand it to the engine
+(``operators.engine``), which is the only code that schedules. Creation and resumption are
+the same request (the engine ignores a generation it has seen), so handlers are idempotent
+and an operator restart re-delivers everything harmlessly. Deletion waits until the engine
+has released the GPUs; only then does kopf remove the finalizer ``aifactory.io/finalizer``.
+
+GPUQueues and PowerBudgets are configuration, not work: they use kopf's low-level event
+handler (no finalizer, no annotations written), and their deletion simply removes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from controller.errors import AifactoryError
+from operators.engine import Engine
+from operators.kube import KubeClient, load_configuration
+from operators.startup import OperatorOptions, RecoveryReport, build_engine
+from operators.translate import (
+    BUDGET_KIND,
+    GROUP,
+    PLURALS,
+    QUEUE_KIND,
+    SERVICE_KIND,
+    TRAINING_KIND,
+    VERSION,
+    plain,
+)
+
+__all__ = ["FINALIZER", "OperatorApp", "build_registry", "configure_settings"]
+
+FINALIZER = f"{GROUP}/finalizer"
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class OperatorApp:
+    """What the handlers share: options, the API client, and (after start-up) the engine."""
+
+    options: OperatorOptions
+    kubeconfig: str | None = None
+    kube: KubeClient | None = None
+    engine: Engine | None = None
+    report: RecoveryReport | None = None
+
+    def running_engine(self) -> Engine:
+        if self.engine is None:
+            raise kopf.TemporaryError("the engine is not running yet", delay=1)
+        return self.engine
+
+
+def configure_settings(settings: kopf.OperatorSettings) -> None:
+    """Annotations (not status) for kopf's own bookkeeping; our finalizer; only Warnings
+    of kopf's own logs become Events; no dynamic CRD/namespace scanning (RBAC needs none)."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING
+    settings.scanning.disabled = True
+    settings.peering.standalone = True
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+
+
+def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        cfg = load_configuration(app.kubeconfig)
+        bearer: dict[str, Any] = dict(cfg.auth_settings().get("BearerToken") or {})
+        header = str(bearer.get("value") or "")
+        scheme, _sep, token = header.partition(" ")
+        return kopf.ConnectionInfo(
+            server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+            scheme=scheme or None, token=token or None,
+            certificate_path=cfg.cert_file, private_key_path=cfg.key_file)
+
+    @kopf.on.startup(registry=registry, backoff=2)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_settings(settings)
+        if app.kube is None:
+            app.kube = KubeClient(load_configuration(app.kubeconfig))
+        try:
+            engine, report = await build_engine(app.kube, app.options)
+        except AifactoryError as exc:
+            await app.kube.close()
+            raise kopf.PermanentError(str(exc)) from exc
+        engine.start()
+        app.engine, app.report = engine, report
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        if app.engine is not None:
+            await app.engine.stop()
+
+    # PERMANENT: a failing probe answers HTTP 500 at once instead of being retried.
+    @kopf.on.probe(id="engine", registry=registry, errors=kopf.ErrorsMode.PERMANENT)
+    def probe(**_: Any) -> dict[str, Any]:
+        return app.running_engine().health()
+
+    for kind in (TRAINING_KIND, SERVICE_KIND):
+        _register_job(registry, app, kind)
+    for kind in (QUEUE_KIND, BUDGET_KIND):
+        _register_config(registry, app, kind)
+    return registry
+
+
+def _register_job(registry: kopf.OperatorRegistry, app: OperatorApp, kind: str) -> None:
+    plural = PLURALS[kind]
+
+    async def apply(body: kopf.Body, **_: Any) -> None:
+        app.running_engine().apply_job(kind, plain(body))
+
+    async def delete(body: kopf.Body, **_: Any) -> None:
+        meta = body.get("metadata", {})
+        try:
+            await app.running_engine().delete_job(kind, str(meta.get("namespace")),
+                                                  str(meta.get("name")), str(meta.get("uid")))
+        except TimeoutError as exc:
+            raise kopf.TemporaryError("the engine did not release the GPUs in time",
+                                      delay=2) from exc
+
+    for decorator in (kopf.on.create, kopf.on.resume):
+        decorator(GROUP, VERSION, plural, registry=registry, id=f"{plural}-apply",
+                  backoff=2)(apply)
+    if kind == SERVICE_KIND:  # replicas scale; a TrainingJob's spec is immutable
+        kopf.on.update(GROUP, VERSION, plural, registry=registry, id=f"{plural}-update",
+                       field="spec", backoff=2)(apply)
+    kopf.on.delete(GROUP, VERSION, plural, registry=registry, id=f"{plural}-release",
+                   backoff=2)(delete)
+
+
+def _register_config(registry: kopf.OperatorRegistry, app: OperatorApp, kind: str) -> None:
+    plural = PLURALS[kind]
+
+    async def on_event(event: kopf.RawEvent, **_: Any) -> None:
+        body = event.get("object")
+        if not isinstance(body, dict):
+            return
+        # type None: an object of a (re)listing; applying it again is a no-op unless it
+        # changed while the watch was down.
+        app.running_engine().apply_config(kind, plain(body),
+                                          deleted=event.get("type") == "DELETED")
+
+    kopf.on.event(GROUP, VERSION, plural, registry=registry, id=f"{plural}-event")(on_event)

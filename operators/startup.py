@@ -1,0 +1,256 @@
+"""Start-up: build the control plane from the cluster, then rebuild its state from status.
+
+Nothing new is scheduled until every existing object is accounted for:
+
+1. wait until the API server serves our CRDs;
+2. list GPUQueues and PowerBudgets (they become the core's queues and budgets), the Nodes
+   (the inventory, unless a factory spec is used) and every TrainingJob and
+   InferenceService;
+3. a job whose status says Running (or Admitted) with a recorded placement is ``adopt``ed on
+   exactly those nodes and GPUs: its GPUs are marked used, its start time, restarts,
+   energy and GPU-hours carry on, and the backend is asked to run it again without
+   restarting its progress (``operators.backends.reattach``);
+4. every other job that is not finished is resubmitted in its original order
+   (``metadata.creationTimestamp``, then namespace and name), keeping its restart count;
+5. finished jobs (Succeeded/Failed at their current generation) are left as they are.
+
+A recorded placement that no longer fits (a node left the inventory, or two jobs claim one
+GPU) is not trusted: that job is requeued with a Warning Event saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from controller.controlplane import ControlPlane
+from controller.errors import InvariantError, SpecError
+from controller.spec import JobSpec, PowerBudgetSpec, QueueSpec
+from operators.backends import make_backend, reattach
+from operators.engine import Engine, EngineOptions, SimClock
+from operators.inventory import choose_factory
+from operators.kube import KubeClient
+from operators.objects import Tracked
+from operators.status import Phase
+from operators.translate import (
+    BUDGET_KIND,
+    QUEUE_KIND,
+    SERVICE_KIND,
+    TRAINING_KIND,
+    budget_from_manifest,
+    format_time,
+    job_spec_from_manifest,
+    parse_time,
+    placement_from_status,
+    queue_from_manifest,
+    replica_specs,
+)
+
+__all__ = ["OperatorOptions", "RecoveryReport", "build_engine", "recover", "wait_for_crds"]
+
+log = logging.getLogger(__name__)
+KINDS = (TRAINING_KIND, SERVICE_KIND, QUEUE_KIND, BUDGET_KIND)
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorOptions:
+    """Everything ``aifactory operator`` is told on its command line."""
+
+    backend: str = "sim"
+    cluster: str = "small"
+    inventory: str = "auto"
+    sim_speed: float = 1.0
+    policy: str = "aifactory"
+    ray_address: str | None = None
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    """What start-up found: counts per outcome."""
+
+    adopted: int = 0
+    requeued: int = 0
+    finished: int = 0
+    invalid: int = 0
+    conflicts: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (f"adopted {self.adopted} running gangs at their recorded placements, "
+                f"requeued {self.requeued}, left {self.finished} finished, "
+                f"{self.invalid} invalid, {len(self.conflicts)} placement conflicts")
+
+
+async def wait_for_crds(kube: KubeClient, timeout_seconds: float = 120.0) -> None:
+    """Block until every CRD is served, saying what is missing while waiting."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_seconds
+    while True:
+        missing = sorted(set(KINDS) - await kube.served_kinds())
+        if not missing:
+            return
+        if loop.time() > deadline:
+            raise SpecError("CRDs", f"{', '.join(missing)} not served by the API server after "
+                            f"{timeout_seconds:.0f} s; install them: kubectl apply -k manifests/")
+        log.warning("waiting for CRDs %s (kubectl apply -k manifests/)", ", ".join(missing))
+        await asyncio.sleep(2.0)
+
+
+def _configs(items: Iterable[Mapping[str, Any]], kind: str
+             ) -> list[tuple[Mapping[str, Any], QueueSpec | PowerBudgetSpec | None, str | None]]:
+    out: list[tuple[Mapping[str, Any], QueueSpec | PowerBudgetSpec | None, str | None]] = []
+    for item in items:
+        try:
+            spec: QueueSpec | PowerBudgetSpec = (
+                queue_from_manifest(item) if kind == QUEUE_KIND else budget_from_manifest(item))
+            out.append((item, spec, None))
+        except SpecError as exc:
+            out.append((item, None, str(exc)))
+    return out
+
+
+async def build_engine(kube: KubeClient, options: OperatorOptions) -> tuple[Engine,
+                                                                            RecoveryReport]:
+    """Everything up to a recovered, not yet started, engine."""
+    await wait_for_crds(kube)
+    listing = {kind: await kube.list_objects(kind) for kind in KINDS}
+    clock = SimClock(options.sim_speed)
+    if options.backend == "sim":
+        node_objects = [] if options.inventory == "factory" else await kube.list_nodes()
+        factory = choose_factory(options.inventory, node_objects, options.cluster)
+        topo = factory.topology()
+        backend = make_backend("sim", topo, clock)
+    else:
+        backend = make_backend(options.backend, None, clock, options.ray_address)
+        from controller.factory import factory_from_nodes
+
+        factory = factory_from_nodes(options.backend, backend.inventory(), options.backend)
+        topo = factory.topology()
+    queues = _configs(listing[QUEUE_KIND], QUEUE_KIND)
+    budgets = _configs(listing[BUDGET_KIND], BUDGET_KIND)
+    factory = replace(
+        factory,
+        queues=tuple(sorted((s for _, s, _ in queues if isinstance(s, QueueSpec)),
+                            key=lambda q: q.name)),
+        power_budgets=tuple(sorted((s for _, s, _ in budgets if isinstance(s, PowerBudgetSpec)),
+                                   key=lambda b: b.name)))
+    cp = ControlPlane(factory, backend, options.policy, clock=clock, topology=topo)
+    engine = Engine(cp, kube, clock, options.engine)
+    for kind, entries in ((QUEUE_KIND, queues), (BUDGET_KIND, budgets)):
+        for item, spec, invalid in entries:
+            engine.load_config(kind, dict(item), spec, invalid)
+    log.info("inventory: %s from %s; %d queues, %d power budgets", topo.describe(),
+             factory.source or factory.name, len(factory.queues), len(factory.power_budgets))
+    report = recover(engine, listing[TRAINING_KIND] + listing[SERVICE_KIND])
+    log.info("recovery: %s", report)
+    return engine, report
+
+
+def _order(doc: Mapping[str, Any]) -> tuple[float, str, str]:
+    meta = doc.get("metadata") or {}
+    return (parse_time(meta.get("creationTimestamp")) or 0.0, str(meta.get("namespace")),
+            str(meta.get("name")))
+
+
+def _recorded(status: Mapping[str, Any], service: bool) -> dict[int | None, list[Any]]:
+    """Recorded workers per replica (key None for a TrainingJob)."""
+    placement = status.get("placement") or {}
+    workers = placement.get("workers") if isinstance(placement, Mapping) else None
+    out: dict[int | None, list[Any]] = {}
+    for worker in workers or []:
+        if not isinstance(worker, Mapping):
+            continue
+        replica = worker.get("replica") if service else None
+        if service and not isinstance(replica, int):
+            continue
+        out.setdefault(replica, []).append(worker)
+    return out
+
+
+def recover(engine: Engine, docs: Iterable[Mapping[str, Any]]) -> RecoveryReport:
+    """Adopt the running, requeue the waiting, leave the finished (see module docstring)."""
+    report = RecoveryReport()
+    clock = engine.clock
+    later: list[tuple[Tracked, JobSpec, float, Mapping[str, Any]]] = []
+    for doc in sorted(docs, key=_order):
+        kind = str(doc.get("kind"))
+        body = dict(doc)
+        obj = engine.track(kind, body)
+        meta, status = body.get("metadata") or {}, body.get("status") or {}
+        obj.generation = int(meta.get("generation") or 1)
+        phase = status.get("phase")
+        if phase in Phase.TERMINAL and status.get("observedGeneration") == obj.generation:
+            obj.terminal = True
+            report.finished += 1
+            continue
+        try:
+            spec = job_spec_from_manifest(body, kind)
+        except SpecError as exc:
+            engine.fail_invalid(obj, str(exc))
+            report.invalid += 1
+            continue
+        obj.spec = spec
+        obj.energy_banked = float(status.get("energyJoules") or 0.0)
+        obj.gpu_seconds = float(status.get("gpuHours") or 0.0) * 3600.0
+        service = kind == SERVICE_KIND
+        recorded = _recorded(status, service) if phase in (Phase.RUNNING,
+                                                           Phase.ADMITTED) else {}
+        started_wall = parse_time(status.get("startedAt"))
+        created = clock.from_wall(obj.created)
+        gangs = replica_specs(spec) if service else [spec]
+        for i, gang in enumerate(gangs):
+            workers = recorded.get(i if service else None)
+            if workers and (service or started_wall is not None) and \
+                    _adopt(engine, obj, gang, workers, status, started_wall, report):
+                continue
+            later.append((obj, gang, created, status))
+    for obj, gang, created, status in later:
+        rec = engine.submit(obj, gang, at=created)
+        rec.restarts = int(status.get("restarts") or 0) if not obj.is_service else 0
+        rec.preemptions = int(status.get("preemptions") or 0) if not obj.is_service else 0
+        engine.mark_dirty(obj)
+        report.requeued += 1
+    return report
+
+
+def _adopt(engine: Engine, obj: Tracked, gang: JobSpec, workers: list[Any],
+           status: Mapping[str, Any], started_wall: float | None,
+           report: RecoveryReport) -> bool:
+    cp, clock = engine.cp, engine.clock
+    now = cp.now
+    started = clock.from_wall(started_wall) if started_wall is not None else now
+    watts = (status.get("placement") or {}).get("wattsPerGPU")
+    if not isinstance(watts, int | float):
+        watts = cp.config.watts_per_gpu(gang)
+    try:
+        placement = placement_from_status(gang.key, workers, cp.topo, float(watts))
+        # allocate() refuses a GPU share that is already taken (shares of one GPU may add
+        # up to a whole GPU: fractional replicas legitimately share).
+        rec = cp.adopt(gang, placement, started_at=started,
+                       submitted_at=clock.from_wall(obj.created),
+                       restarts=int(status.get("restarts") or 0) if not obj.is_service else 0)
+    except (SpecError, InvariantError) as exc:
+        why = f"recorded placement not reusable after an operator restart: {exc}; requeued"
+        report.conflicts.append(f"{gang.key}: {exc}")
+        engine.owner[gang.key] = obj
+        stamp = format_time(clock.to_wall(now))
+        for type_ in ("Running", "Admitted"):
+            obj.conditions.clear(type_, "PlacementConflict", why, generation=obj.generation,
+                                 now=stamp)
+        obj.conditions.set("Queued", True, "PlacementConflict", why,
+                           generation=obj.generation, now=stamp)
+        engine.note(obj, "Warning", "PlacementConflict", f"{obj.label(gang.key)}{why}")
+        return False
+    rec.preemptions = int(status.get("preemptions") or 0) if not obj.is_service else 0
+    engine.owner[gang.key] = obj
+    if gang.key not in obj.keys:
+        obj.keys.append(gang.key)
+    obj.last_placement[gang.key] = placement
+    obj.accounted_at[gang.key] = now
+    reattach(cp.backend, gang, placement, started, now)
+    engine.mark_dirty(obj)
+    report.adopted += 1
+    return True

@@ -1,0 +1,284 @@
+"""The operator on a real API server: install the manifests, run it, watch what it writes.
+
+Used by the operator integration tests and by ``benchmarks/operator_latency.py``; depends
+only on ``k8s_env`` (the real etcd + kube-apiserver), the standard library and PyYAML.
+
+* ``install_manifests`` runs ``kubectl apply -k manifests/`` (CRDs, RBAC, Deployment) and
+  waits for the CRDs to be Established. Nothing runs the Deployment (no kubelet); the
+  operator runs here as a subprocess instead.
+* ``OperatorProcess`` starts ``python -m controller.cli operator`` authenticated as the
+  ``aifactory-operator`` ServiceAccount from ``manifests/rbac.yaml`` (its RBAC, not admin),
+  and can be killed (SIGKILL) and started again, as a crash would.
+* ``Watch`` follows one kind through the watch API in a thread and records, per object,
+  when each phase was first seen, so latencies are measured from what the API server
+  serves, not from polling.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.integration.k8s_env import REPO_ROOT, KubeTestEnv, _die_with_parent, free_port
+
+GROUP_VERSION = "aifactory.io/v1alpha1"
+CRDS = ("trainingjobs", "inferenceservices", "gpuqueues", "powerbudgets")
+OPERATOR_NAMESPACE = "aifactory-system"
+OPERATOR_ACCOUNT = "aifactory-operator"
+
+
+def install_manifests(env: KubeTestEnv) -> None:
+    """CRDs, RBAC and the Deployment from ``manifests/``, as a user installs them."""
+    env.kubectl("apply", "-k", str(REPO_ROOT / "manifests"))
+    env.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                *(f"crd/{plural}.aifactory.io" for plural in CRDS))
+
+
+def ensure_namespace(env: KubeTestEnv, name: str) -> None:
+    env.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.05) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+class OperatorProcess:
+    """``aifactory operator`` as a child process running as the operator ServiceAccount."""
+
+    def __init__(self, env: KubeTestEnv, workdir: Path, args: Sequence[str] = ()) -> None:
+        self.env = env
+        self.workdir = workdir
+        self.args = list(args)
+        self.kubeconfig = env.serviceaccount_kubeconfig(
+            OPERATOR_NAMESPACE, OPERATOR_ACCOUNT, workdir / "operator.kubeconfig")
+        self.health_port = 0
+        self.metrics_port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"operator-{self.starts}.log"
+
+    def start(self, ready_timeout: float = 60.0) -> None:
+        self.starts += 1
+        self.health_port, self.metrics_port = free_port(), free_port()
+        argv = [sys.executable, "-m", "controller.cli", "operator",
+                f"--kubeconfig={self.kubeconfig}", f"--health-port={self.health_port}",
+                f"--metrics-port={self.metrics_port}", *self.args]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        env.pop("KUBECONFIG", None)
+        with self.log_path.open("wb") as log:
+            # Dies with the test process even if that is killed before its teardown.
+            self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True,
+                                         preexec_fn=_die_with_parent)
+        wait_for(self._ready, ready_timeout, "the operator's /healthz", interval=0.1)
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"the operator exited with {self.proc.returncode}:\n"
+                                 f"{self.log_tail()}")
+        try:
+            url = f"http://127.0.0.1:{self.health_port}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: nothing is flushed."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM (kopf shuts down cleanly), then SIGKILL if it lingers."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+
+class Watch:
+    """A watch on one of our kinds in all namespaces, in a daemon thread.
+
+    ``first[(namespace, name)][phase]`` is the monotonic time the phase was first seen;
+    ``objects`` holds the latest body of each object; ``added`` when it was first seen.
+    """
+
+    def __init__(self, env: KubeTestEnv, plural: str) -> None:
+        config = yaml.safe_load(env.kubeconfig.read_text())
+        cluster = config["clusters"][0]["cluster"]
+        user = config["users"][0]["user"]
+        self._dir = tempfile.mkdtemp(prefix="aifactory-watch-")
+        paths = {}
+        for key, data in (("ca", cluster["certificate-authority-data"]),
+                          ("cert", user["client-certificate-data"]),
+                          ("key", user["client-key-data"])):
+            path = Path(self._dir) / key
+            path.write_bytes(base64.b64decode(data))
+            paths[key] = str(path)
+        self._ssl = ssl.create_default_context(cafile=paths["ca"])
+        self._ssl.load_cert_chain(paths["cert"], paths["key"])
+        server = urllib.parse.urlsplit(cluster["server"])
+        self._host, self._port = server.hostname or "127.0.0.1", server.port or 443
+        self._path = f"/apis/{GROUP_VERSION}/{plural}?watch=1&timeoutSeconds=3600"
+        self.lock = threading.Lock()
+        self.first: dict[tuple[str, str], dict[str, float]] = {}
+        self.added: dict[tuple[str, str], float] = {}
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.deleted: set[tuple[str, str]] = set()
+        self.changed = threading.Condition(self.lock)
+        self._conn: http.client.HTTPSConnection | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        wait_for(lambda: self._conn is not None, 30, "the watch to connect")
+
+    def _run(self) -> None:
+        while not self._stop:
+            conn = http.client.HTTPSConnection(self._host, self._port, context=self._ssl,
+                                               timeout=3600)
+            try:
+                conn.request("GET", self._path)
+                response = conn.getresponse()
+                self._conn = conn
+                for line in response:
+                    if self._stop:
+                        return
+                    self._event(json.loads(line))
+            except (OSError, ValueError, http.client.HTTPException):
+                if self._stop:
+                    return
+                time.sleep(0.2)
+            finally:
+                conn.close()
+
+    def _event(self, event: dict[str, Any]) -> None:
+        now = time.monotonic()
+        obj = event.get("object") or {}
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace") or "", meta.get("name") or "")
+        with self.lock:
+            if event.get("type") == "DELETED":
+                self.deleted.add(key)
+                self.objects.pop(key, None)
+            else:
+                self.added.setdefault(key, now)
+                self.objects[key] = obj
+                phase = (obj.get("status") or {}).get("phase")
+                if phase:
+                    self.first.setdefault(key, {}).setdefault(phase, now)
+            self.changed.notify_all()
+
+    def phase(self, namespace: str, name: str) -> str | None:
+        with self.lock:
+            obj = self.objects.get((namespace, name))
+        return None if obj is None else (obj.get("status") or {}).get("phase")
+
+    def status(self, namespace: str, name: str) -> dict[str, Any]:
+        with self.lock:
+            obj = self.objects.get((namespace, name)) or {}
+        return dict(obj.get("status") or {})
+
+    def wait_phase(self, namespace: str, name: str, phases: Iterable[str],
+                   timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until the object's phase is one of ``phases``; its status."""
+        wanted = set(phases)
+        wait_for(lambda: self.phase(namespace, name) in wanted, timeout,
+                 f"{namespace}/{name} to reach {sorted(wanted)} (now "
+                 f"{self.phase(namespace, name)!r}: {self.status(namespace, name)})")
+        return self.status(namespace, name)
+
+    def close(self) -> None:
+        self._stop = True
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            # Shut the socket down rather than close the response: closing a buffered
+            # reader another thread is blocked in would wait for that thread forever.
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+        for path in Path(self._dir).iterdir():
+            path.unlink()
+        Path(self._dir).rmdir()
+
+
+def training_job(name: str, namespace: str, workers: int = 1, gpus_per_worker: int = 1,
+                 **spec: Any) -> dict[str, Any]:
+    """A TrainingJob manifest; extra keyword arguments go into ``spec``."""
+    return {"apiVersion": GROUP_VERSION, "kind": "TrainingJob",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"workers": workers, "gpusPerWorker": gpus_per_worker, **spec}}
+
+
+def gpu_slots(statuses: Iterable[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(node, GPU index) of every worker in the given statuses' placements."""
+    slots: list[tuple[str, int]] = []
+    for status in statuses:
+        for worker in ((status.get("placement") or {}).get("workers") or []):
+            slots.extend((worker["node"], g) for g in worker["gpus"])
+    return slots
+
+
+def delete_all(env: KubeTestEnv, namespace: str) -> None:
+    """Delete every TrainingJob and InferenceService of a namespace (the operator must run
+    to release finalizers; without it, strip them)."""
+    env.kubectl("delete", "trainingjobs,inferenceservices", "--all", f"-n={namespace}",
+                "--wait=false", check=False)
+
+
+def strip_finalizers(env: KubeTestEnv, namespace: str) -> None:
+    """Remove our finalizer from everything left in a namespace (cleanup without operator)."""
+    for plural in ("trainingjobs", "inferenceservices"):
+        names = env.kubectl("get", plural, f"-n={namespace}", "-o",
+                            "jsonpath={.items[*].metadata.name}", check=False).stdout.split()
+        for name in names:
+            env.kubectl("patch", plural, name, f"-n={namespace}", "--type=merge", "-p",
+                        '{"metadata":{"finalizers":null}}', check=False)
