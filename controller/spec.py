@@ -58,7 +58,7 @@ class JobSpec:
     ``gpu_milli`` below 1000 asks for a fraction of one GPU (then ``workers`` and
     ``gpus_per_worker`` are 1), like KAI-Scheduler's gpu-fraction. ``gpu_models`` empty means
     any model. Levels are topology level names (``block``, ``rack``, ``node``...).
-    An InferenceService replica is a JobSpec with ``group`` set to the service name and
+    An InferenceService replica is a JobSpec with ``group`` set to the service key and
     ``group_size`` to the replica count. Replicas spread over at least
     ``spread_min_domains`` domains of ``spread_level`` (each domain holds at most
     ceil(replicas / min domains)), and pack inside that bound so other racks stay whole.
@@ -304,7 +304,7 @@ def _inference(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> JobSpec:
         group_size=replicas,
         restart_limit=1_000_000,
         expected_utilization=util,
-        group=common["name"],
+        group=f"{common['namespace']}/{common['name']}",
         **common,
     )
 
@@ -337,7 +337,7 @@ def job_from_manifest(doc: Mapping[str, Any]) -> JobSpec:
 def replica_jobs(service: JobSpec) -> list[JobSpec]:
     """One single-gang JobSpec per InferenceService replica, named ``<service>-r<i>``."""
     return [
-        replace(service, name=f"{service.name}-r{i}", workers=1, group=service.name,
+        replace(service, name=f"{service.name}-r{i}", workers=1, group=service.key,
                 group_size=service.workers)
         for i in range(service.workers)
     ]
