@@ -169,15 +169,36 @@ class ControlPlane:
         return rec
 
     def cancel(self, key: str) -> None:
-        """Remove a job: stop it if running, drop it if queued (the operator's delete)."""
+        """Remove a job: stop it if running, drop it if queued (the operator's delete).
+        The backend and the metrics forget it too."""
         rec = self.jobs.pop(key, None)
         if rec is None:
             return
-        if rec.placement is not None or rec.partial is not None:
+        held = rec.placement is not None or rec.partial is not None
+        if held:
             self.state.release(key)
-            self.backend.stop(key)
             self.metrics.job_stopped(rec.spec, self.now)
+        self._forget_elsewhere(key, stop=held)
         self._dirty = True
+
+    def forget(self, key: str) -> bool:
+        """Drop a finished job's record, and what the backend and the metrics keep about
+        it, so a control plane that runs for months holds only live and recent jobs.
+        Returns False, keeping the job, when it is unknown or not finished (cancel those)."""
+        rec = self.jobs.get(key)
+        if rec is None or not rec.done:
+            return False
+        del self.jobs[key]
+        self._forget_elsewhere(key, stop=False)
+        return True
+
+    def _forget_elsewhere(self, key: str, stop: bool) -> None:
+        forget = getattr(self.backend, "forget", None)  # optional: stop and drop records
+        if forget is not None:
+            forget(key)
+        elif stop:
+            self.backend.stop(key)
+        self.metrics.forget(key)
 
     def reconfigure(self, queues: tuple[QueueSpec, ...] | None = None,
                     power_budgets: tuple[PowerBudgetSpec, ...] | None = None) -> None:
@@ -300,7 +321,8 @@ class ControlPlane:
         return result
 
     def _launch(self, rec: JobRecord, placement: Placement) -> None:
-        self.backend.launch(rec.spec, placement)
+        # A requeued job resumes from the work its last checkpoint saved.
+        self.backend.launch(rec.spec, placement, work_done=rec.work_saved)
 
     def _apply(self, result: CycleResult, now: float) -> None:
         self.metrics.decisions(result.decision_seconds)

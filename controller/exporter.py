@@ -4,8 +4,9 @@ This is the only module that imports ``prometheus_client``. ``FactoryCollector``
 fresh metric families on every ``collect()`` from one ``FactorySnapshot``
 (``controller.observe``), like client_python's ``process_collector``: register it in any
 ``CollectorRegistry``. ``start_metrics_server(plane, port)`` serves ``/metrics`` from a
-daemon thread; the operator calls it with the lock its handlers hold while they step the
-plane, and ``aifactory simulate --serve-metrics`` with the lock of its pacing loop.
+daemon thread; the operator calls it with the lock its engine holds while it changes the
+plane (and its own counters as an ``extra`` collector on the same port), and
+``aifactory simulate --serve-metrics`` with the lock of its pacing loop.
 
 The server writes the text format with ``controller.families.TextRenderer`` (the same rows
 as the Collector, formatted about 10x faster than ``generate_latest``; see that module);
@@ -17,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
@@ -32,7 +33,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from controller.families import Family, TextRenderer, build_families, format_value
-from controller.observe import PlaneObserver, choose_telemetry
+from controller.observe import PlaneObserver, TelemetryChoice, choose_telemetry
 
 if TYPE_CHECKING:
     from controller.controlplane import ControlPlane
@@ -105,18 +106,30 @@ class FactoryCollector(Collector):
 
 
 class MetricsServer:
-    """A running /metrics endpoint. ``close()`` stops it and joins its thread."""
+    """A running /metrics endpoint. ``close()`` stops it and joins its thread.
+
+    ``extra`` collectors (names of their own, e.g. the operator's ``aifactory_operator_*``)
+    are served after the factory's families on the same port."""
 
     def __init__(self, collector: FactoryCollector, host: str, port: int,
-                 renderer: str = "fast") -> None:
+                 renderer: str = "fast", extra: Sequence[Collector] = ()) -> None:
         if renderer not in RENDERERS:
             raise ValueError(f"renderer must be one of {', '.join(RENDERERS)}, got "
                              f"{renderer!r}")
         self.collector = collector
         registry = CollectorRegistry(auto_describe=False)
         registry.register(collector)
-        render: Callable[[], bytes] = collector.render_text if renderer == "fast" else \
-            (lambda: generate_latest(registry))
+        others = CollectorRegistry(auto_describe=False)
+        for other in extra:
+            registry.register(other)
+            others.register(other)
+
+        def render() -> bytes:
+            if renderer == "client":
+                return generate_latest(registry)
+            body = collector.render_text()
+            return body + generate_latest(others) if extra else body
+
         handler = _handler(render)
         self._httpd = ThreadingHTTPServer((host, port), handler)
         self._httpd.daemon_threads = True
@@ -178,19 +191,23 @@ def _handler(render: Callable[[], bytes]) -> type[BaseHTTPRequestHandler]:
 def start_metrics_server(plane: ControlPlane, port: int = DEFAULT_METRICS_PORT,
                          host: str = "0.0.0.0", *,
                          lock: AbstractContextManager[object] | None = None,
-                         per_gpu: bool = True, telemetry: str = "auto",
-                         renderer: str = "fast") -> MetricsServer:
+                         per_gpu: bool = True, telemetry: str | TelemetryChoice = "auto",
+                         renderer: str = "fast",
+                         extra: Sequence[Collector] = ()) -> MetricsServer:
     """Serve ``plane``'s metrics on ``http://host:port/metrics`` from a daemon thread.
 
     ``lock``: held while a snapshot is taken; pass the lock your thread holds while it
     calls ``plane.step()`` (the plane is not thread-safe). ``per_gpu=False``: node-level
     series only (a 100,000-GPU factory). ``telemetry``: ``auto`` (the simulated backend's
-    own, else NVML, else the power model), ``backend``, ``nvml`` or ``model``. ``port=0``
-    picks a free port (see ``.port``). Stop it with ``.close()``."""
-    if lock is not None:
+    own, else NVML, else the power model), ``backend``, ``nvml``, ``model``, or a choice
+    already made (``choose_telemetry``). ``extra``: more collectors served on the same
+    port. ``port=0`` picks a free port (see ``.port``). Stop it with ``.close()``."""
+    if isinstance(telemetry, TelemetryChoice):
+        choice = telemetry
+    elif lock is not None:
         with lock:
             choice = choose_telemetry(plane, telemetry)
     else:
         choice = choose_telemetry(plane, telemetry)
     observer = PlaneObserver(plane, choice, per_gpu=per_gpu)
-    return MetricsServer(FactoryCollector(observer, lock), host, port, renderer)
+    return MetricsServer(FactoryCollector(observer, lock), host, port, renderer, extra)

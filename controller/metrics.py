@@ -20,6 +20,7 @@ from controller.histogram import (
     LabelledHistogram,
 )
 from controller.power import CostModel, profile_for
+from controller.reservoir import Reservoir
 from controller.spec import JobSpec
 from controller.state import MILLI, ClusterState, Placement
 from controller.topology import Topology
@@ -97,8 +98,10 @@ class SimMetrics:
         self.fenced_gpus = 0.0  # failed GPUs fenced off by a placeholder allocation
         self.energy_joules = 0.0
         self.exceeded_seconds = 0.0
-        self.waits: list[float] = []
-        self.decision_times: list[float] = []
+        # Bounded: exact below 100,000 values, a uniform sample beyond (a long-running
+        # control plane sees a wait per job and a decision per placement, forever).
+        self.waits = Reservoir()
+        self.decision_times = Reservoir()
         self.submitted = 0
         self.completed = 0
         self.jobs_failed = 0
@@ -108,8 +111,9 @@ class SimMetrics:
         self.gangs_in_rack = 0
         self.gangs_fit_block = 0
         self.gangs_in_block = 0
-        self.racks_spanned: list[int] = []
+        self.racks_spanned = Reservoir()
         self.unplaced_while_free: set[str] = set()
+        self.unplaced_forgotten = 0  # jobs counted above, then forgotten
         # For the Prometheus exporter (controller.observe): filled as things happen.
         self.queue_waits = LabelledHistogram(QUEUE_WAIT_BUCKETS_SECONDS)
         self.decision_histogram = Histogram(DECISION_BUCKETS_SECONDS)
@@ -136,12 +140,12 @@ class SimMetrics:
         self.submitted += 1
 
     def job_started(self, spec: JobSpec, wait: float, placement: Placement) -> None:
-        self.waits.append(wait)
+        self.waits.add(wait)
         self.queue_waits.observe(spec.queue, wait)
         if spec.workers > 1 and not spec.is_fractional:
             if self.rack_level is not None:
                 racks = len(placement.domains_at(self.topo, self.rack_level))
-                self.racks_spanned.append(racks)
+                self.racks_spanned.add(racks)
                 if spec.total_gpus <= self.rack_capacity:
                     self.gangs_fit_rack += 1
                     self.gangs_in_rack += racks == 1
@@ -182,6 +186,14 @@ class SimMetrics:
     def job_completed(self, spec: JobSpec, energy_joules: float) -> None:
         self.completed += 1
 
+    def forget(self, key: str) -> None:
+        """Drop what is kept per job for a job the control plane no longer holds."""
+        self.job_gpu_seconds.pop(key, None)
+        self._job_held.pop(key, None)
+        if key in self.unplaced_while_free:
+            self.unplaced_while_free.discard(key)
+            self.unplaced_forgotten += 1
+
     def decisions(self, seconds: Iterable[float]) -> None:
         times = tuple(seconds)
         self.decision_times.extend(times)
@@ -215,15 +227,14 @@ class SimMetrics:
             jobs_never_placed=never_placed,
             gpus_total=total,
             gpu_allocation_rate_mean=(self.alloc_integral / span / total) if total else 0.0,
-            queue_wait_seconds_mean=sum(self.waits) / len(self.waits) if self.waits else 0.0,
+            queue_wait_seconds_mean=self.waits.mean,
             queue_wait_seconds_p95=percentile(self.waits, 95),
             gang_single_rack_fraction=(self.gangs_in_rack / self.gangs_fit_rack
                                        if self.gangs_fit_rack else 1.0),
             gang_single_block_fraction=(self.gangs_in_block / self.gangs_fit_block
                                         if self.gangs_fit_block else 1.0),
-            racks_spanned_mean=(sum(self.racks_spanned) / len(self.racks_spanned)
-                                if self.racks_spanned else 0.0),
-            unplaced_while_capacity_free=len(self.unplaced_while_free),
+            racks_spanned_mean=self.racks_spanned.mean,
+            unplaced_while_capacity_free=len(self.unplaced_while_free) + self.unplaced_forgotten,
             energy_joules=self.energy_joules,
             cost_dollars=self.cost.cost_dollars(self.energy_joules, gpu_seconds),
             gpu_hours=gpu_seconds / 3600.0,

@@ -438,6 +438,11 @@ class PlaneObserver:
                 rec.spec.namespace, rec.spec.name, rec.spec.queue, rec.phase, held, joules,
                 cost.cost_dollars(joules, gpu_seconds), gpu_seconds, rec.restarts,
                 rec.preemptions))
+        gone = self._job_energy.keys() - plane.jobs.keys()  # forgotten or cancelled
+        if gone:
+            for key in gone:
+                del self._job_energy[key]
+                self.attributor.job_joules.pop(key, None)
         return tuple(out)
 
     def _scheduler(self) -> SchedulerSample:

@@ -181,11 +181,14 @@ class Reconciler:
         self.backend = backend
         self._make_factory = make_factory
 
-    def step(self) -> CycleResult | None:
+    def step(self, force: bool = True) -> CycleResult | None:
+        """Poll, follow the inventory, then a scheduling cycle: always with ``force``, else
+        only when something changed (a job came, went or moved, or a node left or came)."""
         self.cp.poll()
         alive = [n.name for n in self.backend.inventory()]
         change = sync_inventory(self.cp, alive)
         if change.unknown and self._make_factory is not None:
             self.cp = rebuild(self.cp, self._make_factory())
             sync_inventory(self.cp, alive)
-        return self.cp.cycle(force=True)
+            force = True
+        return self.cp.cycle(force=force or bool(change.down or change.up))

@@ -24,6 +24,7 @@ interval, split by their share of it.
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 import time
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 GPUKey = tuple[str, int]  # (node name, GPU index on the node)
+LOG = logging.getLogger("aifactory.telemetry")
 
 
 class TelemetryUnavailableError(AifactoryError):
@@ -72,14 +74,25 @@ class TelemetrySource(Protocol):
 
 
 class BackendTelemetry:
-    """The backend's own telemetry (the simulated factory's power model)."""
+    """The backend's own telemetry: the simulated factory's power model, or the Ray
+    backend's (NVML on every node where it answers, else the power model). ``name``
+    follows the source of the latest snapshot, and a change of source is logged."""
 
     def __init__(self, backend: ClusterBackend, name: str = "simulated") -> None:
         self.backend = backend
         self.name = name
 
     def read(self) -> TelemetrySnapshot:
-        return self.backend.telemetry()
+        snapshot = self.backend.telemetry()
+        if snapshot.source != self.name:
+            if snapshot.source == "model":
+                LOG.warning("GPU telemetry from the backend falls back to the power model: "
+                            "no NVML readings from its nodes (yet) "
+                            "(aifactory_telemetry_source_info{source=\"model\"})")
+            else:
+                LOG.info("GPU telemetry from the backend: %s readings", snapshot.source)
+            self.name = snapshot.source
+        return snapshot
 
     def close(self) -> None:
         return None

@@ -4,18 +4,28 @@ The core is not thread-safe and need not be: handlers (``operators.handlers``) o
 requests to a queue and wake the engine; the engine task drains the queue, lets the core poll
 its backend and run a scheduling cycle, and turns what changed into status patches and Events
 for the outbox (``operators.outbox``). So a burst of 300 creations is a few scheduling
-cycles, not 300, and a handler returns in microseconds.
+cycles, not 300, and a handler returns in microseconds. The one other reader is the metrics
+server's thread: it takes ``Engine.lock`` while it snapshots the plane, and the engine holds
+that lock for each pass (it waits without blocking the event loop while a scrape reads).
 
 Loop, every ``tick_seconds`` (100 ms) or as soon as a request arrives (after
 ``coalesce_seconds`` to gather a burst):
 
 1. apply requests: submit, rescale or cancel jobs; replace queues and power budgets;
 2. ``poll`` the backend (finished and failed work), then a scheduling ``cycle`` when
-   anything changed (and at least once a second);
+   anything changed (and at least once a second). With a backend whose nodes come and go
+   under it (Ray), a ``controller.resync.Reconciler`` does this and also fences nodes that
+   left; a node never seen before rebuilds the plane over the grown inventory
+   (``on_plane_replaced`` tells the metrics server);
 3. publish: the status of every object whose phase or conditions changed, Events for each
    transition (``operators.transitions``), and, every ``status_interval_seconds``, energy,
    power and cost of running jobs, waiting reasons whose words changed, and the status of
    queues and budgets.
+
+A TrainingJob that finished keeps its final status; ``finished_retention_seconds`` later
+(so Prometheus scrapes its final counters) the engine forgets it, and the core forgets its
+record, its backend workload and its per-job metrics: the operator's memory follows the
+live jobs, not every job it ever ran.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,12 +41,14 @@ from typing import Any
 
 from controller.controlplane import ControlPlane, JobRecord
 from controller.errors import SpecError
+from controller.resync import Reconciler
 from controller.spec import JobSpec, PowerBudgetSpec, QueueSpec
-from operators.configstatus import ConfigEntry, config_statuses
+from operators import publish
+from operators.configstatus import ConfigEntry
 from operators.kube import KubeClient
-from operators.objects import StatusContext, Tracked, job_status, service_status
+from operators.objects import StatusContext, Tracked
 from operators.outbox import Outbox
-from operators.status import Conditions
+from operators.status import Conditions, Phase
 from operators.transitions import end_run, on_core_event
 from operators.translate import (
     QUEUE_KIND,
@@ -53,7 +66,6 @@ from operators.translate import (
 __all__ = ["Engine", "EngineOptions", "SimClock"]
 
 log = logging.getLogger(__name__)
-METERS = ("message", "energyJoules", "energyKWh", "gpuHours", "costDollars", "powerWatts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +77,7 @@ class EngineOptions:
     status_interval_seconds: float = 5.0
     writers: int = 6
     delete_timeout_seconds: float = 30.0
+    finished_retention_seconds: float = 300.0  # wall seconds a finished job stays in the core
 
 
 class SimClock:
@@ -86,20 +99,18 @@ class SimClock:
         return wall * self.speed
 
 
-def _shape(status: dict[str, Any]) -> dict[str, Any]:
-    """A status less its words and meters: a change here is written at once."""
-    shape = {k: v for k, v in status.items() if k not in METERS}
-    shape["conditions"] = [{k: v for k, v in c.items() if k != "message"}
-                           for c in status.get("conditions") or []]
-    return shape
-
-
 class Engine:
     """Owns the ControlPlane; everything else talks to it through requests."""
 
     def __init__(self, cp: ControlPlane, kube: KubeClient, clock: SimClock,
-                 options: EngineOptions = EngineOptions()) -> None:
+                 options: EngineOptions = EngineOptions(),
+                 reconciler: Reconciler | None = None) -> None:
         self.cp = cp
+        self.reconciler = reconciler
+        self.lock = threading.Lock()  # held while the plane changes; scrapes take it to read
+        self.on_plane_replaced: list[Callable[[ControlPlane], None]] = []
+        self.on_stop: list[Callable[[], None]] = []  # after the loop: metrics, backend
+        self._finished: collections.deque[tuple[float, Tracked]] = collections.deque()
         self.clock = clock
         self.opts = options
         self.objects: dict[tuple[str, str, str], Tracked] = {}
@@ -158,6 +169,11 @@ class Engine:
             await asyncio.gather(self._task, return_exceptions=True)
         await self.outbox.close(flush_seconds)
         await self.kube.close()
+        for close in self.on_stop:
+            try:
+                close()
+            except Exception:
+                log.exception("shutting down %s failed", getattr(close, "__qualname__", close))
 
     def health(self) -> dict[str, Any]:
         """For kopf's liveness endpoint: raises unless the loop iterated recently."""
@@ -181,11 +197,15 @@ class Engine:
             self._wake.clear()
             if self._stopping:
                 break
+            while not self.lock.acquire(blocking=False):  # a scrape is reading the plane
+                await asyncio.sleep(0.002)
             try:
                 self.iterate()
             except Exception:  # never let one bad pass end the operator
                 self.stats["loop_errors"] += 1
                 log.exception("engine iteration failed; continuing")
+            finally:
+                self.lock.release()
 
     def iterate(self) -> None:
         """One pass: requests, backend poll, scheduling cycle, publish."""
@@ -197,22 +217,25 @@ class Engine:
             except Exception:
                 self.stats["request_errors"] += 1
                 log.exception("request %s failed", verb)
-        self.cp.poll()
         mono = time.monotonic()
         force = mono - self._last_forced >= 1.0
         if force:
             self._last_forced = mono
-        self.cp.cycle(force=force)
+        if self.reconciler is None:
+            self.cp.poll()
+            self.cp.cycle(force=force)
+        else:
+            self.reconciler.step(force=force)
+            if self.reconciler.cp is not self.cp:
+                self._replace_plane(self.reconciler.cp)
         refresh = mono >= self._next_refresh
         if refresh:
             self._next_refresh = mono + self.opts.status_interval_seconds
-        self._publish(refresh)
+        publish.publish(self, refresh)
+        while self._finished and self._finished[0][0] <= mono:
+            self._forget_finished(self._finished.popleft()[1])
         if refresh:
-            self._take_snapshot()
-            # The core's metric lists suit bounded simulations; keep them bounded here.
-            for values in (self.cp.metrics.decision_times, self.cp.metrics.waits):
-                if len(values) > 100_000:
-                    del values[:-10_000]
+            publish.take_snapshot(self)
         self.stats["iterations"] += 1
         self.stats["last_iteration_monotonic"] = time.monotonic()
         self.stats["iteration_seconds_total"] += time.perf_counter() - started
@@ -251,6 +274,10 @@ class Engine:
     def _apply(self, kind: str, body: dict[str, Any]) -> None:
         obj = self.track(kind, body)
         generation = int((body.get("metadata") or {}).get("generation") or 1)
+        status = body.get("status") or {}
+        if obj.generation < 0 and status.get("phase") in Phase.TERMINAL and \
+                status.get("observedGeneration") == generation and kind != SERVICE_KIND:
+            obj.generation, obj.terminal = generation, True  # finished and forgotten since
         if obj.generation == generation or obj.terminal:
             return  # already seen: handlers are idempotent
         obj.generation = generation
@@ -308,8 +335,7 @@ class Engine:
         rec = self.cp.jobs.get(key)
         if rec is not None and rec.placement is not None:
             end_run(self, obj, key, self.cp.now)
-        self.cp.cancel(key)
-        self.forget_backend(key)
+        self.cp.cancel(key)  # the backend and the core's metrics forget it too
         self.owner.pop(key, None)
         if key in obj.keys:
             obj.keys.remove(key)
@@ -383,10 +409,31 @@ class Engine:
         """Rebuild the object's status at the next publish."""
         self._dirty.add(obj)
 
-    def forget_backend(self, key: str) -> None:
-        forget = getattr(self.cp.backend, "forget", None)
-        if forget is not None:
-            forget(key)
+    def _forget_finished(self, obj: Tracked) -> None:
+        """A finished TrainingJob's retention is over: the core and the engine let it go
+        (its status stays as written; a later delete finds nothing to release)."""
+        for key in obj.keys:
+            self.cp.forget(key)
+            self.owner.pop(key, None)
+        if self.objects.get(obj.ident) is obj:
+            del self.objects[obj.ident]
+        self._dirty.discard(obj)
+        self._deferred.discard(obj)
+
+    def _replace_plane(self, cp: ControlPlane) -> None:
+        """The reconciler rebuilt the plane over a grown inventory (same jobs, new node
+        numbering): follow it, and tell the metrics server."""
+        self.cp = cp
+        for obj in self.objects.values():
+            for key in obj.keys:
+                rec = cp.jobs.get(key)
+                if rec is not None and rec.placement is not None:
+                    obj.last_placement[key] = rec.placement
+        self._config_dirty = True
+        self._next_refresh = 0.0
+        log.info("inventory changed: %s", cp.topo.describe())
+        for callback in self.on_plane_replaced:
+            callback(cp)
 
     def note(self, obj: Tracked, type_: str, reason: str, message: str) -> None:
         """A Kubernetes Event on the object."""
@@ -394,90 +441,5 @@ class Engine:
 
     # ----------------------------------------------------------------- publishing
 
-    def run_energy(self, key: str) -> float:
-        status = self.cp.backend.status(key)
-        return 0.0 if status is None else status.energy_joules
-
     def status_context(self) -> StatusContext:
-        return StatusContext(self.cp.topo, self.cp.factory.cost, self.cp.jobs,
-                             self.clock.to_wall, self.cp.describe_placement, self.run_energy,
-                             format_time(time.time()))
-
-    def _publish(self, refresh: bool) -> None:
-        if refresh or self.power_needed:
-            self._refresh_power()
-            self.power_needed = False
-        if refresh:
-            self._account()
-            self._dirty |= self._deferred
-            self._deferred.clear()
-        if self._dirty:
-            ctx = self.status_context()
-            for obj in self._dirty:
-                if obj.terminal or self.objects.get(obj.ident) is not obj:
-                    continue
-                status = service_status(obj, ctx) if obj.is_service else job_status(obj, ctx)
-                if status == obj.written:
-                    continue
-                shape = _shape(status)
-                if not refresh and shape == obj.written_shape:
-                    self._deferred.add(obj)  # only words or meters changed: at refresh
-                    continue
-                obj.written, obj.written_shape = status, shape
-                self.outbox.put_status((obj.kind, obj.namespace, obj.name), status)
-            self._dirty.clear()
-        if refresh or self._config_dirty:
-            for config, status in config_statuses(self.cp, self.configs.values(),
-                                                  self.last_gpu_power):
-                if status != config.written:
-                    config.written = status
-                    self.outbox.put_status((config.kind, "", config.name), status)
-            self._config_dirty = False
-
-    def _account(self) -> None:
-        """GPU-seconds of running work up to now; running objects get fresh meters."""
-        now = self.cp.now
-        for obj in self.objects.values():
-            for key, since in obj.accounted_at.items():
-                placement = obj.last_placement.get(key)
-                if placement is not None:
-                    obj.gpu_seconds += placement.gpu_equivalents * max(0.0, now - since)
-                obj.accounted_at[key] = now
-            if obj.accounted_at:
-                self._dirty.add(obj)
-
-    def _refresh_power(self) -> None:
-        """Per-object power from one telemetry snapshot of the backend."""
-        snapshot = self.cp.backend.telemetry()
-        topo = self.cp.topo
-        power = [0.0] * topo.total_gpus
-        for reading in snapshot.gpus:
-            node = topo.node_index.get(reading.node)
-            if node is not None and reading.index < topo.nodes[node].gpus:
-                power[topo.gpu_start[node] + reading.index] = reading.power_watts
-        self.last_gpu_power = power
-        for obj in self.objects.values():
-            total = 0.0
-            for key in obj.keys:
-                rec = self.cp.jobs.get(key)
-                if rec is not None and rec.placement is not None:
-                    total += sum(power[g] * s.milli / 1000.0 for s in rec.placement.slots
-                                 for g in s.gpus)
-            if total != obj.power_watts:
-                obj.power_watts = total
-                self._dirty.add(obj)
-
-    def _take_snapshot(self) -> None:
-        """Numbers for the metrics thread, replaced whole (never read half-written)."""
-        phases = collections.Counter(r.phase for r in self.cp.jobs.values())
-        budgets = self.cp.state.budgets
-        counters = dict(self.stats)
-        counters["cycles"] = float(self.cp.cycles)
-        self.snapshot = {
-            "counters": counters,
-            "phases": dict(phases),
-            "gpus_allocated": self.cp.state.allocated_gpu_equivalents,
-            "gpus_total": float(self.cp.topo.total_gpus),
-            "budgets": {name: (budgets.limits[b], self.cp.state.budget_watts[b])
-                        for b, name in enumerate(budgets.names)},
-        }
+        return publish.status_context(self)

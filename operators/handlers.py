@@ -21,6 +21,7 @@ import kopf
 from controller.errors import AifactoryError
 from operators.engine import Engine
 from operators.kube import KubeClient, load_configuration
+from operators.metrics import serve_metrics
 from operators.startup import OperatorOptions, RecoveryReport, build_engine
 from operators.translate import (
     BUDGET_KIND,
@@ -93,6 +94,14 @@ def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
         except AifactoryError as exc:
             await app.kube.close()
             raise kopf.PermanentError(str(exc)) from exc
+        port = app.options.metrics_port
+        if port:
+            try:
+                serve_metrics(engine, port, telemetry=app.options.telemetry,
+                              per_gpu=app.options.per_gpu_metrics)
+            except (AifactoryError, OSError) as exc:  # OSError: the port is taken
+                await engine.stop(flush_seconds=0)  # closes the API client and the backend
+                raise kopf.PermanentError(f"--metrics-port {port}: {exc}") from exc
         engine.start()
         app.engine, app.report = engine, report
 

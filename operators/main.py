@@ -1,18 +1,29 @@
 """``aifactory operator``: run the Kubernetes operator (kopf) with a chosen backend.
 
-    aifactory operator --backend sim [--cluster small|PATH] [--inventory auto|nodes|factory]
+    aifactory operator [--backend sim] [--cluster small|PATH] [--inventory auto|nodes|factory]
                        [--sim-speed N] [--status-interval SECONDS] [--kubeconfig PATH]
-                       [--health-port 8080] [--metrics-port 9090] [--policy aifactory]
+                       [--health-port 8080] [--metrics-port 9402] [--policy aifactory]
+                       [--telemetry auto|nvml|model|sim] [--node-metrics]
+    aifactory operator --backend ray (--ray-address ADDRESS | --ray-local [--cluster SPEC])
+                       [--ray-cpus-per-worker N] ...
 
 ``--backend sim`` runs placed work on the simulated factory inside this process. Its GPUs
 are the cluster's Nodes when any has GPUs (allocatable ``nvidia.com/gpu`` or a
 ``nvidia.com/gpu.count`` label), else the ``--cluster`` factory spec. ``--sim-speed N`` makes
 one wall second N simulated seconds, so a job with ``expectedRuntimeSeconds: 3600`` finishes
-in 3600/N wall seconds. ``--backend ray`` needs the Ray backend module (its own issue).
+in 3600/N wall seconds.
+
+``--backend ray`` runs every placed gang on a Ray cluster (``--ray-address``, else
+``$RAY_ADDRESS``) as a pinned placement group of detached worker actors; the inventory is
+the cluster's live GPU nodes and their ``aifactory.io/*`` labels. ``--ray-local`` starts a
+local Ray cluster of simulated GPU nodes instead (a demo: 4 x 8 H200 in 2 racks, or the
+nodes of ``--cluster``, at most 16), which goes when the operator stops.
 
 Credentials: ``--kubeconfig``, else ``$KUBECONFIG``, else the in-cluster ServiceAccount.
 The liveness/readiness endpoint is ``http://0.0.0.0:<health-port>/healthz`` (ready once
-start-up recovery finished); Prometheus metrics are on ``<metrics-port>/metrics``.
+start-up recovery finished); the factory's and the operator's Prometheus metrics are on
+``<metrics-port>/metrics`` (``--telemetry``: where GPU power comes from, see
+``operators.metrics``).
 """
 
 from __future__ import annotations
@@ -22,14 +33,21 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from controller.errors import AifactoryError
+from controller.exporter import DEFAULT_METRICS_PORT
 from controller.factory import load_factory
 from controller.policies import POLICY_NAMES
-from operators.backends import BACKENDS, BackendError, check_backend
+from operators.backends import BACKENDS, BackendError, RayOptions, check_backend
 from operators.engine import EngineOptions
 from operators.inventory import INVENTORY_MODES
+from operators.metrics import TELEMETRY_CHOICES
 from operators.startup import OperatorOptions
+
+DEFAULT_CLUSTER = "small"
+MAX_LOCAL_RAY_NODES = 16  # one raylet (~150 MB) per node
+LOCAL_CPUS_PER_WORKER = 0.05  # local Ray nodes share this machine's few CPUs
 
 __all__ = ["main", "parser"]
 
@@ -49,10 +67,10 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=BACKENDS, default="sim",
                    help="where placed work runs (default: sim)")
-    p.add_argument("--cluster", default="small",
+    p.add_argument("--cluster", default=None,
                    help="factory spec for the simulated backend when the cluster's Nodes have "
                         "no GPUs: built-in name (small, 100k, nvl72) or a SimulatedFactory "
-                        "YAML (default: small)")
+                        "YAML (default: small); with --ray-local, the nodes to start")
     p.add_argument("--inventory", choices=INVENTORY_MODES, default="auto",
                    help="GPU inventory: Node objects, the --cluster spec, or auto (Nodes if "
                         "any has GPUs, else the spec)")
@@ -65,24 +83,79 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds between engine passes when nothing happens (default 0.1)")
     p.add_argument("--policy", choices=POLICY_NAMES, default="aifactory",
                    help="placement policy (default aifactory)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (--backend ray)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to run on (--backend ray; default: $RAY_ADDRESS)")
+    p.add_argument("--ray-local", action="store_true",
+                   help="--backend ray on a local Ray cluster of simulated GPU nodes this "
+                        "process starts and stops (a demo; no restart recovery)")
+    p.add_argument("--ray-cpus-per-worker", type=_positive, default=None,
+                   help=f"CPUs each Ray worker reserves (default 1, {LOCAL_CPUS_PER_WORKER:g} "
+                        "with --ray-local)")
+    p.add_argument("--telemetry", choices=TELEMETRY_CHOICES, default="auto",
+                   help="GPU power and energy: auto (the backend's own: the simulated "
+                        "factory's, or NVML on each Ray node else the power model), nvml, "
+                        "model, or sim (default auto)")
+    p.add_argument("--node-metrics", action="store_true",
+                   help="node-level GPU series only, no per-GPU series (large factories)")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig (default: $KUBECONFIG, "
                    "then in-cluster)")
     p.add_argument("--health-port", type=int, default=8080,
                    help="port of /healthz (liveness and readiness); 0 disables (default 8080)")
-    p.add_argument("--metrics-port", type=int, default=9090,
-                   help="port of Prometheus /metrics; 0 disables (default 9090)")
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                   help="port of Prometheus /metrics (the factory exporter and the operator's "
+                        f"counters); 0 disables (default {DEFAULT_METRICS_PORT})")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
+
+
+def _ray_options(args: argparse.Namespace) -> RayOptions:
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if args.ray_local and args.ray_address:
+        raise BackendError("--ray-local starts its own cluster; drop --ray-address")
+    if not args.ray_local and address is None:
+        raise BackendError("--backend ray needs a Ray cluster: --ray-address HOST:PORT (or "
+                           "$RAY_ADDRESS), or --ray-local for a local demo cluster of "
+                           "simulated GPU nodes")
+    if args.inventory != "auto":
+        raise BackendError("--inventory applies to --backend sim; with --backend ray the "
+                           "inventory is the Ray cluster's live GPU nodes")
+    if args.telemetry == "sim":
+        raise BackendError("--telemetry sim reads the simulated backend; with --backend ray "
+                           "use auto (NVML on every Ray node, else the power model), nvml or "
+                           "model")
+    nodes: tuple[Any, ...] = ()
+    if args.ray_local and args.cluster:
+        nodes = tuple(load_factory(args.cluster).nodes)
+        if len(nodes) > MAX_LOCAL_RAY_NODES:
+            raise BackendError(f"--cluster: a local Ray cluster runs one raylet per node; "
+                               f"{len(nodes)} nodes is too many (at most "
+                               f"{MAX_LOCAL_RAY_NODES})")
+    elif args.cluster:
+        raise BackendError("--cluster with --backend ray applies to --ray-local only; a Ray "
+                           "cluster's nodes are its inventory")
+    cpus = args.ray_cpus_per_worker or (LOCAL_CPUS_PER_WORKER if args.ray_local else 1.0)
+    return RayOptions(address=None if args.ray_local else address, local=args.ray_local,
+                      local_nodes=nodes, cpus_per_worker=cpus,
+                      telemetry="model" if args.telemetry == "model" else "auto")
 
 
 def options_from(args: argparse.Namespace) -> OperatorOptions:
     if args.backend != "sim" and args.sim_speed != 1.0:
         raise BackendError("--sim-speed applies to --backend sim only")
+    if args.backend == "sim" and (args.ray_local or args.ray_address or
+                                  args.ray_cpus_per_worker):
+        raise BackendError("--ray-local, --ray-address and --ray-cpus-per-worker apply to "
+                           "--backend ray only")
+    ray = _ray_options(args) if args.backend == "ray" else RayOptions()
     engine = EngineOptions(tick_seconds=args.tick, status_interval_seconds=args.status_interval)
-    return OperatorOptions(backend=args.backend, cluster=args.cluster, inventory=args.inventory,
-                           sim_speed=args.sim_speed, policy=args.policy,
-                           ray_address=args.ray_address, engine=engine)
+    if not 0 <= args.metrics_port <= 65535:
+        raise BackendError(f"--metrics-port: must be a port number (0 disables), got "
+                           f"{args.metrics_port}")
+    return OperatorOptions(backend=args.backend, cluster=args.cluster or DEFAULT_CLUSTER,
+                           inventory=args.inventory, sim_speed=args.sim_speed,
+                           policy=args.policy, ray=ray, engine=engine,
+                           metrics_port=args.metrics_port, telemetry=args.telemetry,
+                           per_gpu_metrics=not args.node_metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,12 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import kopf
 
     from operators.handlers import OperatorApp, build_registry
-    from operators.metrics import serve_metrics
 
     app = OperatorApp(options, kubeconfig=args.kubeconfig)
     registry = build_registry(app)
-    if args.metrics_port:
-        serve_metrics(app, args.metrics_port)
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     try:
         kopf.run(registry=registry, clusterwide=True, standalone=True,

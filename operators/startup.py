@@ -4,32 +4,49 @@ Nothing new is scheduled until every existing object is accounted for:
 
 1. wait until the API server serves our CRDs;
 2. list GPUQueues and PowerBudgets (they become the core's queues and budgets), the Nodes
-   (the inventory, unless a factory spec is used) and every TrainingJob and
-   InferenceService;
-3. a job whose status says Running (or Admitted) with a recorded placement is ``adopt``ed on
-   exactly those nodes and GPUs: its GPUs are marked used, its start time, restarts,
-   energy and GPU-hours carry on, and the backend is asked to run it again without
-   restarting its progress (``operators.backends.reattach``);
+   (the inventory, unless a factory spec or the Ray cluster is used) and every TrainingJob
+   and InferenceService;
+3. a job that still runs is ``adopt``ed where it runs: its GPUs are marked used, its start
+   time, restarts, energy and GPU-hours carry on, nothing is launched twice. With a
+   backend that finds its work again (Ray: detached placement groups named after the job),
+   what the backend finds is the truth: the gang is adopted on the GPUs its workers hold,
+   even if the operator died before writing Running; a gang whose job is gone, finished or
+   invalid is removed; a job whose status says Running but whose gang is gone is requeued.
+   With the simulated backend, whose work died with the old process, a job whose status
+   says Running (or Admitted) is adopted at its recorded placement and relaunched there
+   without restarting its progress (``operators.backends.reattach``);
 4. every other job that is not finished is resubmitted in its original order
    (``metadata.creationTimestamp``, then namespace and name), keeping its restart count;
 5. finished jobs (Succeeded/Failed at their current generation) are left as they are.
 
-A recorded placement that no longer fits (a node left the inventory, or two jobs claim one
-GPU) is not trusted: that job is requeued with a Warning Event saying why.
+A placement that no longer fits (a node left the inventory, or two jobs claim one GPU) is
+not trusted: that job is requeued with a Warning Event saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from controller.backends.ray_gang import placement_from_slots
 from controller.controlplane import ControlPlane
 from controller.errors import InvariantError, SpecError
+from controller.factory import FactorySpec
+from controller.resync import FoundGang, GangAdopter, Reconciler
 from controller.spec import JobSpec, PowerBudgetSpec, QueueSpec
-from operators.backends import make_backend, reattach
+from controller.state import Placement
+from controller.topology import Topology
+from operators.backends import (
+    BackendSession,
+    RayOptions,
+    gang_adopter,
+    open_backend,
+    reattach,
+)
 from operators.engine import Engine, EngineOptions, SimClock
 from operators.inventory import choose_factory
 from operators.kube import KubeClient
@@ -64,8 +81,11 @@ class OperatorOptions:
     inventory: str = "auto"
     sim_speed: float = 1.0
     policy: str = "aifactory"
-    ray_address: str | None = None
+    ray: RayOptions = field(default_factory=RayOptions)
     engine: EngineOptions = field(default_factory=EngineOptions)
+    metrics_port: int = 9402  # 0: no metrics server
+    telemetry: str = "auto"
+    per_gpu_metrics: bool = True
 
 
 @dataclass(slots=True)
@@ -77,11 +97,15 @@ class RecoveryReport:
     finished: int = 0
     invalid: int = 0
     conflicts: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # gangs found with no job to own them
 
     def __str__(self) -> str:
-        return (f"adopted {self.adopted} running gangs at their recorded placements, "
+        text = (f"adopted {self.adopted} running gangs at their recorded placements, "
                 f"requeued {self.requeued}, left {self.finished} finished, "
                 f"{self.invalid} invalid, {len(self.conflicts)} placement conflicts")
+        if self.removed:
+            text += f"; removed {len(self.removed)} gangs nobody owns: {', '.join(self.removed)}"
+        return text
 
 
 async def wait_for_crds(kube: KubeClient, timeout_seconds: float = 120.0) -> None:
@@ -122,13 +146,22 @@ async def build_engine(kube: KubeClient, options: OperatorOptions) -> tuple[Engi
         node_objects = [] if options.inventory == "factory" else await kube.list_nodes()
         factory = choose_factory(options.inventory, node_objects, options.cluster)
         topo = factory.topology()
-        backend = make_backend("sim", topo, clock)
+        session = open_backend("sim", topo, clock)
     else:
-        backend = make_backend(options.backend, None, clock, options.ray_address)
-        from controller.factory import factory_from_nodes
+        session = open_backend(options.backend, None, clock, options.ray)
+        assert session.factory is not None and session.topology is not None
+        factory, topo = session.factory, session.topology
+    try:
+        return _assemble(kube, options, listing, clock, session, factory, topo)
+    except BaseException:
+        session.close()
+        raise
 
-        factory = factory_from_nodes(options.backend, backend.inventory(), options.backend)
-        topo = factory.topology()
+
+def _assemble(kube: KubeClient, options: OperatorOptions,
+              listing: Mapping[str, list[Any]], clock: SimClock, session: BackendSession,
+              factory: FactorySpec, topo: Topology) -> tuple[Engine, RecoveryReport]:
+    backend = session.backend
     queues = _configs(listing[QUEUE_KIND], QUEUE_KIND)
     budgets = _configs(listing[BUDGET_KIND], BUDGET_KIND)
     factory = replace(
@@ -138,7 +171,19 @@ async def build_engine(kube: KubeClient, options: OperatorOptions) -> tuple[Engi
         power_budgets=tuple(sorted((s for _, s, _ in budgets if isinstance(s, PowerBudgetSpec)),
                                    key=lambda b: b.name)))
     cp = ControlPlane(factory, backend, options.policy, clock=clock, topology=topo)
-    engine = Engine(cp, kube, clock, options.engine)
+    reconciler: Reconciler | None = None
+    if session.rebuild_factory is not None:
+        rebuild_factory = session.rebuild_factory
+
+        def grown() -> FactorySpec:  # the new inventory, with the queues and budgets we have
+            assert reconciler is not None
+            have = reconciler.cp.factory
+            return replace(rebuild_factory(), queues=have.queues,
+                           power_budgets=have.power_budgets)
+
+        reconciler = Reconciler(cp, backend, grown)
+    engine = Engine(cp, kube, clock, options.engine, reconciler)
+    engine.on_stop.append(session.close)
     for kind, entries in ((QUEUE_KIND, queues), (BUDGET_KIND, budgets)):
         for item, spec, invalid in entries:
             engine.load_config(kind, dict(item), spec, invalid)
@@ -174,6 +219,8 @@ def recover(engine: Engine, docs: Iterable[Mapping[str, Any]]) -> RecoveryReport
     """Adopt the running, requeue the waiting, leave the finished (see module docstring)."""
     report = RecoveryReport()
     clock = engine.clock
+    adopter = gang_adopter(engine.cp.backend)
+    found = {g.job: g for g in adopter.adoptable()} if adopter is not None else {}
     later: list[tuple[Tracked, JobSpec, float, Mapping[str, Any]]] = []
     for doc in sorted(docs, key=_order):
         kind = str(doc.get("kind"))
@@ -203,10 +250,23 @@ def recover(engine: Engine, docs: Iterable[Mapping[str, Any]]) -> RecoveryReport
         gangs = replica_specs(spec) if service else [spec]
         for i, gang in enumerate(gangs):
             workers = recorded.get(i if service else None)
-            if workers and (service or started_wall is not None) and \
+            running = found.pop(gang.key, None)
+            if adopter is not None:
+                if running is not None and _adopt_found(engine, adopter, obj, gang, running,
+                                                        status, bool(workers), report):
+                    continue
+                if running is None and workers:
+                    _conflict(engine, obj, gang, "its status says it runs, but the backend "
+                              "has no gang for it (it ended or its nodes went while the "
+                              "operator was down)", report)
+            elif workers and (service or started_wall is not None) and \
                     _adopt(engine, obj, gang, workers, status, started_wall, report):
                 continue
             later.append((obj, gang, created, status))
+    for job, running in found.items():  # deleted, finished or invalid meanwhile
+        assert adopter is not None
+        adopter.discard(running)
+        report.removed.append(job)
     for obj, gang, created, status in later:
         rec = engine.submit(obj, gang, at=created)
         rec.restarts = int(status.get("restarts") or 0) if not obj.is_service else 0
@@ -229,28 +289,75 @@ def _adopt(engine: Engine, obj: Tracked, gang: JobSpec, workers: list[Any],
         placement = placement_from_status(gang.key, workers, cp.topo, float(watts))
         # allocate() refuses a GPU share that is already taken (shares of one GPU may add
         # up to a whole GPU: fractional replicas legitimately share).
-        rec = cp.adopt(gang, placement, started_at=started,
-                       submitted_at=clock.from_wall(obj.created),
-                       restarts=int(status.get("restarts") or 0) if not obj.is_service else 0)
+        _adopt_at(engine, obj, gang, placement, started, status)
     except (SpecError, InvariantError) as exc:
-        why = f"recorded placement not reusable after an operator restart: {exc}; requeued"
-        report.conflicts.append(f"{gang.key}: {exc}")
-        engine.owner[gang.key] = obj
-        stamp = format_time(clock.to_wall(now))
-        for type_ in ("Running", "Admitted"):
-            obj.conditions.clear(type_, "PlacementConflict", why, generation=obj.generation,
-                                 now=stamp)
-        obj.conditions.set("Queued", True, "PlacementConflict", why,
-                           generation=obj.generation, now=stamp)
-        engine.note(obj, "Warning", "PlacementConflict", f"{obj.label(gang.key)}{why}")
+        _conflict(engine, obj, gang, str(exc), report)
         return False
-    rec.preemptions = int(status.get("preemptions") or 0) if not obj.is_service else 0
+    reattach(cp.backend, gang, placement, started, now)
+    report.adopted += 1
+    return True
+
+
+def _adopt_found(engine: Engine, adopter: GangAdopter[Any], obj: Tracked, gang: JobSpec,
+                 found: FoundGang, status: Mapping[str, Any], recorded: bool,
+                 report: RecoveryReport) -> bool:
+    """Adopt a gang the backend found running, on the GPUs its workers hold. Its start is
+    the one status recorded (the admission users saw), else the workers' own."""
+    cp = engine.cp
+    placement = placement_from_slots(gang.key, found.slots, cp.topo,
+                                     cp.config.watts_per_gpu(gang))
+    started_wall = parse_time(status.get("startedAt")) if recorded else None
+    started = found.started_at if started_wall is None else \
+        engine.clock.from_wall(started_wall)
+    try:
+        if placement is None:
+            raise SpecError("placement", "its gang runs on a node the inventory no longer has")
+        _adopt_at(engine, obj, gang, placement, started, status)
+    except (SpecError, InvariantError) as exc:
+        adopter.discard(found)
+        _conflict(engine, obj, gang, str(exc), report)
+        return False
+    adopter.adopt(gang, found)
+    if status.get("phase") not in (Phase.RUNNING, Phase.ADMITTED):  # died before writing it
+        stamp = format_time(time.time())
+        for type_ in ("Admitted", "Running"):
+            obj.conditions.set(type_, True, "Adopted", "found running after an operator "
+                               "restart", generation=obj.generation, now=stamp)
+        obj.conditions.set("Queued", False, "Adopted", "found running after an operator "
+                           "restart", generation=obj.generation, now=stamp)
+    report.adopted += 1
+    return True
+
+
+def _adopt_at(engine: Engine, obj: Tracked, gang: JobSpec, placement: Placement,
+              started: float, status: Mapping[str, Any]) -> None:
+    """The control plane takes the gang over at ``placement``; raises InvariantError if
+    those GPUs are taken."""
+    cp = engine.cp
+    job = not obj.is_service
+    rec = cp.adopt(gang, placement, started_at=started,
+                   submitted_at=engine.clock.from_wall(obj.created),
+                   restarts=int(status.get("restarts") or 0) if job else 0)
+    rec.preemptions = int(status.get("preemptions") or 0) if job else 0
+    rec.where = cp.describe_placement(placement)
     engine.owner[gang.key] = obj
     if gang.key not in obj.keys:
         obj.keys.append(gang.key)
     obj.last_placement[gang.key] = placement
-    obj.accounted_at[gang.key] = now
-    reattach(cp.backend, gang, placement, started, now)
+    obj.accounted_at[gang.key] = cp.now
     engine.mark_dirty(obj)
-    report.adopted += 1
-    return True
+
+
+def _conflict(engine: Engine, obj: Tracked, gang: JobSpec, why: str,
+              report: RecoveryReport) -> None:
+    """The job cannot be adopted: it is requeued with a Warning saying why."""
+    text = f"recorded placement not reusable after an operator restart: {why}; requeued"
+    report.conflicts.append(f"{gang.key}: {why}")
+    engine.owner[gang.key] = obj
+    stamp = format_time(engine.clock.to_wall(engine.cp.now))
+    for type_ in ("Running", "Admitted"):
+        obj.conditions.clear(type_, "PlacementConflict", text, generation=obj.generation,
+                             now=stamp)
+    obj.conditions.set("Queued", True, "PlacementConflict", text, generation=obj.generation,
+                       now=stamp)
+    engine.note(obj, "Warning", "PlacementConflict", f"{obj.label(gang.key)}{text}")

@@ -4,7 +4,8 @@ The control plane calls its listeners with ``(reason, record, message)`` for Que
 Waiting, Admitted, Preempted, Restarting, Succeeded and Failed. Here each becomes the
 TrainingJob's conditions (an InferenceService derives its conditions from all its replicas
 when its status is built), one Kubernetes Event, and, when a run ends, its energy and
-GPU-seconds banked on the object before the backend forgets them.
+GPU-seconds banked on the object (the record and the backend's workload are forgotten
+later, ``Engine._forget_finished``).
 
 Waiting reasons change with every capacity change (``largest free rack has 40 free GPUs``),
 so a Waiting Event is posted only when the kind of wait changes (capacity, power, quota,
@@ -93,7 +94,6 @@ def on_core_event(engine: Engine, reason: str, rec: JobRecord, message: str) -> 
             else now
         end_run(engine, obj, key, end)
         obj.finished_at[key] = engine.clock.to_wall(end)
-        engine.forget_backend(key)
         cond("Running", False, "Completed")
         cond("Succeeded", True, "Completed")
         engine.note(obj, "Normal", "Succeeded", f"{label}{message}")

@@ -90,8 +90,12 @@ class ClusterBackend(Protocol):
         """The GPU nodes that can take work now (failed nodes left out)."""
         ...
 
-    def launch(self, spec: JobSpec, placement: Placement) -> None:
-        """Start every worker of the gang where the placement says. Idempotent per job."""
+    def launch(self, spec: JobSpec, placement: Placement, *, work_done: float = 0.0) -> None:
+        """Start every worker of the gang where the placement says. Idempotent per job.
+
+        ``work_done``: seconds of work the job's last checkpoint holds (a requeued job
+        resumes from there). A backend that keeps real checkpoints (Ray: the job's
+        checkpoint directory) may ignore it; the simulated one starts from it."""
         ...
 
     def stop(self, job: str) -> None:

@@ -193,7 +193,9 @@ class RayBackend:
         namespace, _, name = job.partition("/")
         return str(Path(self.checkpoint_root) / namespace / name)
 
-    def launch(self, spec: JobSpec, placement: Placement) -> None:
+    def launch(self, spec: JobSpec, placement: Placement, *, work_done: float = 0.0) -> None:
+        """Pin one bundle per worker and start the workers. ``work_done`` is not needed:
+        a relaunched gang resumes from ``ctx.latest_checkpoint`` in its checkpoint dir."""
         key = spec.key
         gang = self._gangs.get(key)
         if gang is not None and gang.final is None:
@@ -514,18 +516,30 @@ class RayBackend:
             self.local_cluster.shutdown()
             self.local_cluster = None
 
+    def disconnect(self) -> None:
+        """Leave the cluster stopping nothing: detached gangs run on for the next control
+        plane to adopt (an operator restart). A local cluster this backend started goes,
+        and its gangs with it."""
+        if self.local_cluster is not None:
+            self.close()
+            return
+        self.power.close()
+        if ray.is_initialized():
+            ray.shutdown()
+
 
 def make_ray_backend(address: str | None = None, *,
-                     local_nodes: Sequence[NodeInfo] | None = None,
+                     local_nodes: Sequence[NodeInfo] | None = None, local: bool = False,
                      **options: Any) -> RayBackend:
     """The Ray backend the operator and ``aifactory run`` use.
 
-    Connects to ``address``, else to ``$RAY_ADDRESS``; with neither, starts a local Ray
-    cluster of simulated GPU nodes (``local_nodes``, default 4 x 8 H200 in 2 racks) that
-    ``close()`` shuts down again. ``options`` go to ``RayBackend`` (``checkpoint_root``,
-    ``cpus_per_worker``, ``serve_host``, ``telemetry``...). Call ``backend.factory()`` for
-    the factory to build the ``ControlPlane`` over (it binds the backend's topology)."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    Connects to ``address``, else to ``$RAY_ADDRESS``; with neither (or ``local``), starts a
+    local Ray cluster of simulated GPU nodes (``local_nodes``, default 4 x 8 H200 in 2
+    racks) that ``close()`` shuts down again. ``options`` go to ``RayBackend``
+    (``checkpoint_root``, ``cpus_per_worker``, ``serve_host``, ``telemetry``, ``clock``...).
+    Call ``backend.factory()`` for the factory to build the ``ControlPlane`` over (it binds
+    the backend's topology)."""
+    address = None if local else address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         return RayBackend(address=address, **options)
     from controller.backends.ray_local import LocalRayCluster

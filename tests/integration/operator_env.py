@@ -72,10 +72,12 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str,
 class OperatorProcess:
     """``aifactory operator`` as a child process running as the operator ServiceAccount."""
 
-    def __init__(self, env: KubeTestEnv, workdir: Path, args: Sequence[str] = ()) -> None:
+    def __init__(self, env: KubeTestEnv, workdir: Path, args: Sequence[str] = (),
+                 environ: dict[str, str] | None = None) -> None:
         self.env = env
         self.workdir = workdir
         self.args = list(args)
+        self.environ = dict(environ or {})  # added to this process's environment
         self.kubeconfig = env.serviceaccount_kubeconfig(
             OPERATOR_NAMESPACE, OPERATOR_ACCOUNT, workdir / "operator.kubeconfig")
         self.health_port = 0
@@ -93,7 +95,8 @@ class OperatorProcess:
         argv = [sys.executable, "-m", "controller.cli", "operator",
                 f"--kubeconfig={self.kubeconfig}", f"--health-port={self.health_port}",
                 f"--metrics-port={self.metrics_port}", *self.args]
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1",
+               **self.environ}
         env.pop("KUBECONFIG", None)
         with self.log_path.open("wb") as log:
             # Dies with the test process even if that is killed before its teardown.
@@ -143,6 +146,16 @@ class OperatorProcess:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             return str(response.read().decode())
+
+    def samples(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+        """``(labels, value)`` of every sample of ``name`` on the metrics port whose labels
+        include ``labels``."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return [(dict(s.labels), float(s.value))
+                for family in text_string_to_metric_families(self.metrics())
+                for s in family.samples
+                if s.name == name and labels.items() <= s.labels.items()]
 
 
 class Watch:

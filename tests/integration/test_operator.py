@@ -289,7 +289,33 @@ def test_operator_has_only_the_permissions_it_uses(aifactory_installed: KubeTest
         assert not can(verb, resource, "-A"), f"the operator may {verb} {resource}"
 
 
-def test_metrics_endpoint_reports_the_inventory(operator: OperatorProcess) -> None:
-    text = wait_for(lambda: "aifactory_operator_gpus{state=\"total\"} 64.0" in operator.metrics()
-                    and operator.metrics(), 10, "metrics with the inventory")
-    assert "aifactory_operator_scheduling_cycles_total" in text
+def test_the_metrics_port_serves_the_factory_exporter_and_the_operator_counters(
+        aifactory_installed: KubeTestEnv, operator: OperatorProcess, jobs: Watch,
+        ns: str) -> None:
+    env = aifactory_installed
+    env.apply(training_job("metered", ns, workers=1, gpus_per_worker=8,
+                           expectedRuntimeSeconds=3600))
+    status = jobs.wait_phase(ns, "metered", ["Running"])
+    energy = wait_for(lambda: operator.samples("aifactory_job_energy_joules_total",
+                                               job_namespace=ns, job_name="metered"), 10,
+                      "the job's energy counter")
+    assert energy[0][1] > 0
+    power = operator.samples("aifactory_gpu_power_watts", job_namespace=ns,
+                             job_name="metered")
+    held = sorted((w["node"], str(g)) for w in status["placement"]["workers"]
+                  for g in w["gpus"])
+    assert sorted((labels["node"], labels["gpu"]) for labels, _ in power) == held
+    idle = operator.samples("aifactory_gpu_power_watts", job_name="")
+    assert len(idle) == GPUS - 8
+    # 8 H200s at full load draw more than any idle one, and no more than the 700 W limit.
+    assert min(w for _, w in power) > max(w for _, w in idle)
+    assert max(w for _, w in power) <= 700
+    assert operator.samples("aifactory_telemetry_source_info", source="simulated",
+                            requested="auto")[0][1] == 1
+    assert operator.samples("aifactory_operator_gpus", state="total")[0][1] == GPUS
+    wait_for(lambda: operator.samples("aifactory_operator_gpus", state="allocated")[0][1]
+             >= 8, 10, "the operator's count of allocated GPUs (refreshed every second)")
+    for counter in ("aifactory_operator_engine_iterations_total",
+                    "aifactory_operator_scheduling_cycles_total",
+                    "aifactory_operator_status_patches_total"):
+        assert operator.samples(counter)[0][1] > 0, counter

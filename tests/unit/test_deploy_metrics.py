@@ -91,15 +91,22 @@ def _doc_rows() -> dict[str, tuple[str, str]]:
     return rows
 
 
+def _listed(labels: str) -> tuple[str, ...]:
+    return tuple(a or f"<{b}>" for a, b in re.findall(r"`(\w+)`|\*(levels)\*", labels))
+
+
 def test_docs_list_every_metric_with_its_type_and_labels() -> None:
+    from operators.metrics import OPERATOR_METRICS
+
     rows = _doc_rows()
-    assert set(rows) == KNOWN
+    assert set(rows) == KNOWN | {name for name, _, _ in OPERATOR_METRICS}
     for m in METRICS:
         kind, labels = rows[m.name]
         assert kind == m.kind, m.name
-        listed = re.findall(r"`(\w+)`|\*(levels)\*", labels)
-        names = tuple(a or f"<{b}>" for a, b in listed)
-        assert names == m.labels, m.name
+        assert _listed(labels) == m.labels, m.name
+    for name, kind, label_names in OPERATOR_METRICS:
+        assert rows[name][0] == kind, name
+        assert _listed(rows[name][1]) == label_names, name
 
 
 def test_prometheus_config_scrapes_the_default_metrics_port() -> None:
@@ -111,18 +118,46 @@ def test_prometheus_config_scrapes_the_default_metrics_port() -> None:
     assert job["static_configs"][0]["targets"] == [f"localhost:{DEFAULT_METRICS_PORT}"]
 
 
-def test_the_service_monitor_selects_the_metrics_service_by_its_port_name() -> None:
-    service, monitor = yaml.safe_load_all((DEPLOY / "prometheus" /
-                                           "servicemonitor.yaml").read_text())
-    assert service["kind"] == "Service" and monitor["kind"] == "ServiceMonitor"
-    selected = monitor["spec"]["selector"]["matchLabels"]
-    assert selected.items() <= service["metadata"]["labels"].items()
-    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
-    assert monitor["spec"]["namespaceSelector"]["matchNames"] == \
-        [service["metadata"]["namespace"]]
-    pod = yaml.safe_load((DEPLOY / "prometheus" / "podmonitor.yaml").read_text())
-    assert pod["kind"] == "PodMonitor"
-    assert pod["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+def _operator_manifests() -> tuple[dict[str, Any], dict[str, Any]]:
+    docs = list(yaml.safe_load_all((ROOT / "manifests" / "operator.yaml").read_text()))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    service = next(d for d in docs if d["kind"] == "Service")
+    return deployment, service
+
+
+def test_the_operator_serves_metrics_where_the_monitors_and_prometheus_look() -> None:
+    from controller.exporter import DEFAULT_METRICS_PORT
+    from operators.main import parser
+
+    deployment, service = _operator_manifests()
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == DEFAULT_METRICS_PORT
+    assert parser().parse_args([]).metrics_port == DEFAULT_METRICS_PORT
+    assert f"--metrics-port={DEFAULT_METRICS_PORT}" in container["args"]
+    assert f"--health-port={ports['health']}" in container["args"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert f"EXPOSE {ports['health']} {DEFAULT_METRICS_PORT}" in \
+        (DEPLOY / "Dockerfile").read_text()
+    namespace = deployment["metadata"]["namespace"]
+    assert service["metadata"]["namespace"] == namespace
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "metrics" and port["port"] == DEFAULT_METRICS_PORT
+
+    monitor = yaml.safe_load((DEPLOY / "prometheus" / "servicemonitor.yaml").read_text())
+    assert monitor["kind"] == "ServiceMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= \
+        service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == port["name"]
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [namespace]
+    pods = yaml.safe_load((DEPLOY / "prometheus" / "podmonitor.yaml").read_text())
+    assert pods["kind"] == "PodMonitor"
+    assert pods["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert pods["spec"]["namespaceSelector"]["matchNames"] == [namespace]
+    assert pods["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 
 
 def test_grafana_provisioning_and_the_kustomization_name_the_dashboards() -> None:

@@ -10,7 +10,7 @@ test drives ``Engine.iterate()`` by hand. The factory (16 GPUs)::
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -248,3 +248,183 @@ def test_restart_refuses_two_jobs_recorded_on_one_gpu() -> None:
     second.cp.state.check_consistency()
     assert second.cp.jobs["ns/twin"].placement is not None  # requeued, placed elsewhere
     assert second.cp.jobs["ns/twin"].placement != second.cp.jobs["ns/a"].placement
+
+
+def test_a_finished_training_job_is_forgotten_after_its_retention() -> None:
+    clock = ManualClock()
+    factory = replace(factory_from_nodes("t", NODES), queues=())
+    topo = factory.topology()
+    backend = SimulatedBackend(topo.nodes, clock)
+    cp = ControlPlane(factory, backend, clock=clock, topology=topo)
+    engine = Engine(cp, FakeKube(), clock,  # type: ignore[arg-type]
+                    EngineOptions(finished_retention_seconds=0.0))
+    doc = _job("a", gpusPerWorker=8, expectedRuntimeSeconds=60)
+    engine.apply_job("TrainingJob", doc)
+    engine.iterate()
+    clock.t += 61
+    engine.iterate()
+    final = _status(engine, "a")
+    assert final["phase"] == "Succeeded" and "ns/a" in cp.jobs  # written, then kept a while
+    engine.iterate()  # the retention (0 s here) is over
+    assert not cp.jobs and backend.status("ns/a") is None
+    assert "ns/a" not in cp.metrics.job_gpu_seconds and not engine.objects
+    # kopf delivers the object again (say, a resync): its final status says it is done.
+    engine.apply_job("TrainingJob", {**doc, "status": final})
+    engine.iterate()
+    assert not cp.jobs and _reasons(engine).count("Admitted") == 1
+
+    async def delete() -> None:  # and deleting it has nothing left to release
+        task = asyncio.ensure_future(engine.delete_job("TrainingJob", "ns", "a", "uid-a"))
+        await asyncio.sleep(0)
+        engine.iterate()
+        await asyncio.wait_for(task, 1)
+
+    asyncio.run(delete())
+    assert not engine.objects and not cp.jobs
+
+
+def test_the_engine_waits_for_a_scrape_without_blocking_its_event_loop() -> None:
+    engine = _engine()
+
+    async def main() -> tuple[float, float]:
+        engine.lock.acquire()  # a scrape is reading the plane
+        loop = asyncio.create_task(engine._run())
+        engine.apply_job("TrainingJob", _job("a"))
+        await asyncio.sleep(0.2)  # this coroutine runs: the event loop is not blocked
+        during = engine.stats["iterations"]
+        engine.lock.release()
+        await asyncio.sleep(0.2)
+        after = engine.stats["iterations"]
+        engine._stopping = True
+        engine._wake.set()
+        await loop
+        return during, after
+
+    during, after = asyncio.run(main())
+    assert during == 0 and after >= 1
+    assert engine.cp.jobs["ns/a"].placement is not None
+
+
+class Finder(SimulatedBackend):
+    """A simulated backend that also finds gangs still running after a restart, as Ray's
+    detached placement groups are found; it records what start-up does with them."""
+
+    def __init__(self, nodes: Any, clock: Any, gangs: list[Any]) -> None:
+        super().__init__(nodes, clock)
+        self.gangs = gangs
+        self.adopted: list[str] = []
+        self.discarded: list[str] = []
+        self.launched: list[str] = []
+
+    def adoptable(self) -> list[Any]:
+        return list(self.gangs)
+
+    def adopt(self, spec: Any, gang: Any) -> None:
+        self.adopted.append(gang.job)
+
+    def discard(self, gang: Any) -> None:
+        self.discarded.append(gang.job)
+
+    def launch(self, spec: Any, placement: Any, work_done: float = 0.0) -> None:
+        self.launched.append(spec.key)
+        super().launch(spec, placement, work_done=work_done)
+
+
+@dataclass(frozen=True)
+class Gang:
+    job: str
+    slots: tuple[tuple[str, tuple[int, ...], int], ...]
+    started_at: float
+
+
+def test_restart_adopts_what_the_backend_finds_running_and_removes_the_rest() -> None:
+    clock = ManualClock()
+    first = _engine(clock)
+    docs = [_job("a", gpusPerWorker=8), _job("lost", gpusPerWorker=4), _job("late")]
+    for doc in docs[:2]:
+        first.apply_job("TrainingJob", doc)
+    first.iterate()
+    listed = [*_as_listed(first, docs[:2]), docs[2]]  # late: died before writing Running
+    a_node = first.cp.jobs["ns/a"].placement.slots[0].node  # type: ignore[union-attr]
+    other = NODES[1 - a_node].name  # where a really runs (the backend knows best)
+    gangs = [Gang("ns/a", ((other, tuple(range(8)), 1000),), clock.t - 5),
+             Gang("ns/late", ((NODES[a_node].name, (7,), 1000),), clock.t - 1),
+             Gang("ns/deleted", ((NODES[a_node].name, (6,), 1000),), clock.t - 9)]
+    factory = replace(factory_from_nodes("t", NODES), queues=())
+    topo = factory.topology()
+    backend = Finder(topo.nodes, clock, gangs)
+    cp = ControlPlane(factory, backend, clock=clock, topology=topo)
+    second = Engine(cp, FakeKube(), clock, EngineOptions())  # type: ignore[arg-type]
+    report = recover(second, listed)
+    assert (report.adopted, report.requeued, report.removed) == (2, 1, ["ns/deleted"])
+    assert backend.adopted == ["ns/a", "ns/late"] and backend.discarded == ["ns/deleted"]
+    assert [cp.topo.nodes[s.node].name for s in cp.jobs["ns/a"].placement.slots] == [other]  # type: ignore[union-attr]
+    # a keeps the start its status recorded; late, never recorded, its workers' start.
+    assert cp.jobs["ns/a"].started_at == pytest.approx(first.cp.jobs["ns/a"].started_at)
+    assert cp.jobs["ns/late"].started_at == clock.t - 1
+    assert "its status says it runs, but the backend has no gang for it" in \
+        report.conflicts[0] and report.conflicts[0].startswith("ns/lost")
+    second.iterate()
+    assert backend.launched == ["ns/lost"]  # adopted gangs are never launched again
+    late = _status(second, "late")
+    assert late["phase"] == "Running"
+    assert {c["type"]: (c["status"], c["reason"]) for c in late["conditions"]}["Running"] == \
+        ("True", "Adopted")
+    cp.state.check_consistency()
+
+
+def test_the_engine_follows_a_plane_rebuilt_over_a_grown_inventory() -> None:
+    from controller.backends.base import TelemetrySnapshot
+    from controller.topology import NodeInfo
+    from operators.backends import BackendSession
+    from operators.startup import OperatorOptions, _assemble
+
+    class Growing:
+        """A backend whose inventory grows under the operator (a Ray node joins)."""
+
+        def __init__(self) -> None:
+            self.nodes = list(NODES)
+            self.launched: list[str] = []
+
+        def inventory(self) -> list[NodeInfo]:
+            return list(self.nodes)
+
+        def launch(self, spec: Any, placement: Any, *, work_done: float = 0.0) -> None:
+            self.launched.append(spec.key)
+
+        def stop(self, job: str) -> None:
+            pass
+
+        def status(self, job: str) -> None:
+            return None
+
+        def telemetry(self) -> TelemetrySnapshot:
+            return TelemetrySnapshot(0.0, "none", ())
+
+    clock = ManualClock()
+    backend = Growing()
+    factory = factory_from_nodes("t", NODES)
+    session = BackendSession(backend, factory, factory.topology(),
+                             rebuild_factory=lambda: factory_from_nodes("t", backend.nodes))
+    gold = {"metadata": {"name": "gold", "uid": "q", "generation": 1},
+            "spec": {"nominalGPUs": 64}}
+    listing = {"GPUQueue": [gold], "PowerBudget": [], "TrainingJob": [],
+               "InferenceService": []}
+    engine, _ = _assemble(FakeKube(), OperatorOptions(backend="ray"), listing,  # type: ignore[arg-type]
+                          clock, session, factory, factory.topology())
+    replaced: list[ControlPlane] = []
+    engine.on_plane_replaced.append(replaced.append)
+    engine.apply_job("TrainingJob", _job("a", workers=2, gpusPerWorker=8, queue="gold"))
+    engine.iterate()
+    old = engine.cp
+    where = [old.topo.nodes[s.node].name for s in old.jobs["ns/a"].placement.slots]  # type: ignore[union-attr]
+    backend.nodes.append(NodeInfo("n-new", 8, "H200"))
+    engine.apply_job("TrainingJob", _job("b", workers=1, gpusPerWorker=8, queue="gold"))
+    engine.iterate()
+    assert replaced == [engine.cp] and engine.cp is not old
+    assert engine.cp.topo.total_gpus == 24
+    assert [q.name for q in engine.cp.factory.queues] == ["gold"]  # the GPUQueue objects'
+    rec = engine.cp.jobs["ns/a"]
+    assert [engine.cp.topo.nodes[s.node].name for s in rec.placement.slots] == where  # type: ignore[union-attr]
+    assert backend.launched == ["ns/a", "ns/b"]  # a was not launched twice
+    assert _status(engine, "b")["phase"] == "Running"

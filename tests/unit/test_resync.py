@@ -31,7 +31,7 @@ class Recorder:
     def inventory(self) -> list[NodeInfo]:
         return []
 
-    def launch(self, spec: JobSpec, placement: Placement) -> None:
+    def launch(self, spec: JobSpec, placement: Placement, *, work_done: float = 0.0) -> None:
         self.launched.append(spec.key)
 
     def stop(self, job: str) -> None:
