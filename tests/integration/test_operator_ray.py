@@ -27,7 +27,9 @@ from tests.integration.k8s_env import KubeTestEnv
 from tests.integration.operator_env import (
     OperatorProcess,
     Watch,
+    delete_all,
     ensure_namespace,
+    strip_finalizers,
     training_job,
     wait_for,
 )
@@ -84,6 +86,10 @@ def operator(aifactory_installed: KubeTestEnv, ray_cluster: Any,
             env.kubectl("delete", "trainingjobs", "--all", f"-n={NS}", "--timeout=30s",
                         check=False)
         proc.stop()
+        # Nothing of ours may reach the next tests: objects (held by our finalizer once
+        # no operator runs), then gangs.
+        delete_all(env, NS)
+        strip_finalizers(env, NS)
         try:
             wait_for(lambda: not _leftovers(), 15, "our gangs to go", interval=0.2)
         finally:
