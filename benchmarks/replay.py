@@ -17,7 +17,9 @@ Two variants of the same pods:
   GPUs) and arrivals 3,000 times faster (durations unchanged), so pods queue and the
   trace's QoS priorities preempt.
 
-    python -m benchmarks.replay           # default + gpuspec05..33, both variants
+    python -m benchmarks.replay           # real: default + gpuspec05..33; stress: default
+                                          # and gpuspec33 (the unconstrained and the most
+                                          # constrained list; each stress run takes minutes)
     python -m benchmarks.replay --smoke   # default, 600 pods, both variants
 """
 
@@ -95,11 +97,14 @@ def replay(factory: FactorySpec, jobs: Sequence[Arrival], name: str, seed: int
 
 
 def run(traces: Sequence[str], variants: Sequence[Variant], names: Sequence[str],
-        seeds: int, pod_limit: int | None) -> list[dict[str, Any]]:
+        seeds: int, pod_limit: int | None, stress_traces: Sequence[str] | None = None
+        ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for variant in variants:
         factory = factory_from_nodes("openb", assign_racks(thinned_nodes(variant.node_stride)))
-        for trace in traces:
+        wanted = traces if variant.name != "stress" or stress_traces is None else [
+            t for t in traces if t in stress_traces]
+        for trace in wanted:
             jobs = arrivals(trace, variant.compress, pod_limit)
             for name in names:
                 for seed in range(1, (seeds if name == "random" else 1) + 1):
@@ -146,6 +151,8 @@ def summarize(rows: list[dict[str, Any]], traces: Sequence[str],
                     cols["jobs_never_placed"].fmt(".0f"),
                     cols["unplaced_while_capacity_free"].fmt(".0f"),
                     cols["wall_seconds"].fmt(".1f")])
+            if not block:
+                continue
             summary[f"{variant.name}/{trace}"] = block
             print(f"\n**{trace}**, {variant.name} ({gpus} GPUs, arrivals "
                   f"{variant.compress:g}x faster):\n")
@@ -159,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0], DEFAULT_JSON)
     parser.add_argument("--traces", default=",".join(TRACES), help="openb pod lists")
     parser.add_argument("--variants", default="real,stress", help="real, stress or both")
+    parser.add_argument("--stress-traces", default="default,gpuspec33",
+                        help="pod lists for the stress variant")
     args = parser.parse_args(argv)
     names = policy_names(args.policies)
     traces = [t.strip() for t in args.traces.split(",") if t.strip()]
@@ -169,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         traces, seeds, pod_limit = ["default"], 2, 600
     info = machine()
     print(f"# Scenario 2: time replay\n\n{machine_line(info)}")
-    rows, wall = timed(run, traces, variants, names, seeds, pod_limit)
+    stress = None if args.smoke else [t.strip() for t in args.stress_traces.split(",")]
+    rows, wall = timed(run, traces, variants, names, seeds, pod_limit, stress)
     summary = summarize(rows, traces, variants, names)
     print(f"\nwall time {wall:.0f} s")
     write_json(args.json_path, {"scenario": "replay", "machine": info, "args": vars(args),

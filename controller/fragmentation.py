@@ -40,6 +40,7 @@ Shape = tuple[int, int, frozenset[int] | None]
 _Typical = tuple[float, int, int, frozenset[int] | None]
 
 _CACHE_LIMIT = 200_000
+_SEEN_LIMIT = 1_000_000
 _SMALL_GROUP = 256
 
 
@@ -65,6 +66,8 @@ class WorkloadMix:
     def observe(self, job: str, shape: Shape, weight: int = 1) -> None:
         if job in self._seen or weight <= 0:
             return
+        if len(self._seen) >= _SEEN_LIMIT:
+            self._seen.clear()  # bounded memory; a job seen again later counts twice
         self._seen.add(job)
         self._counts[shape] = self._counts.get(shape, 0) + weight
         self._total += weight
