@@ -1,6 +1,9 @@
 """What a simulation measures, the same way for every policy.
 
-Time-weighted GPU allocation, queue waits, gang locality (inside one rack / one block, racks
+Time-weighted GPU allocation (the GPUs *requested* by running jobs over the factory's GPUs,
+as FGD defines the allocation rate: a 0.3-GPU share counts 0.3 even where a policy without
+GPU sharing gives it a whole GPU, and GPUs a non-gang policy holds for a partly placed gang
+count nothing until the gang runs), queue waits, gang locality (inside one rack / one block, racks
 spanned), jobs that waited while enough GPUs were free in total (fragmentation), energy from
 the power model, cost, decision latency, preemptions, restarts and the seconds any power
 budget's modelled draw was above its limit.
@@ -91,6 +94,8 @@ class SimMetrics:
         self.budget_actual = list(state.budgets.baseline_watts)
         self.job_watts: dict[str, list[tuple[int, float]]] = {}
         self.job_delta: dict[str, float] = {}
+        self.job_gpus: dict[str, float] = {}
+        self.running_gpus = 0.0
         self.last_t = 0.0
         self.start_t = 0.0
         self.alloc_integral = 0.0
@@ -102,6 +107,9 @@ class SimMetrics:
         # control plane sees a wait per job and a decision per placement, forever).
         self.waits = Reservoir()
         self.decision_times = Reservoir()
+        # Highest modelled draw of each budget over its limit (a ratio; 1.0 = at the limit).
+        self.budget_peak_ratio = [a / lim if lim > 0 else 0.0 for a, lim in
+                                  zip(self.budget_actual, state.budgets.limits, strict=True)]
         self.submitted = 0
         self.completed = 0
         self.jobs_failed = 0
@@ -134,7 +142,7 @@ class SimMetrics:
             if any(a > lim + 1e-6 for a, lim in zip(self.budget_actual, limits, strict=True)):
                 self.exceeded_seconds += dt
             self.last_t = now
-        self.alloc_now = self.state.allocated_gpu_equivalents - self.fenced_gpus
+        self.alloc_now = self.running_gpus
 
     def job_submitted(self, spec: JobSpec) -> None:
         self.submitted += 1
@@ -167,12 +175,19 @@ class SimMetrics:
             delta_total += delta
             for b in self.state.budgets.node_budgets[slot.node]:
                 per_budget[b] = per_budget.get(b, 0.0) + delta
+        limits = self.state.budgets.limits
         for b, w in per_budget.items():
             self.budget_actual[b] += w
+            if limits[b] > 0:
+                self.budget_peak_ratio[b] = max(self.budget_peak_ratio[b],
+                                                self.budget_actual[b] / limits[b])
         self.total_watts += delta_total
         self.job_watts[spec.key] = list(per_budget.items())
         self.job_delta[spec.key] = delta_total
         self._job_held[spec.key] = (now, placement.gpu_equivalents)
+        self.running_gpus += spec.gpu_equivalents - self.job_gpus.get(spec.key, 0.0)
+        self.job_gpus[spec.key] = spec.gpu_equivalents
+        self.alloc_now = self.running_gpus
 
     def job_stopped(self, spec: JobSpec, now: float) -> None:
         self.observe(now)
@@ -182,6 +197,8 @@ class SimMetrics:
         since, gpus = self._job_held.pop(spec.key, (now, 0.0))
         self.job_gpu_seconds[spec.key] = self.job_gpu_seconds.get(spec.key, 0.0) + \
             max(0.0, now - since) * gpus
+        self.running_gpus -= self.job_gpus.pop(spec.key, 0.0)
+        self.alloc_now = self.running_gpus
 
     def job_completed(self, spec: JobSpec, energy_joules: float) -> None:
         self.completed += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from controller.fragmentation import FragmentationScorer, ranked_nodes
 from controller.spec import JobSpec
 from controller.state import MILLI, ClusterState, Placement, WorkerSlot
 from controller.topology import NODE_LEVEL, Domain, Topology
@@ -160,8 +161,7 @@ def static_check(empty: ClusterState, req: PlacementRequest) -> Unplaced | None:
     if req.fractional:
         return None if empty.free_gpus(topo.root, req.models) > 0 else Unplaced(
             f"{what} fits nowhere: the factory has no {model_txt}GPUs", permanent=True)
-    largest = max((n.gpus for i, n in enumerate(topo.nodes)
-                   if req.models is None or topo.node_model[i] in req.models), default=0)
+    largest = empty.largest_node_free(topo.root, req.models)
     if req.gpus_per_worker > largest:
         return Unplaced(f"worker of {req.gpus_per_worker} GPUs fits no node: the largest "
                         f"{model_txt}node has {largest} GPUs", permanent=True)
@@ -236,16 +236,28 @@ def _power_reason(state: ClusterState, dom: Domain, need: float, what: str) -> U
 
 
 def place_topology_aware(state: ClusterState, req: PlacementRequest,
-                         group_count: Callable[[Domain], int] | None = None
-                         ) -> Placement | Unplaced:
+                         group_count: Callable[[Domain], int] | None = None,
+                         scorer: FragmentationScorer | None = None) -> Placement | Unplaced:
     """Our placement: lowest level, tightest domain, whole nodes and racks kept whole.
 
+    Work that fits on one node goes to the node where it adds least fragmentation for the
+    workload ``scorer`` has seen (``controller.fragmentation``; without a scorer every
+    node scores the same), ties to the tightest GPU, node and rack.
     ``group_count`` (for inference replicas) counts the replicas of the same service in a
     domain at ``req.spread_level``; the least-loaded domain there is chosen first.
     """
+    topo = state.topo
+    spreading = req.spread_level is not None and group_count is not None
+    one_node_tried = False
+    if not spreading and (req.fractional or req.total_gpus <= topo.max_node_gpus):
+        single = _place_on_one_node(state, req, scorer or _NEUTRAL)
+        if single is not None:
+            return single
+        if req.fractional or req.workers == 1:
+            return explain_unplaced(state, req)
+        one_node_tried = True
     if req.fractional:
         return _place_fraction(state, req, group_count)
-    topo = state.topo
     w, g = req.workers, req.gpus_per_worker
     need_watts = w * g * req.watts_per_gpu
 
@@ -281,7 +293,7 @@ def place_topology_aware(state: ClusterState, req: PlacementRequest,
             break
         frontier = deeper
         level += 1
-    if level + 1 == node_level and w * g <= topo.max_node_gpus:
+    if level + 1 == node_level and w * g <= topo.max_node_gpus and not one_node_tried:
         single = _single_node(state, req, frontier)
         if single is not None:
             return single
@@ -291,6 +303,31 @@ def place_topology_aware(state: ClusterState, req: PlacementRequest,
     if assignment is None:
         return explain_unplaced(state, req)
     return materialize(state, req, assignment)
+
+
+_NEUTRAL = FragmentationScorer()  # an empty workload: every node scores 0
+
+
+def _place_on_one_node(state: ClusterState, req: PlacementRequest,
+                       scorer: FragmentationScorer) -> Placement | None:
+    """The whole request on the single node that fragments least, or None."""
+    if req.fractional:
+        gpus, milli = 1, req.milli
+        watts = req.watts_per_gpu * milli / MILLI
+    else:
+        gpus, milli = req.total_gpus, MILLI
+        watts = gpus * req.watts_per_gpu
+    if watts > 0 and state.domain_power_headroom(state.topo.root) + 1e-6 < watts:
+        return None
+    for node, free in ranked_nodes(state, gpus, milli, req.models, scorer):
+        if node in req.avoid_nodes or not node_power_ok(state, node, watts, {}):
+            continue
+        if not req.fractional:
+            return materialize(state, req, [(node, req.workers)])
+        for g in state.topo.gpu_range(node):
+            if state.gpu_free_milli(g) == free:
+                return Placement(req.job, (WorkerSlot(node, (g,), milli),), req.watts_per_gpu)
+    return None
 
 
 def _single_node(state: ClusterState, req: PlacementRequest,

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from controller.fragmentation import FragmentationScorer, WorkloadMix
 from controller.placement import (
     PlacementRequest,
     Unplaced,
@@ -55,13 +56,33 @@ class PlacementPolicy(Protocol):
 
 @dataclass(slots=True)
 class TopologyAwarePolicy:
+    """Ours. With ``fragmentation_aware`` it learns the workload mix from the requests it
+    sees (each job once) and scores one-node placements by FGD's fragmentation measure
+    (``controller.fragmentation``); without, one-node work is plain BestFit."""
+
     name: str = "aifactory"
     gang: bool = True
     power_aware: bool = True
+    fragmentation_aware: bool = True
+    # Delay scheduling for locality (see scheduler._Cycle.locality): seconds a multi-node
+    # gang waits for one rack (or block) before it may span more; 0 turns it off.
+    locality_wait_seconds: float = 300.0
+    mix: WorkloadMix = field(default_factory=WorkloadMix)
+    scorer: FragmentationScorer = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.scorer = FragmentationScorer(self.mix if self.fragmentation_aware
+                                          else WorkloadMix())
 
     def place(self, state: ClusterState, req: PlacementRequest,
               group_count: GroupCount | None = None) -> Placement | Unplaced:
-        return place_topology_aware(state, req, group_count)
+        if self.fragmentation_aware:
+            if req.fractional:
+                self.mix.observe(req.job, (1, req.milli, req.models))
+            else:
+                self.mix.observe(req.job, (req.gpus_per_worker, MILLI, req.models),
+                                 req.workers)
+        return place_topology_aware(state, req, group_count, self.scorer)
 
 
 def _eligible(state: ClusterState, req: PlacementRequest, n: int) -> bool:

@@ -18,12 +18,20 @@ No I/O and no clock reads, except an optional injected ``clock`` that times deci
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
+from controller.cycle_io import (
+    Admission,
+    CycleResult,
+    Preemption,
+    QueuedJob,
+    RunningJob,
+    SchedulerConfig,
+)
 from controller.placement import PlacementRequest, Unplaced, static_check
-from controller.policies import PlacementPolicy
+from controller.preemption import VictimIndex, cheapest_node_victims, may_fit
 from controller.quota import QuotaBook
-from controller.spec import JobSpec, QueueSpec
+from controller.spec import JobSpec
 from controller.state import ClusterState, Placement
 from controller.topology import Domain
 
@@ -37,84 +45,17 @@ __all__ = [
     "schedule",
 ]
 
-INF = float("inf")
-
-
-@dataclass(frozen=True, slots=True)
-class QueuedJob:
-    """A job waiting for GPUs. ``partial`` holds GPUs a non-gang policy already bound."""
-
-    spec: JobSpec
-    submitted_at: float
-    seq: int
-    partial: Placement | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RunningJob:
-    """An admitted job: where it runs, since when, and when it last checkpointed."""
-
-    spec: JobSpec
-    placement: Placement
-    started_at: float
-    last_checkpoint_at: float
-
-    def lost_gpu_seconds(self, now: float) -> float:
-        """Work lost if evicted now: GPUs x seconds since the last checkpoint."""
-        return self.placement.gpu_equivalents * max(0.0, now - self.last_checkpoint_at)
-
-    def expected_end(self) -> float:
-        runtime = self.spec.expected_runtime_seconds
-        return INF if runtime is None else self.started_at + runtime
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    job: str
-    placement: Placement
-    backfilled: bool = False
-    borrowing: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Preemption:
-    victim: str
-    preemptor: str
-    lost_gpu_seconds: float
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class CycleResult:
-    admitted: tuple[Admission, ...] = ()
-    preempted: tuple[Preemption, ...] = ()
-    waiting: Mapping[str, str] = field(default_factory=dict)
-    waiting_kind: Mapping[str, str] = field(default_factory=dict)
-    failed: Mapping[str, str] = field(default_factory=dict)
-    partial: Mapping[str, Placement] = field(default_factory=dict)
-    decision_seconds: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    """What a cycle needs besides the state. ``watts_per_gpu(spec)`` estimates draw above
-    idle per GPU for a job (the power model's job); ``empty`` is the empty factory, for
-    reasons that never change."""
-
-    policy: PlacementPolicy
-    empty: ClusterState
-    watts_per_gpu: Callable[[JobSpec], float]
-    queues: tuple[QueueSpec, ...] = ()
-    backfill: bool = True
-    preemption: bool = True
-    max_preemption_domains: int = 8
-
-
-def schedule(state: ClusterState, pending: Sequence[QueuedJob], running: Sequence[RunningJob],
+def schedule(state: ClusterState, pending: Sequence[QueuedJob],
+             running: Sequence[RunningJob] | Mapping[str, RunningJob],
              now: float, config: SchedulerConfig,
-             clock: Callable[[], float] | None = None) -> CycleResult:
-    """One scheduling cycle. ``state`` is not mutated."""
-    cycle = _Cycle(state, running, now, config, clock)
+             clock: Callable[[], float] | None = None,
+             queue_usage: Mapping[str, float] | None = None) -> CycleResult:
+    """One scheduling cycle. ``state`` is not mutated.
+
+    ``running`` may be given keyed by job (as the control plane keeps it), and
+    ``queue_usage`` (GPUs held per queue by the running jobs) precomputed, so that a cycle
+    does not rescan every running job."""
+    cycle = _Cycle(state, running, now, config, clock, queue_usage)
     # Phase 1: heads.
     order = sorted(pending, key=lambda q: (-q.spec.priority, q.submitted_at, q.seq))
     for queued in order:
@@ -126,18 +67,24 @@ def schedule(state: ClusterState, pending: Sequence[QueuedJob], running: Sequenc
 class _Cycle:
     """Working memory of one cycle (phases 2-5)."""
 
-    def __init__(self, state: ClusterState, running: Sequence[RunningJob], now: float,
-                 config: SchedulerConfig, clock: Callable[[], float] | None) -> None:
+    def __init__(self, state: ClusterState,
+                 running: Sequence[RunningJob] | Mapping[str, RunningJob], now: float,
+                 config: SchedulerConfig, clock: Callable[[], float] | None,
+                 queue_usage: Mapping[str, float] | None = None) -> None:
         # Phase 2: snapshot.
         self.state = state.clone()
         self.now = now
         self.config = config
         self.clock = clock
-        self.running = {r.spec.key: r for r in running}
-        usage: dict[str, float] = {}
-        for r in running:
-            usage[r.spec.queue] = usage.get(r.spec.queue, 0.0) + r.placement.gpu_equivalents
-        self.quota = QuotaBook(config.queues, usage)
+        self.running = dict(running) if isinstance(running, Mapping) else {
+            r.spec.key: r for r in running}
+        if queue_usage is None:
+            usage: dict[str, float] = {}
+            for r in self.running.values():
+                usage[r.spec.queue] = usage.get(r.spec.queue, 0.0) + \
+                    r.placement.gpu_equivalents
+            queue_usage = usage
+        self.quota = QuotaBook(config.queues, queue_usage)
         self.admitted: list[Admission] = []
         self.preempted: list[Preemption] = []
         self.waiting: dict[str, str] = {}
@@ -151,11 +98,26 @@ class _Cycle:
         self.head: QueuedJob | None = None
         self.reservation: tuple[frozenset[int], float] | None = None
         self.reservation_done = False
-        self.groups: dict[str, list[int]] = {}
-        for r in running:
-            if r.spec.group is not None:
-                self.groups.setdefault(r.spec.group, []).extend(
-                    s.node for s in r.placement.slots)
+        # Preemptions that found no victim set this cycle, by shape, priority and queue:
+        # victims only become fewer until a preemption happens, so skip the same search.
+        self.failed_preemptions: set[tuple[object, ...]] = set()
+        self.preemption_searches = 0
+        self._lowest_priority: int | None = None
+        self._candidates: dict[tuple[int, str, bool], list[RunningJob]] = {}
+        # id(candidate list) -> its VictimIndex; cleared with the candidate lists.
+        self._victim_index: dict[int, VictimIndex] = {}
+        self._groups: dict[str, list[int]] | None = None
+
+    @property
+    def groups(self) -> dict[str, list[int]]:
+        """Nodes used by each replica group's running jobs (built on first use)."""
+        if self._groups is None:
+            self._groups = {}
+            for r in self.running.values():
+                if r.spec.group is not None:
+                    self._groups.setdefault(r.spec.group, []).extend(
+                        s.node for s in r.placement.slots)
+        return self._groups
 
     # ----------------------------------------------------------------- phase 3: nominate
 
@@ -164,13 +126,26 @@ class _Cycle:
         watts = self.config.watts_per_gpu(spec) if policy.power_aware else 0.0
         return PlacementRequest.resolve(spec, self.state.topo, watts)
 
+    def resolved(self, spec: JobSpec) -> tuple[PlacementRequest | Unplaced, Unplaced | None]:
+        """The job's request and why it can never fit (None if it can), memoized by key."""
+        memo = self.config.memo
+        key = spec.key
+        hit = memo.get(key)
+        if hit is not None and hit[0] is spec:
+            return hit[1], hit[2]
+        req = self.request(spec)
+        never = None if isinstance(req, Unplaced) else static_check(self.config.empty, req)
+        if len(memo) > 200_000:
+            memo.clear()
+        memo[key] = (spec, req, never)
+        return req, never
+
     def nominate(self, queued: QueuedJob) -> None:
         spec = queued.spec
-        req = self.request(spec)
+        req, never = self.resolved(spec)
         if isinstance(req, Unplaced):
             self.failed[spec.key] = req.reason
             return
-        never = static_check(self.config.empty, req)
         if never is not None:
             self.failed[spec.key] = never.reason
             return
@@ -188,7 +163,25 @@ class _Cycle:
         if not self.config.policy.gang and queued.partial is not None:
             self.continue_partial(queued, req)
             return
-        got = self.place(req, spec)
+        local = self.locality(queued, req)
+        got = self.place(req if local is None else local, spec)
+        if local is not None and isinstance(got, Unplaced):
+            spread = self.place(req, spec)
+            if isinstance(spread, Placement):
+                # It could start now across domains; it waits for one instead.
+                assert local.required_level is not None
+                name = self.state.topo.levels[local.required_level].name
+                limit = self.config.policy.locality_wait_seconds  # type: ignore[attr-defined]
+                self.wait(spec.key, f"{req.describe()} waits for one {name} (up to "
+                          f"{limit:.0f} s after submission, then it may span {name}s): "
+                          f"{got.reason}", "locality")
+                return
+            got = spread
+        cap: float | None = None
+        if isinstance(got, Unplaced) and got.power_limited:
+            capped = self.capped(req, spec)
+            if capped is not None:
+                got, cap = capped
         if isinstance(got, Placement):
             if self.head is not None and not self.may_backfill(spec, got):
                 self.wait(spec.key, f"{req.describe()} waits behind higher-priority "
@@ -196,13 +189,57 @@ class _Cycle:
                           "backfill")
                 return
             self.admit(spec, got, backfilled=self.head is not None,
-                       borrowing=verdict.borrowing)
+                       borrowing=verdict.borrowing, power_cap=cap)
             return
         if self.config.preemption and self.preempt(queued, req):
             return
         self.wait(spec.key, got.reason, "power" if got.power_limited else "capacity")
-        if self.head is None and self.config.backfill and self.config.policy.gang:
+        # A job blocked on watts, not on GPUs, is not a head to reserve nodes for (as a job
+        # blocked on quota is not): holding nodes back would not bring its start closer.
+        if self.head is None and self.config.backfill and self.config.policy.gang \
+                and not got.power_limited:
             self.head = queued
+
+    def capped(self, req: PlacementRequest, spec: JobSpec) -> tuple[Placement, float] | None:
+        """The gang under the highest power cap that lets it place now, if any."""
+        caps = self.config.power_caps
+        if caps is None or not self.config.policy.power_aware:
+            return None
+        for cap, watts in caps(spec):
+            if watts >= req.watts_per_gpu:
+                continue
+            got = self.place(replace(req, watts_per_gpu=watts), spec)
+            if isinstance(got, Placement):
+                return got, cap
+            if not got.power_limited:
+                return None
+        return None
+
+    def locality(self, queued: QueuedJob, req: PlacementRequest) -> PlacementRequest | None:
+        """Delay scheduling for locality: under a policy with ``locality_wait_seconds`` > 0,
+        a multi-node gang without a required level is, for that long after submission,
+        placed only inside one domain of the lowest level that could ever hold it (one
+        rack, else one block); None when the rule does not apply (any more)."""
+        limit = getattr(self.config.policy, "locality_wait_seconds", 0.0)
+        if (limit <= 0 or req.fractional or req.workers <= 1 or req.required_level is not None
+                or self.now - queued.submitted_at >= limit):
+            return None
+        key = (req.workers, req.gpus_per_worker, req.models)
+        memo = self.config.level_memo
+        if key not in memo:
+            level = None
+            empty = self.config.empty
+            for lvl in range(empty.topo.node_level - 1, -1, -1):
+                if any(empty.worker_capacity(d, req.gpus_per_worker, req.models) >= req.workers
+                       for d in empty.topo.domains[lvl]):
+                    level = lvl
+                    break
+            memo[key] = level
+        level = memo[key]
+        if level is None or (level + 1 == self.state.topo.node_level
+                             and req.total_gpus <= self.state.topo.max_node_gpus):
+            return None
+        return replace(req, required_level=level)
 
     def wait(self, key: str, reason: str, kind: str) -> None:
         self.waiting[key] = reason
@@ -267,7 +304,7 @@ class _Cycle:
     # ----------------------------------------------------------------- phase 4: admit
 
     def admit(self, spec: JobSpec, placement: Placement, backfilled: bool = False,
-              borrowing: bool = False) -> None:
+              borrowing: bool = False, power_cap: float | None = None) -> None:
         if not placement.complete:
             # Non-gang policy: the bound part holds its GPUs; the job waits for the rest.
             self.state.allocate(placement)
@@ -277,9 +314,13 @@ class _Cycle:
             return
         self.state.allocate(placement)
         self.quota.charge(spec.queue, spec.gpu_equivalents)
+        if borrowing or self.quota.borrowing(spec.queue):
+            self.failed_preemptions.clear()  # this queue's jobs may now be reclaimed
+            self._candidates.clear()
+            self._victim_index.clear()
         if spec.group is not None:
             self.groups.setdefault(spec.group, []).extend(s.node for s in placement.slots)
-        self.admitted.append(Admission(spec.key, placement, backfilled, borrowing))
+        self.admitted.append(Admission(spec.key, placement, backfilled, borrowing, power_cap))
 
     def may_backfill(self, spec: JobSpec, placement: Placement) -> bool:
         """EASY backfill: fine if it ends before the head's start or avoids its nodes."""
@@ -324,17 +365,49 @@ class _Cycle:
         spec = queued.spec
         reclaim = self.quota.enabled and self.quota.within_nominal(spec.queue,
                                                                    spec.gpu_equivalents)
-        candidates = [
-            r for r in self.running.values()
-            if r.spec.key in self.state.allocations and (
-                (r.spec.priority < spec.priority and (not self.quota.enabled or
-                                                      r.spec.queue == spec.queue or
-                                                      self.quota.borrowing(r.spec.queue)))
-                or (reclaim and r.spec.queue != spec.queue
-                    and self.quota.same_cohort(r.spec.queue, spec.queue)
-                    and self.quota.borrowing(r.spec.queue)))]
+        attempt = (req.workers, req.gpus_per_worker, req.milli, req.models,
+                   req.required_level, req.preferred_level, req.avoid_nodes, spec.priority,
+                   spec.queue, reclaim)
+        if attempt in self.failed_preemptions or \
+                self.preemption_searches >= self.config.max_preemption_searches:
+            return False
+        self.preemption_searches += 1
+        found = self._preempt(queued, req, reclaim)
+        if not found:
+            self.failed_preemptions.add(attempt)
+        return found
+
+    def _preempt(self, queued: QueuedJob, req: PlacementRequest, reclaim: bool) -> bool:
+        spec = queued.spec
+        if not reclaim:
+            if self._lowest_priority is None:
+                self._lowest_priority = min(
+                    (r.spec.priority for r in self.running.values()), default=spec.priority)
+            if spec.priority <= self._lowest_priority:
+                return False  # nobody runs at a lower priority
+        candidates = self.candidates(spec, reclaim)
         if not candidates:
             return False
+        if req.fractional or (req.total_gpus <= self.state.topo.max_node_gpus
+                              and req.spread_level is None):
+            # One node must hold it, so only victims on one node can help.
+            index = self._victim_index.get(id(candidates))
+            if index is None:
+                index = VictimIndex.build(candidates, self.now)
+                self._victim_index[id(candidates)] = index
+            one_node = cheapest_node_victims(self.state, req, index)
+            if one_node is None:
+                return False
+            trial = self.state.clone()
+            for v in one_node:
+                trial.release(v.spec.key)  # type: ignore[attr-defined]
+            got = self.config.policy.place(trial, req, None)
+            if not (isinstance(got, Placement) and got.complete):
+                return False
+            if not self.config.policy.power_aware:
+                got = replace(got, watts_per_gpu=self.config.watts_per_gpu(spec))
+            self.evict(spec, list(one_node), got)  # type: ignore[arg-type]
+            return True
         topo = self.state.topo
         level = req.required_level if req.required_level is not None else -1
         doms = list(topo.domains[level]) if level >= 0 else [topo.root]
@@ -351,7 +424,7 @@ class _Cycle:
             victims = sorted(by_dom[dom.index],
                              key=lambda r: (r.lost_gpu_seconds(self.now), r.spec.priority,
                                             -r.started_at))
-            found = self.victim_set(req, spec, victims)
+            found = self.victim_set(req, spec, victims, dom)
             if found is None:
                 continue
             cost = sum(v.lost_gpu_seconds(self.now) for v in found[0])
@@ -359,8 +432,40 @@ class _Cycle:
                 best = (cost, found[0], found[1])
         if best is None:
             return False
-        cost, victims, placement = best
+        self.evict(spec, best[1], best[2])
+        return True
+
+    def candidates(self, spec: JobSpec, reclaim: bool) -> list[RunningJob]:
+        """Running jobs ``spec`` may preempt: lower priority (in its queue, or borrowing),
+        or, to reclaim nominal quota, borrowing jobs of its cohort. Cached per cycle until
+        the running set or borrowing changes."""
+        key = (spec.priority, spec.queue, reclaim)
+        got = self._candidates.get(key)
+        if got is not None:
+            return got
+        allocations = self.state.allocations
+        quota = self.quota
+        out = []
+        for job, r in self.running.items():
+            other = r.spec
+            if job not in allocations:
+                continue
+            if (other.priority < spec.priority and (
+                    not quota.enabled or other.queue == spec.queue
+                    or quota.borrowing(other.queue))) or (
+                    reclaim and other.queue != spec.queue
+                    and quota.same_cohort(other.queue, spec.queue)
+                    and quota.borrowing(other.queue)):
+                out.append(r)
+        self._candidates[key] = out
+        return out
+
+    def evict(self, spec: JobSpec, victims: list[RunningJob], placement: Placement) -> None:
+        """Preempt ``victims`` and admit ``spec`` at ``placement`` in the snapshot."""
+        self._candidates.clear()
+        self._victim_index.clear()
         self.failed_shapes.clear()
+        self.failed_preemptions.clear()
         for v in victims:
             self.state.release(v.spec.key)
             self.quota.charge(v.spec.queue, -v.placement.gpu_equivalents)
@@ -371,15 +476,22 @@ class _Cycle:
                 v.spec.key, spec.key, v.lost_gpu_seconds(self.now),
                 f"preempted by {spec.key}, which {why}; requeued from its last checkpoint"))
         self.admit(spec, placement)
-        return True
 
-    def victim_set(self, req: PlacementRequest, spec: JobSpec, victims: list[RunningJob]
-                   ) -> tuple[list[RunningJob], Placement] | None:
+    def victim_set(self, req: PlacementRequest, spec: JobSpec, victims: list[RunningJob],
+                   dom: Domain | None = None) -> tuple[list[RunningJob], Placement] | None:
+        """The victims (a prefix of ``victims``, then minimized) that let ``req`` place.
+
+        Nothing fitted before the victims in ``dom`` were released, so the gang can only
+        land where they free room: the policy is asked only once ``dom`` has the capacity
+        (a cheap necessary check), not after every single release."""
         trial = self.state.clone()
+        dom = dom if dom is not None else trial.topo.root
         chosen: list[RunningJob] = []
         for v in victims:
             trial.release(v.spec.key)
             chosen.append(v)
+            if not may_fit(trial, req, dom):
+                continue
             got = self.config.policy.place(trial, req, None)
             if isinstance(got, Placement) and got.complete:
                 break
@@ -390,9 +502,12 @@ class _Cycle:
             if len(chosen) == 1:
                 break
             trial.allocate(v.placement)
+            if not may_fit(trial, req, dom):
+                trial.release(v.spec.key)
+                continue
             got2 = self.config.policy.place(trial, req, None)
             if isinstance(got2, Placement) and got2.complete:
-                chosen.remove(v)
+                chosen = [c for c in chosen if c is not v]
             else:
                 trial.release(v.spec.key)
         final = self.config.policy.place(trial, req, None)

@@ -64,13 +64,15 @@ class Simulation(ControlPlane):
 
     def __init__(self, factory: FactorySpec, policy: PlacementPolicy | str = "aifactory",
                  *, backfill: bool = True, preemption: bool = True, seed: int = 0,
-                 decision_clock: Callable[[], float] | None = time.perf_counter) -> None:
+                 decision_clock: Callable[[], float] | None = time.perf_counter,
+                 power_capping_min_speed: float | None = None) -> None:
         self.clock = VirtualClock()
         topo = Topology.build(factory.nodes, factory.levels)
         self.sim_backend = SimulatedBackend(topo.nodes, self.clock, None)
         super().__init__(factory, self.sim_backend, policy, backfill=backfill,
                          preemption=preemption, seed=seed, clock=self.clock,
-                         decision_clock=decision_clock, topology=topo)
+                         decision_clock=decision_clock, topology=topo,
+                         power_capping_min_speed=power_capping_min_speed)
         self._events: list[tuple[float, int, str, object]] = []
         # Called as (from, to) before the virtual clock moves forward: the state seen then
         # held for the whole interval (controller.timeseries samples it).
@@ -168,7 +170,7 @@ class Simulation(ControlPlane):
                                          else a.spec.expected_runtime_seconds or 3600.0)
 
     def _launch(self, rec: JobRecord, placement: Placement) -> None:
-        self.sim_backend.launch(rec.spec, placement, rec.work_saved)
+        self.sim_backend.launch(self.running_spec(rec), placement, rec.work_saved)
         finish = self.sim_backend.next_finish_for(rec.spec.key)
         if finish is not None:
             self._push(finish, "finish", (rec.spec.key, rec.generation))

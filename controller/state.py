@@ -4,7 +4,12 @@
 the usage arrays are copied by ``clone()`` (a few hundred microseconds at 100,000 GPUs).
 Free capacity of every domain at every level is kept incrementally as a histogram of node
 free-GPU counts per GPU model, so "how many 4-GPU workers fit in rack r3" is O(GPUs per node),
-independent of the rack's size.
+independent of the rack's size; the plain free-GPU count of a domain is an O(1) counter.
+
+Nodes are also grouped into *classes*: nodes of one GPU model whose GPUs have the same free
+milli-GPU values (``(model, sorted free milli per GPU)``). Two nodes of a class are
+interchangeable for work that fits on one node, so a fragmentation-aware search
+(``controller.fragmentation``) scores each class once instead of each node.
 
 Power: every GPU in scope of a budget counts at its idle draw when unallocated and at the
 owning job's estimate when allocated; allocation adds the difference.
@@ -18,9 +23,12 @@ from dataclasses import dataclass
 from controller.errors import InvariantError
 from controller.topology import Domain, NodeInfo, Topology
 
-__all__ = ["MILLI", "BudgetIndex", "ClusterState", "Placement", "WorkerSlot"]
+__all__ = ["MILLI", "BudgetIndex", "ClusterState", "NodeClass", "Placement", "WorkerSlot"]
 
 MILLI = 1000
+
+# A node class: (GPU model index, free milli-GPU of each GPU sorted high to low).
+NodeClass = tuple[int, tuple[int, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +133,8 @@ class BudgetIndex:
 class ClusterState:
     """Mutable usage over a Topology. Cheap to ``clone()`` for a scheduling cycle."""
 
-    __slots__ = ("_hist", "allocations", "budget_watts", "budgets", "gpu_used_milli",
+    __slots__ = ("_classes_owned", "_free", "_hist", "_node_level", "allocations",
+                 "budget_watts", "budgets", "class_nodes", "gpu_used_milli", "node_class",
                  "node_free", "partial_by_free", "topo", "used_milli_total", "width")
 
     def __init__(self, topo: Topology, budgets: BudgetIndex | None = None) -> None:
@@ -147,8 +156,20 @@ class ClusterState:
             hist.append([[0] * size for _ in topo.domains[lvl]])
         hist.append([[0] * size])
         self._hist = hist
+        self._node_level = topo.node_level
+        # _free[l][d]: whole free GPUs of domain d at level l (all models); [node_level][0]
+        # is the root's.
+        self._free: list[list[int]] = [[0] * len(topo.domains[lvl])
+                                       for lvl in range(topo.node_level)] + [[0]]
         for n, node in enumerate(topo.nodes):
             self._bump(n, -1, node.gpus)
+        self.node_class: list[NodeClass] = []
+        self.class_nodes: dict[NodeClass, set[int]] = {}
+        for n, node in enumerate(topo.nodes):
+            key = (topo.node_model[n], (MILLI,) * node.gpus)
+            self.node_class.append(key)
+            self.class_nodes.setdefault(key, set()).add(n)
+        self._classes_owned = True
 
     # ----------------------------------------------------------------- snapshots
 
@@ -164,21 +185,30 @@ class ClusterState:
         twin.allocations = dict(self.allocations)
         twin.budget_watts = self.budget_watts.copy()
         twin._hist = [[h.copy() for h in lvl] for lvl in self._hist]
+        twin._node_level = self._node_level
+        twin._free = [f.copy() for f in self._free]
+        # Node classes are shared copy-on-write: most clones never change them.
+        twin.node_class = self.node_class
+        twin.class_nodes = self.class_nodes
+        twin._classes_owned = self._classes_owned = False
         return twin
 
     # ----------------------------------------------------------------- capacity queries
 
     def _hist_of(self, dom: Domain) -> list[int]:
         if dom.level < 0:
-            return self._hist[self.topo.node_level][0]
+            return self._hist[self._node_level][0]
         return self._hist[dom.level][dom.index]
 
     def free_gpus(self, dom: Domain, models: frozenset[int] | None = None) -> int:
         """Whole free GPUs in a domain, of the given model indices (all when None)."""
-        if dom.level == self.topo.node_level:
+        if dom.level == self._node_level:
             n = dom.node_start
             ok = models is None or self.topo.node_model[n] in models
             return self.node_free[n] if ok else 0
+        if models is None or len(models) == len(self.topo.models):
+            return self._free[self._node_level][0] if dom.level < 0 \
+                else self._free[dom.level][dom.index]
         hist = self._hist_of(dom)
         width = self.width
         total = 0
@@ -188,10 +218,14 @@ class ClusterState:
                 total += hist[base + free] * free
         return total
 
+    def free_at(self, level: int, index: int) -> int:
+        """Whole free GPUs of domain ``index`` at ``level`` (< node level), any model: O(1)."""
+        return self._free[level][index]
+
     def worker_capacity(self, dom: Domain, gpus_per_worker: int,
                         models: frozenset[int] | None = None) -> int:
         """How many workers of ``gpus_per_worker`` whole GPUs fit in the domain right now."""
-        if dom.level == self.topo.node_level:
+        if dom.level == self._node_level:
             n = dom.node_start
             if models is not None and self.topo.node_model[n] not in models:
                 return 0
@@ -210,7 +244,7 @@ class ClusterState:
     def has_node_with_free(self, dom: Domain, at_least: int,
                            models: frozenset[int] | None = None) -> int | None:
         """Smallest free count >= ``at_least`` of any node in the domain, or None."""
-        if dom.level == self.topo.node_level:
+        if dom.level == self._node_level:
             n = dom.node_start
             ok = models is None or self.topo.node_model[n] in models
             return self.node_free[n] if ok and self.node_free[n] >= at_least else None
@@ -225,9 +259,26 @@ class ClusterState:
                     break
         return best
 
+    def largest_node_free(self, dom: Domain, models: frozenset[int] | None = None) -> int:
+        """Most whole free GPUs on any one node of the domain (of the given models)."""
+        if dom.level == self._node_level:
+            n = dom.node_start
+            ok = models is None or self.topo.node_model[n] in models
+            return self.node_free[n] if ok else 0
+        hist = self._hist_of(dom)
+        width = self.width
+        best = 0
+        for m in range(len(self.topo.models)) if models is None else models:
+            base = m * width
+            for free in range(width - 1, best, -1):
+                if hist[base + free]:
+                    best = free
+                    break
+        return best
+
     def node_count_with_free(self, dom: Domain, free: int,
                              models: frozenset[int] | None = None) -> int:
-        if dom.level == self.topo.node_level:
+        if dom.level == self._node_level:
             n = dom.node_start
             ok = models is None or self.topo.node_model[n] in models
             return 1 if ok and self.node_free[n] == free else 0
@@ -262,22 +313,43 @@ class ClusterState:
         topo = self.topo
         base = topo.node_model[node] * self.width
         hist = self._hist
-        root = hist[topo.node_level][0]
+        node_level = self._node_level
+        root = hist[node_level][0]
+        gained = new_free - max(old_free, 0)
         if old_free >= 0:
             root[base + old_free] -= 1
         root[base + new_free] += 1
-        for lvl in range(topo.node_level):
-            h = hist[lvl][topo.node_domain[lvl][node]]
+        self._free[node_level][0] += gained
+        for lvl in range(node_level):
+            d = topo.node_domain[lvl][node]
+            h = hist[lvl][d]
             if old_free >= 0:
                 h[base + old_free] -= 1
             h[base + new_free] += 1
+            self._free[lvl][d] += gained
 
     def _recount_node(self, node: int) -> None:
-        free = sum(1 for g in self.topo.gpu_range(node) if self.gpu_used_milli[g] == 0)
+        span = self.topo.gpu_range(node)
+        used = self.gpu_used_milli[span.start:span.stop]
+        free = used.count(0)
         old = self.node_free[node]
         if free != old:
             self.node_free[node] = free
             self._bump(node, old, free)
+        key = (self.topo.node_model[node], tuple(sorted((MILLI - u for u in used),
+                                                        reverse=True)))
+        old_key = self.node_class[node]
+        if key != old_key:
+            if not self._classes_owned:
+                self.node_class = self.node_class.copy()
+                self.class_nodes = {k: v.copy() for k, v in self.class_nodes.items()}
+                self._classes_owned = True
+            members = self.class_nodes[old_key]
+            members.discard(node)
+            if not members:
+                del self.class_nodes[old_key]
+            self.class_nodes.setdefault(key, set()).add(node)
+            self.node_class[node] = key
 
     def allocate(self, placement: Placement) -> None:
         """Take the GPUs of a placement. Raises InvariantError if any is already taken."""
@@ -372,8 +444,11 @@ class ClusterState:
         fresh = ClusterState(self.topo, self.budgets)
         for placement in self.allocations.values():
             fresh.allocate(placement)
-        if fresh.node_free != self.node_free or fresh._hist != self._hist:
+        if fresh.node_free != self.node_free or fresh._hist != self._hist \
+                or fresh._free != self._free:
             raise InvariantError("free-capacity counts drifted from the allocations")
+        if fresh.node_class != self.node_class or fresh.class_nodes != self.class_nodes:
+            raise InvariantError("node classes drifted from the allocations")
         for a, b in zip(fresh.budget_watts, self.budget_watts, strict=True):
             if abs(a - b) > 1e-6 * max(1.0, abs(a)):
                 raise InvariantError("power estimates drifted from the allocations")

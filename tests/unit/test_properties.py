@@ -3,7 +3,7 @@
 - no GPU is given twice (fractions on one GPU never add up to more than one);
 - a gang is all or nothing;
 - a required topology level is never crossed;
-- admitted power estimates never exceed any budget;
+- admitted power estimates never exceed any budget (power-capped admission included);
 - usage counted per domain sums up the tree to the root, and matches the allocations.
 """
 
@@ -42,9 +42,9 @@ def check_tree(state: ClusterState) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(jobs, st.booleans()), min_size=1, max_size=25),
-       st.sampled_from(POLICY_NAMES), st.integers(2, 3))
+       st.sampled_from(POLICY_NAMES), st.integers(2, 3), st.booleans())
 def test_invariants_hold_under_any_workload(steps: list[tuple[JobSpec, bool]], policy: str,
-                                            nodes_per_rack: int) -> None:
+                                            nodes_per_rack: int, capping: bool) -> None:
     topo = grid(2, 2, nodes_per_rack)
     idle = [80.0]
     limit = topo.total_gpus * 80.0 + 0.5 * topo.total_gpus * WATTS
@@ -54,8 +54,11 @@ def test_invariants_hold_under_any_workload(steps: list[tuple[JobSpec, bool]], p
                                 idle)
     state = ClusterState(topo, budgets)
     the_policy = make_policy(policy, seed=1)
+    # With power-capped admission a job blocked on power may start at a quarter of WATTS.
     config = SchedulerConfig(policy=the_policy, empty=ClusterState(topo, budgets),
-                             watts_per_gpu=lambda spec: WATTS)
+                             watts_per_gpu=lambda spec: WATTS,
+                             power_caps=(lambda spec: ((200.0, WATTS / 4),)) if capping
+                             else None)
     running: dict[str, RunningJob] = {}
     for i, (job, finish_one) in enumerate(steps):
         spec = JobSpec(f"j{i}", workers=job.workers, gpus_per_worker=job.gpus_per_worker,

@@ -1,0 +1,1 @@
+"""Reproducible scenarios that print the numbers the README quotes (see README.md here)."""

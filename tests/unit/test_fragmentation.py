@@ -1,0 +1,158 @@
+"""The fragmentation measure (FGD) and where it sends work that fits on one node.
+
+Mixed factory used by the placement cases (one block, one rack per node shape):
+
+              factory (20 GPUs)
+             /                \\
+      rack big (8-GPU nodes)   rack small (2-GPU nodes)
+      big-0  big-1             small-0 small-1
+
+``busy`` lists (node, milli-GPU used per GPU) before the job arrives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from controller.fragmentation import FragmentationScorer, Shape, WorkloadMix, fragment_milli
+from controller.placement import PlacementRequest, place_topology_aware
+from controller.spec import JobSpec
+from controller.state import MILLI, ClusterState, Placement, WorkerSlot
+from controller.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo, Topology
+
+ANY = None
+
+
+@dataclass(frozen=True)
+class FragCase:
+    free: tuple[int, ...]
+    typical: tuple[tuple[float, int, int, frozenset[int] | None], ...]
+    model: int
+    expected: float
+
+
+FRAGMENT = {
+    "an empty node is no fragment for whole-GPU work that fits it": FragCase(
+        (1000,) * 8, ((1.0, 8, MILLI, ANY),), 0, 0.0),
+    "every free GPU is fragment for a task bigger than the node's free GPUs": FragCase(
+        (1000, 1000), ((1.0, 4, MILLI, ANY),), 0, 2000.0),
+    "partially used GPUs are fragment for whole-GPU work": FragCase(
+        (1000, 300), ((1.0, 1, MILLI, ANY),), 0, 300.0),
+    "a GPU with less free than the share is fragment for that share": FragCase(
+        (1000, 300, 600), ((1.0, 1, 500, ANY),), 0, 300.0),
+    "a node of a model the task may not use is all fragment": FragCase(
+        (1000, 1000), ((1.0, 1, MILLI, frozenset({1})),), 0, 2000.0),
+    "the measure is the popularity-weighted sum over typical tasks": FragCase(
+        (1000, 1000, 500), ((0.5, 1, MILLI, ANY), (0.5, 4, MILLI, ANY)), 0,
+        0.5 * 500 + 0.5 * 2500),
+    "a full node has no fragment": FragCase((0, 0), ((1.0, 1, MILLI, ANY),), 0, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", FRAGMENT.values(), ids=FRAGMENT.keys())
+def test_fragment_milli(case: FragCase) -> None:
+    assert fragment_milli(case.model, case.free, case.typical) == pytest.approx(case.expected)
+
+
+def test_typical_shapes_cover_95_percent_of_workers_most_popular_first() -> None:
+    mix = WorkloadMix()
+    for i in range(90):
+        mix.observe(f"one-{i}", (1, MILLI, None))
+    for i in range(6):
+        mix.observe(f"gang-{i}", (8, MILLI, None), weight=1)
+    mix.observe("rare", (2, MILLI, None))
+    mix.observe("one-0", (1, MILLI, None))  # the same job again counts once
+    typical = mix.typical()
+    assert [(t[1], t[2]) for t in typical] == [(1, MILLI), (8, MILLI)]
+    assert sum(t[0] for t in typical) == pytest.approx(1.0)
+    assert typical[0][0] == pytest.approx(90 / 96)
+    assert mix.observed_workers == 97
+
+
+def test_scores_are_cached_until_the_workload_changes() -> None:
+    mix = WorkloadMix(refresh_growth=0.5)
+    mix.observe("a", (8, MILLI, None))
+    scorer = FragmentationScorer(mix)
+    empty_two = (0, (MILLI, MILLI))
+    first = scorer.move(empty_two, 1, MILLI)
+    # A 1-GPU task on a 2-GPU node nobody's 8-GPU tasks can use removes 1000 of fragment.
+    assert first == (-1000.0, MILLI, 2)
+    mix.observe("b", (1, MILLI, None))
+    assert scorer.move(empty_two, 1, MILLI) != first  # new typical shapes, new scores
+
+
+def mixed_topology() -> Topology:
+    nodes = []
+    for rack, gpus, count in (("big", 8, 2), ("small", 2, 2)):
+        for i in range(count):
+            nodes.append(NodeInfo(f"{rack}-{i}", gpus, "H100",
+                                  ((BLOCK_LABEL, "b0"), (RACK_LABEL, rack))))
+    return Topology.build(nodes)
+
+
+TOPO = mixed_topology()
+
+
+def state_with(busy: tuple[tuple[str, tuple[int, ...]], ...]) -> ClusterState:
+    state = ClusterState(TOPO)
+    for i, (name, used) in enumerate(busy):
+        n = TOPO.node_index[name]
+        gpus = list(TOPO.gpu_range(n))
+        slots = tuple(WorkerSlot(n, (gpus[k],), milli) for k, milli in enumerate(used) if milli)
+        state.allocate(Placement(f"busy/{i}", slots))
+    return state
+
+
+@dataclass(frozen=True)
+class PlaceCase:
+    job: JobSpec
+    seen: tuple[tuple[Shape, int], ...]
+    busy: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    node: str = ""
+    gpu_free_before: int = MILLI
+
+
+PLACE = {
+    "with 8-GPU work common, a 1-GPU job takes a small node, keeping big ones whole": PlaceCase(
+        JobSpec("j", gpus_per_worker=1), (((8, MILLI, None), 5), ((1, MILLI, None), 5)),
+        node="small-0"),
+    "without a workload to protect, the tightest node wins (BestFit)": PlaceCase(
+        JobSpec("j", gpus_per_worker=1), (), busy=(("big-1", (1000,) * 7),), node="big-1"),
+    "a share goes where its leftover still fits the typical share, not the tightest GPU":
+        PlaceCase(JobSpec("j", gpu_milli=200), (((1, 300, None), 10),),
+                  busy=(("small-0", (600, 0)), ("small-1", (500, 0))),
+                  node="small-1", gpu_free_before=500),
+    "equal scores go to the tightest GPU": PlaceCase(
+        JobSpec("j", gpu_milli=200), (((1, 200, None), 10),),
+        busy=(("small-0", (600, 0)), ("small-1", (800, 0))),
+        node="small-1", gpu_free_before=200),
+}
+
+
+@pytest.mark.parametrize("case", PLACE.values(), ids=PLACE.keys())
+def test_one_node_work_goes_where_it_fragments_least(case: PlaceCase) -> None:
+    mix = WorkloadMix()
+    for i, (shape, count) in enumerate(case.seen):
+        for k in range(count):
+            mix.observe(f"seen-{i}-{k}", shape)
+    state = state_with(case.busy)
+    req = PlacementRequest.resolve(case.job, TOPO)
+    assert isinstance(req, PlacementRequest)
+    got = place_topology_aware(state, req, None, FragmentationScorer(mix))
+    assert isinstance(got, Placement), got
+    assert [TOPO.nodes[n].name for n in got.nodes] == [case.node]
+    assert state.gpu_free_milli(got.slots[0].gpus[0]) == case.gpu_free_before
+    state.allocate(got)
+    state.check_consistency()
+
+
+def test_without_the_score_the_same_share_takes_the_tightest_gpu() -> None:
+    """The contrast for the case above: plain BestFit strands 200 milli-GPU on small-0."""
+    state = state_with((("small-0", (600, 0)), ("small-1", (500, 0))))
+    req = PlacementRequest.resolve(JobSpec("j", gpu_milli=200), TOPO)
+    assert isinstance(req, PlacementRequest)
+    got = place_topology_aware(state, req)
+    assert isinstance(got, Placement)
+    assert [TOPO.nodes[n].name for n in got.nodes] == ["small-0"]
