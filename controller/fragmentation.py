@@ -17,6 +17,21 @@ grows least. aifactory uses the same measure for every request that fits on one 
 - F_n(M) = sum_t p_t F_n(t), and a placement scores F_n(M) after minus before: lower is
   better, and it is often negative (using capacity no typical task could use).
 
+FGD's measure only counts capacity that *no* typical task can use; it does not see that
+work restricted to a scarce GPU model loses the GPUs other work takes from it (on openb
+``gpuspec33``, T4-only pods ask for more than the T4 share of the factory, and P100-only
+pods queue behind unrestricted pods that sat on the P100 nodes). So a placement also pays
+for the capacity it takes, per milli-GPU, the *scarcity* of the node's model:
+
+- S(m) = sum over restricted demand r whose allowed models include m of D_r / C_r, where
+  D_r is r's share of all GPU demand seen (GPUs x workers, fractions counted by share) and
+  C_r the share of the factory's GPUs that r may use;
+- a move's score is the FGD change plus milli-GPU taken x S(model).
+
+Unrestricted demand adds the same to every model and is left out; a task's own allowed
+models add the same to each of its options, so S only reorders choices *between* models,
+and with no restricted demand (or one GPU model) the score is FGD's alone.
+
 FGD also counts CPU and memory; aifactory schedules GPUs only, so here a node's fragment is
 judged on its GPUs alone. Nodes with the same GPU model and the same free milli-GPU on
 each GPU form a class (``ClusterState.class_nodes``); scores are cached per class, shape
@@ -76,6 +91,18 @@ class WorkloadMix:
     def observed_workers(self) -> int:
         return self._total
 
+    def restricted_demand(self) -> dict[frozenset[int], float]:
+        """Share of all GPU demand seen (whole GPUs x workers, a share counted as its
+        fraction) per set of allowed models, for the shapes restricted to some models."""
+        total = 0.0
+        out: dict[frozenset[int], float] = {}
+        for (gpus, milli, models), count in self._counts.items():
+            demand = count * (gpus if milli >= MILLI else milli / MILLI)
+            total += demand
+            if models is not None:
+                out[models] = out.get(models, 0.0) + demand
+        return {models: d / total for models, d in out.items()} if total else {}
+
     def typical(self) -> tuple[_Typical, ...]:
         """Typical shapes with their popularity (summing to 1), most popular first."""
         total, last = self._total, self._typical_at
@@ -121,13 +148,26 @@ def fragment_milli(model: int, free: tuple[int, ...], typical: Iterable[_Typical
 class FragmentationScorer:
     """Scores of placing a shape on a node class, cached per workload version."""
 
-    __slots__ = ("_fragments", "_moves", "_version", "mix")
+    __slots__ = ("_fragments", "_model_gpus", "_moves", "_scarcity", "_version", "mix")
 
     def __init__(self, mix: WorkloadMix | None = None) -> None:
         self.mix = mix if mix is not None else WorkloadMix()
         self._version = -1
         self._fragments: dict[NodeClass, float] = {}
         self._moves: dict[tuple[NodeClass, int, int], tuple[float, int, int] | None] = {}
+        self._model_gpus: tuple[int, ...] = ()
+        self._scarcity: tuple[float, ...] = ()
+
+    def bind(self, model_gpus: tuple[int, ...]) -> None:
+        """The factory's GPUs per model index, against which scarcity is judged."""
+        if model_gpus != self._model_gpus:
+            self._model_gpus = model_gpus
+            self._version = -1
+
+    def scarcity(self) -> tuple[float, ...]:
+        """S(m) per model index (see the module docstring), for the current workload."""
+        self._typical()
+        return self._scarcity
 
     def _typical(self) -> tuple[_Typical, ...]:
         typical = self.mix.typical()
@@ -136,7 +176,23 @@ class FragmentationScorer:
             self._version = self.mix.version
             self._fragments.clear()
             self._moves.clear()
+            self._scarcity = self._scarcities()
         return typical
+
+    def _scarcities(self) -> tuple[float, ...]:
+        gpus = self._model_gpus
+        total = sum(gpus)
+        out = [0.0] * len(gpus)
+        if not total:
+            return tuple(out)
+        for models, demand in self.mix.restricted_demand().items():
+            usable = sum(gpus[m] for m in models if m < len(gpus))
+            if usable:
+                weight = demand / (usable / total)
+                for m in models:
+                    if m < len(gpus):
+                        out[m] += weight
+        return tuple(out)
 
     def fragment(self, cls: NodeClass, typical: tuple[_Typical, ...] | None = None) -> float:
         if typical is None:
@@ -169,12 +225,13 @@ class FragmentationScorer:
         model, free = cls
         whole = free.count(MILLI)
         best: tuple[float, int, int] | None = None
+        scarce = self._scarcity[model] if model < len(self._scarcity) else 0.0
         if milli >= MILLI:
             if whole >= gpus:
                 after = free[gpus:] + (0,) * gpus
                 score = 0.0 if not typical else (
                     fragment_milli(model, after, typical) - self.fragment(cls, typical))
-                best = (round(score, 6), MILLI, whole)
+                best = (round(score + scarce * gpus * MILLI, 6), MILLI, whole)
         else:
             before = self.fragment(cls, typical) if typical else 0.0
             for v in sorted(set(free)):
@@ -183,7 +240,7 @@ class FragmentationScorer:
                 i = free.index(v)
                 after = tuple(sorted((*free[:i], v - milli, *free[i + 1:]), reverse=True))
                 score = 0.0 if not typical else fragment_milli(model, after, typical) - before
-                option = (round(score, 6), v, whole)
+                option = (round(score + scarce * milli, 6), v, whole)
                 if best is None or option < best:
                     best = option
         self._moves[key] = best
@@ -195,6 +252,7 @@ def ranked_nodes(state: ClusterState, gpus: int, milli: int, models: frozenset[i
     """Nodes that can take ``gpus`` whole GPUs (or, when ``milli`` < 1000, one share of
     ``milli``), best first, each with the free milli of the GPU a share would go to."""
     options: list[tuple[tuple[float, int, int], NodeClass]] = []
+    scorer.bind(state.topo.model_gpus)
     cache, typical = scorer.moves()
     missing = object()
     for cls in state.class_nodes:

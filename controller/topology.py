@@ -132,6 +132,7 @@ class Topology:
     root: Domain
     max_node_gpus: int
     node_index: Mapping[str, int] = field(repr=False)
+    model_gpus: tuple[int, ...] = ()  # GPUs of each model index in the factory
 
     # ----------------------------------------------------------------- construction
 
@@ -210,6 +211,9 @@ class Topology:
             ]
         root = Domain(-1, 0, (), -1, tuple(d.index for d in level_domains[0]), 0,
                       len(ordered), total)
+        model_gpus = [0] * len(models)
+        for n in ordered:
+            model_gpus[model_index[n.gpu_model]] += n.gpus
         return Topology(
             levels=levels,
             nodes=ordered,
@@ -221,6 +225,7 @@ class Topology:
             root=root,
             max_node_gpus=max((n.gpus for n in ordered), default=0),
             node_index={n.name: i for i, n in enumerate(ordered)},
+            model_gpus=tuple(model_gpus),
         )
 
     # ----------------------------------------------------------------- queries

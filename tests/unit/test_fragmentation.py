@@ -156,3 +156,77 @@ def test_without_the_score_the_same_share_takes_the_tightest_gpu() -> None:
     got = place_topology_aware(state, req)
     assert isinstance(got, Placement)
     assert [TOPO.nodes[n].name for n in got.nodes] == ["small-0"]
+
+
+# ---------------------------------------------------------------- scarce GPU models
+#
+# Two models: "common" (2 nodes x 8 GPUs) and "scarce" (1 node x 2 GPUs), one rack each.
+
+
+def two_model_topology() -> Topology:
+    nodes = [NodeInfo(f"common-{i}", 8, "A-common", ((BLOCK_LABEL, "b0"), (RACK_LABEL, "c")))
+             for i in range(2)]
+    nodes.append(NodeInfo("scarce-0", 2, "B-scarce", ((BLOCK_LABEL, "b0"), (RACK_LABEL, "s"))))
+    return Topology.build(nodes)
+
+
+TWO = two_model_topology()
+COMMON, SCARCE = TWO.models.index("A-common"), TWO.models.index("B-scarce")
+
+
+def scarce_mix(scarce_only: int, unrestricted: int, common_only: int = 0) -> WorkloadMix:
+    mix = WorkloadMix()
+    for i in range(scarce_only):
+        mix.observe(f"only-scarce-{i}", (1, MILLI, frozenset({SCARCE})))
+    for i in range(common_only):
+        mix.observe(f"only-common-{i}", (1, MILLI, frozenset({COMMON})))
+    for i in range(unrestricted):
+        mix.observe(f"any-{i}", (1, MILLI, None))
+    return mix
+
+
+def test_topology_counts_gpus_per_model() -> None:
+    assert TWO.model_gpus[COMMON] == 16 and TWO.model_gpus[SCARCE] == 2
+
+
+def test_scarcity_is_restricted_demand_share_over_capacity_share() -> None:
+    scorer = FragmentationScorer(scarce_mix(scarce_only=3, unrestricted=5, common_only=2))
+    scorer.bind(TWO.model_gpus)
+    s = scorer.scarcity()
+    # Work restricted to "scarce" is 30 % of demand on 2/18 of the GPUs, to "common" 20 %
+    # on 16/18.
+    assert s[SCARCE] == pytest.approx(0.3 / (2 / 18))
+    assert s[COMMON] == pytest.approx(0.2 / (16 / 18))
+
+
+def test_no_restricted_demand_means_no_scarcity() -> None:
+    scorer = FragmentationScorer(scarce_mix(scarce_only=0, unrestricted=10))
+    scorer.bind(TWO.model_gpus)
+    assert scorer.scarcity() == (0.0, 0.0)
+
+
+def _place_any(mix: WorkloadMix, job: JobSpec) -> str:
+    state = ClusterState(TWO)
+    n = TWO.node_index["common-1"]
+    state.allocate(Placement("busy", (WorkerSlot(n, tuple(TWO.gpu_range(n))[:4], MILLI),)))
+    req = PlacementRequest.resolve(job, TWO)
+    assert isinstance(req, PlacementRequest)
+    got = place_topology_aware(state, req, None, FragmentationScorer(mix))
+    assert isinstance(got, Placement), got
+    return TWO.nodes[got.nodes[0]].name
+
+
+def test_unrestricted_work_keeps_off_a_model_that_restricted_work_needs() -> None:
+    # FGD alone cannot tell the nodes apart when as much work is restricted to each model
+    # (each node is useless to the same share of tasks), so the tightest node wins: the
+    # small node of the scarce model. Scarcity sends the job to the common model instead.
+    balanced = scarce_mix(scarce_only=1, unrestricted=8, common_only=1)
+    assert _place_any(balanced, JobSpec("j", gpus_per_worker=1)) == "common-1"
+    assert _place_any(balanced, JobSpec("j", gpu_milli=250)) == "common-1"
+    # Without restricted work there is nothing to protect: the tightest node, BestFit.
+    assert _place_any(scarce_mix(0, 10), JobSpec("j", gpus_per_worker=1)) == "scarce-0"
+
+
+def test_restricted_work_still_goes_to_its_model() -> None:
+    job = JobSpec("j", gpus_per_worker=1, gpu_models=("B-scarce",))
+    assert _place_any(scarce_mix(3, 7), job) == "scarce-0"
