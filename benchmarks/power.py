@@ -25,13 +25,16 @@ budget but a quota of the GPUs that fit the same budget at full draw,
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
+    Stat,
     base_parser,
     machine,
     machine_line,
@@ -122,6 +125,59 @@ COLUMNS: tuple[tuple[str, str, str, float, str], ...] = (
 )
 
 
+def summarize(runs: list[dict[str, Any]], rows_wanted: Sequence[str],
+              fractions: Sequence[float], gangs: int, seeds: int, total_gpus: int
+              ) -> dict[str, Any]:
+    """Print the tables of every budget, and each row's work done against the static GPU
+    cap on the same seed (the workloads differ a lot between seeds, so the paired ratio
+    says more than the means)."""
+    summary: dict[str, Any] = {}
+    for fraction in fractions:
+        sample = next(r for r in runs if r["budget_fraction"] == fraction)
+        table = []
+        block: dict[str, Any] = {}
+        static = {r["seed"]: r["work_gpu_hours"] for r in runs
+                  if r["row"] == STATIC and r["budget_fraction"] == fraction}
+        for row in rows_wanted:
+            mine = [r for r in runs if r["row"] == row and r["budget_fraction"] == fraction]
+            stats = {key: stat(float(r[key]) for r in mine) for key, *_ in COLUMNS}
+            paired = [100.0 * (r["work_gpu_hours"] / static[r["seed"]] - 1.0) for r in mine
+                      if static.get(r["seed"])]
+            stats["work_vs_static_percent"] = stat(paired)
+            block[row] = {k: v.to_dict() for k, v in stats.items()}
+            table.append([row, *(stats[key].fmt(spec, scale, unit)
+                                 for key, _, spec, scale, unit in COLUMNS),
+                          _signed(stats["work_vs_static_percent"]),
+                          ", ".join(f"{v:+.1f}" for v in paired)])
+        summary[f"{fraction:.2f}"] = block
+        print(f"\n**Budget {fraction:.0%} of peak** ({sample['budget_watts'] / 1e6:.2f} MW; "
+              f"static cap {sample['static_cap_gpus']} of {total_gpus} GPUs), "
+              f"{gangs} gangs + background per seed, {seeds} seeds:\n")
+        print(markdown_table(["policy", *(h for _, h, *_ in COLUMNS),
+                              "work vs static cap, same seed", "per seed %"], table))
+    return summary
+
+
+def _signed(value: Stat) -> str:
+    if value.n == 0:
+        return "—"
+    return f"{value.mean:+.2f} %" + (f" ± {value.sd:.2f}" if value.n > 1 else "")
+
+
+def resummarize(path: str) -> int:
+    """Print the tables again from a JSON this script wrote (no simulation)."""
+    data = json.loads(Path(path).read_text())
+    args = data["args"]
+    runs = data["runs"]
+    rows_wanted = list(dict.fromkeys(r["row"] for r in runs))
+    fractions = list(dict.fromkeys(r["budget_fraction"] for r in runs))
+    seeds = len({r["seed"] for r in runs})
+    gangs = 100 if args.get("smoke") else args["gangs"]
+    print(f"# Scenario 4: power-capped factory (from {path})\n\n{machine_line(data['machine'])}")
+    summarize(runs, rows_wanted, fractions, gangs, seeds, data.get("total_gpus", 6776))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0], DEFAULT_JSON)
     parser.add_argument("--gangs", type=int, default=4000,
@@ -131,7 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="factory budgets as fractions of peak draw")
     parser.add_argument("--gang-load", type=float, default=0.8)
     parser.add_argument("--background-load", type=float, default=0.2)
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="print the tables again from a JSON this script wrote")
     args = parser.parse_args(argv)
+    if args.from_json:
+        return resummarize(args.from_json)
     rows_wanted = [*policy_names(args.policies), CAPPING, STATIC]
     gangs, seeds = args.gangs, args.seeds
     fractions = [float(f) for f in args.budgets.split(",")]
@@ -157,25 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                           file=sys.stderr, flush=True)
 
     _, wall = timed(work)
-    summary: dict[str, Any] = {}
-    for fraction in fractions:
-        sample = next(r for r in runs if r["budget_fraction"] == fraction)
-        table = []
-        block: dict[str, Any] = {}
-        for row in rows_wanted:
-            mine = [r for r in runs if r["row"] == row and r["budget_fraction"] == fraction]
-            stats = {key: stat(float(r[key]) for r in mine) for key, *_ in COLUMNS}
-            block[row] = {k: v.to_dict() for k, v in stats.items()}
-            table.append([row, *(stats[key].fmt(spec, scale, unit)
-                                 for key, _, spec, scale, unit in COLUMNS)])
-        summary[f"{fraction:.2f}"] = block
-        print(f"\n**Budget {fraction:.0%} of peak** ({sample['budget_watts'] / 1e6:.2f} MW; "
-              f"static cap {sample['static_cap_gpus']} of {factory.total_gpus} GPUs), "
-              f"{gangs} gangs + background per seed, {seeds} seeds:\n")
-        print(markdown_table(["policy", *(h for _, h, *_ in COLUMNS)], table))
+    summary = summarize(runs, rows_wanted, fractions, gangs, seeds, factory.total_gpus)
     print(f"\nwall time {wall:.0f} s")
     write_json(args.json_path, {"scenario": "power", "machine": info, "args": vars(args),
-                                "summary": summary, "runs": runs, "wall_seconds": wall})
+                                "total_gpus": factory.total_gpus, "summary": summary,
+                                "runs": runs, "wall_seconds": wall})
     return 0
 
 

@@ -76,6 +76,12 @@ def test_power_capped_factory(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # The baselines ignore power: their overruns are measured, not prevented.
     assert max(block[p]["power_budget_exceeded_seconds"]["max"]
                for p in POLICIES if p != "aifactory") > 0.0
+    # Work against the static cap is paired by seed; the static cap against itself is 0.
+    assert block[power.STATIC]["work_vs_static_percent"]["mean"] == 0.0
+    assert block[power.STATIC]["work_vs_static_percent"]["n"] == 2
+    # The tables can be printed again from the JSON without simulating.
+    assert power.main(["--from-json", str(tmp_path / "out.json")]) == 0
+    assert "work vs static cap, same seed" in capsys.readouterr().out
 
 
 def test_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
