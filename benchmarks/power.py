@@ -59,6 +59,7 @@ DEFAULT_JSON = "benchmarks/results/power.json"
 CAPPING = "aifactory + capping"
 STATIC = "static GPU cap"
 MIN_CAPPED_SPEED = 0.8
+SMOKE_GANGS = 100
 
 
 def static_cap_gpus(factory: FactorySpec, watts: float) -> int:
@@ -172,9 +173,11 @@ def resummarize(path: str) -> int:
     rows_wanted = list(dict.fromkeys(r["row"] for r in runs))
     fractions = list(dict.fromkeys(r["budget_fraction"] for r in runs))
     seeds = len({r["seed"] for r in runs})
-    gangs = 100 if args.get("smoke") else args["gangs"]
+    gangs = SMOKE_GANGS if args.get("smoke") else args["gangs"]
+    # JSONs written before the factory size was recorded: the factory is always Lingjun.
+    total_gpus = data.get("total_gpus") or lingjun_factory().total_gpus
     print(f"# Scenario 4: power-capped factory (from {path})\n\n{machine_line(data['machine'])}")
-    summarize(runs, rows_wanted, fractions, gangs, seeds, data.get("total_gpus", 6776))
+    summarize(runs, rows_wanted, fractions, gangs, seeds, total_gpus)
     return 0
 
 
@@ -196,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gangs, seeds = args.gangs, args.seeds
     fractions = [float(f) for f in args.budgets.split(",")]
     if args.smoke:  # small, and a budget tight enough to bind
-        gangs, seeds, fractions = 100, 2, [0.3]
+        gangs, seeds, fractions = SMOKE_GANGS, 2, [0.3]
     factory = lingjun_factory()
     info = machine()
     print(f"# Scenario 4: power-capped factory\n\n{machine_line(info)}")

@@ -90,21 +90,31 @@ def _eligible(state: ClusterState, req: PlacementRequest, n: int) -> bool:
     return req.models is None or state.topo.node_model[n] in req.models
 
 
+def _nodes_with_room(state: ClusterState, req: PlacementRequest, dom: Domain) -> list[int]:
+    """The domain's nodes, in index order, of an allowed model with room for one worker of
+    ``req``: ``gpus_per_worker`` whole free GPUs, or one GPU with the share free."""
+    if req.fractional:
+        classes, m = state.node_class, req.milli
+        return [n for n in range(dom.node_start, dom.node_end)
+                if classes[n][1] and classes[n][1][0] >= m and _eligible(state, req, n)]
+    free, g = state.node_free, req.gpus_per_worker
+    return [n for n in range(dom.node_start, dom.node_end)
+            if free[n] >= g and _eligible(state, req, n)]
+
+
 def _greedy(state: ClusterState, req: PlacementRequest, nodes: Iterable[int]
             ) -> list[tuple[int, int]] | None:
-    """Take workers node by node in the given order until the gang is placed."""
+    """Take workers node by node in the given order (nodes from ``_nodes_with_room``)
+    until the gang is placed."""
     out: list[tuple[int, int]] = []
     remaining = req.workers
     g = req.gpus_per_worker
     for n in nodes:
-        if not _eligible(state, req, n):
-            continue
         k = min(state.node_free[n] // g, remaining)
-        if k > 0:
-            out.append((n, k))
-            remaining -= k
-            if remaining == 0:
-                return out
+        out.append((n, k))
+        remaining -= k
+        if remaining == 0:
+            return out
     return None
 
 
@@ -124,18 +134,9 @@ class NodeOrderPolicy:
 
     def _node_order(self, state: ClusterState, dom: Domain, req: PlacementRequest
                     ) -> list[int]:
-        """The domain's nodes that could take a worker of ``req`` (eligible model, room for
-        one worker or share), in the policy's order. Filtering first keeps a nearly full
+        """``_nodes_with_room`` in the policy's order. Filtering first keeps a nearly full
         factory cheap: a shuffle or sort of every node per decision dominated."""
-        if req.fractional:
-            classes = state.node_class
-            nodes = [n for n in range(dom.node_start, dom.node_end)
-                     if classes[n][1] and classes[n][1][0] >= req.milli
-                     and _eligible(state, req, n)]
-        else:
-            free, g = state.node_free, req.gpus_per_worker
-            nodes = [n for n in range(dom.node_start, dom.node_end)
-                     if free[n] >= g and _eligible(state, req, n)]
+        nodes = _nodes_with_room(state, req, dom)
         if self.order == "best":
             nodes.sort(key=lambda n: (state.node_free[n], n))
         elif self.order == "random":
@@ -278,11 +279,7 @@ class PerPodPolicy:
         g = req.gpus_per_worker
         if req.fractional:
             best_gpu: tuple[int, int, int] | None = None
-            classes = state.node_class
-            for n in range(len(topo.nodes)):
-                if not classes[n][1] or classes[n][1][0] < req.milli or \
-                        not _eligible(state, req, n):
-                    continue
+            for n in _nodes_with_room(state, req, topo.root):
                 for gpu in topo.gpu_range(n):
                     free = MILLI - state.gpu_used_milli[gpu]
                     if free >= req.milli:
@@ -297,8 +294,8 @@ class PerPodPolicy:
         left = state.node_free.copy()
         out: list[tuple[int, int]] = []
         # Least allocated first (most free share, then lowest index), one worker at a time.
-        heap = [(-left[n] / node.gpus, n) for n, node in enumerate(topo.nodes)
-                if left[n] >= g and _eligible(state, req, n)]
+        heap = [(-left[n] / topo.nodes[n].gpus, n)
+                for n in _nodes_with_room(state, req, topo.root)]
         heapq.heapify(heap)
         for _ in range(req.workers):
             if not heap:
