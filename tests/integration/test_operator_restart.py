@@ -147,9 +147,17 @@ def test_operator_restart_loses_restarts_and_double_places_nothing(
         running.append(services.status(NS, "serve"))
         held = gpu_slots(running)
         assert len(held) == len(set(held)) == 16 + 8 + 4 + 2
-        metrics = wait_for(lambda: _metric(operator.metrics(),
-                                           'aifactory_operator_jobs{phase="Running"}') == 5
-                           and operator.metrics(), 10, "the operator's own count of jobs")
+
+        def settled() -> str | None:
+            # The metrics thread reads a snapshot refreshed every status interval, so one
+            # scrape can still count the job deleted while the operator was down: wait for
+            # a scrape that shows the settled state, and check that same scrape.
+            text = operator.metrics()
+            ok = (_metric(text, 'aifactory_operator_jobs{phase="Running"}') == 5
+                  and _metric(text, 'aifactory_operator_jobs{phase="Queued"}') == 1)
+            return text if ok else None
+
+        metrics = wait_for(settled, 10, "the operator's own count of jobs")
         # rack-gang, single, 2 replicas, arrived-while-down running; waits-gang queued.
         assert _metric(metrics, 'aifactory_operator_jobs{phase="Queued"}') == 1
         assert _metric(metrics, 'aifactory_operator_gpus{state="allocated"}') == 30
