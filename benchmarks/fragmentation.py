@@ -7,6 +7,10 @@ FGD's analysis scripts report it: the allocation rate (GPUs requested by placed 
 all GPUs) and the unallocated GPUs (capacity minus that) when the arrived demand first
 reaches 90 %, 95 % and 100 % of capacity.
 
+As in FGD's simulator, nodes have their CPU and memory and each pod asks for its own (a
+node with free GPUs but no CPU left strands them); ``--gpus-only`` schedules GPUs alone.
+CPU-only pods and CPU-only nodes are left out in both modes.
+
 Two submission orders:
 
 - ``fgd``: FGD's protocol, per seed: pods sorted by name, shuffled, resampled to 130 % of
@@ -58,8 +62,9 @@ MARKS = (0.9, 0.95, 1.0)
 DEFAULT_JSON = "benchmarks/results/fragmentation.json"
 
 
-def openb_factory(node_limit: int | None = None) -> FactorySpec:
-    nodes = load_openb_nodes(openb_path("openb_node_list_gpu_node.csv"))
+def openb_factory(node_limit: int | None = None, host_resources: bool = True) -> FactorySpec:
+    nodes = load_openb_nodes(openb_path("openb_node_list_gpu_node.csv"),
+                             host_resources=host_resources)
     if node_limit is not None:
         nodes = nodes[:node_limit]
     return factory_from_nodes("openb", assign_racks(nodes))
@@ -98,13 +103,15 @@ def _point(result: FillResult, mark: float) -> tuple[float, float]:
 
 
 def run(traces: Sequence[str], names: Sequence[str], seeds: int, orders: Sequence[str],
-        node_limit: int | None, pod_limit: int | None, ratio: float) -> dict[str, Any]:
-    factory = openb_factory(node_limit)
+        node_limit: int | None, pod_limit: int | None, ratio: float,
+        host_resources: bool = True) -> dict[str, Any]:
+    factory = openb_factory(node_limit, host_resources)
     topo = factory.topology()
     watts = watts_estimator(topo)
     out: dict[str, Any] = {"gpus": topo.total_gpus, "nodes": len(topo.nodes), "runs": []}
     for trace in traces:
-        pods = [j.spec for j in load_openb_pods(openb_path(f"openb_pod_list_{trace}.csv"))]
+        pods = [j.spec for j in load_openb_pods(openb_path(f"openb_pod_list_{trace}.csv"),
+                                                host_resources)]
         if pod_limit is not None:
             pods = pods[:pod_limit]
         for order in orders:
@@ -217,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--orders", default="fgd,file", help="fgd, file or both")
     parser.add_argument("--ratio", type=float, default=1.3,
                         help="FGD order: resample to this multiple of capacity")
+    parser.add_argument("--gpus-only", action="store_true",
+                        help="schedule GPUs alone (ignore the CPU and memory of nodes and pods)")
     parser.add_argument("--ablation", action="store_true",
                         help=f"also run {NO_FGD} (ours without the fragmentation score)")
     args = parser.parse_args(argv)
@@ -231,8 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         traces, node_limit, pod_limit, seeds = ["multigpu50", "gpushare40"], 120, 900, 2
     info = machine()
     print(f"# Scenario 1: fragmentation, fill until full\n\n{machine_line(info)}")
-    data, wall = timed(run, traces, names, seeds, orders, node_limit, pod_limit, args.ratio)
-    print(f"\nfactory: openb GPU node list, {data['nodes']} nodes, {data['gpus']} GPUs")
+    data, wall = timed(run, traces, names, seeds, orders, node_limit, pod_limit, args.ratio,
+                       not args.gpus_only)
+    print(f"\nfactory: openb GPU node list, {data['nodes']} nodes, {data['gpus']} GPUs; "
+          + ("GPUs only" if args.gpus_only else "GPUs, CPU and memory scheduled"))
     summary = summarize(data, traces, names, orders)
     best = headline(summary, names)
     print(f"\nwall time {wall:.0f} s")

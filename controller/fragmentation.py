@@ -20,22 +20,28 @@ grows least. aifactory uses the same measure for every request that fits on one 
 FGD's measure only counts capacity that *no* typical task can use; it does not see that
 work restricted to a scarce GPU model loses the GPUs other work takes from it (on openb
 ``gpuspec33``, T4-only pods ask for more than the T4 share of the factory, and P100-only
-pods queue behind unrestricted pods that sat on the P100 nodes). So a placement also pays
-for the capacity it takes, per milli-GPU, the *scarcity* of the node's model:
+pods queue behind unrestricted pods that sat on the P100 nodes). The same holds for work
+that only some nodes can ever host for their CPU or memory (on openb ``multigpu50``, 8-GPU
+pods asking 120 cores fit only the 128-core G3 nodes, 5 % of the GPUs). So a placement also
+pays for the capacity it takes, per milli-GPU, the *scarcity* of the node's kind (GPU model,
+CPU and memory capacity: ``Topology.kinds``):
 
-- S(m) = sum over restricted demand r whose allowed models include m of D_r / C_r, where
-  D_r is r's share of all GPU demand seen (GPUs x workers, fractions counted by share) and
-  C_r the share of the factory's GPUs that r may use;
-- a move's score is the FGD change plus milli-GPU taken x S(model).
+- S(k) = sum over restricted demand r that kind k can host of D_r / C_r, where r groups
+  the shapes with the same allowed models, CPU and memory, D_r is r's share of all GPU
+  demand seen (GPUs x workers, fractions counted by share) and C_r the share of the
+  factory's GPUs on the kinds that can host r; r is restricted when some kind cannot;
+- a move's score is the FGD change plus milli-GPU taken x S(kind).
 
-Unrestricted demand adds the same to every model and is left out; a task's own allowed
-models add the same to each of its options, so S only reorders choices *between* models,
-and with no restricted demand (or one GPU model) the score is FGD's alone.
+Demand every kind can host would add the same to every kind and is left out; a task's own
+options all host it, so S only reorders choices *between* kinds, and with no restricted
+demand (or one kind of node) the score is FGD's alone.
 
-FGD also counts CPU and memory; aifactory schedules GPUs only, so here a node's fragment is
-judged on its GPUs alone. Nodes with the same GPU model and the same free milli-GPU on
-each GPU form a class (``ClusterState.class_nodes``); scores are cached per class, shape
-and workload version, so a decision costs O(classes) rather than O(nodes x GPUs). Ties
+CPU and memory count as in FGD: on nodes that track them, a shape also records the CPU and
+memory per worker, and all of a node's free GPU capacity is fragment for a shape whose CPU
+or memory the node can no longer give (its GPUs are stranded for that shape). Nodes with
+the same GPU model, the same free milli-GPU on each GPU and the same free CPU and memory
+form a class (``ClusterState.class_nodes``); scores are cached per class, shape and
+workload version, so a decision costs O(classes) rather than O(nodes x GPUs). Ties
 (equal score) go to the tightest GPU, then the node with fewest free GPUs, then the rack
 with fewest free GPUs, so empty nodes and racks stay whole for gangs.
 """
@@ -49,10 +55,14 @@ from controller.state import MILLI, ClusterState, NodeClass
 
 __all__ = ["FragmentationScorer", "Shape", "WorkloadMix", "ranked_nodes"]
 
-# (whole GPUs per worker, milli-GPU per GPU, allowed model indices or None for any)
-Shape = tuple[int, int, frozenset[int] | None]
-# (popularity 0..1, whole GPUs, milli-GPU, models)
-_Typical = tuple[float, int, int, frozenset[int] | None]
+# (whole GPUs per worker, milli-GPU per GPU, allowed model indices or None for any,
+#  CPU milli-cores per worker, memory MiB per worker)
+Shape = tuple[int, int, frozenset[int] | None, int, int]
+# (popularity 0..1, whole GPUs, milli-GPU, models, CPU milli, memory MiB)
+_Typical = tuple[float, int, int, frozenset[int] | None, int, int]
+
+# (node class, whole GPUs, milli-GPU, CPU milli, memory MiB) of a move
+_MoveKey = tuple[NodeClass, int, int, int, int]
 
 _CACHE_LIMIT = 200_000
 _SEEN_LIMIT = 1_000_000
@@ -91,24 +101,27 @@ class WorkloadMix:
     def observed_workers(self) -> int:
         return self._total
 
-    def restricted_demand(self) -> dict[frozenset[int], float]:
+    def restricted_demand(self) -> dict[tuple[frozenset[int] | None, int, int], float]:
         """Share of all GPU demand seen (whole GPUs x workers, a share counted as its
-        fraction) per set of allowed models, for the shapes restricted to some models."""
+        fraction) per (allowed models, CPU milli, memory MiB per worker), for the shapes
+        that name models or ask for CPU or memory (the ones some nodes may not host)."""
         total = 0.0
-        out: dict[frozenset[int], float] = {}
-        for (gpus, milli, models), count in self._counts.items():
+        out: dict[tuple[frozenset[int] | None, int, int], float] = {}
+        for (gpus, milli, models, cpu, memory), count in self._counts.items():
             demand = count * (gpus if milli >= MILLI else milli / MILLI)
             total += demand
-            if models is not None:
-                out[models] = out.get(models, 0.0) + demand
-        return {models: d / total for models, d in out.items()} if total else {}
+            if models is not None or cpu or memory:
+                key = (models, cpu, memory)
+                out[key] = out.get(key, 0.0) + demand
+        return {key: d / total for key, d in out.items()} if total else {}
 
     def typical(self) -> tuple[_Typical, ...]:
         """Typical shapes with their popularity (summing to 1), most popular first."""
         total, last = self._total, self._typical_at
         if total != last and (last < 64 or total >= last * (1.0 + self.refresh_growth)):
             ranked = sorted(self._counts.items(),
-                            key=lambda kv: (-kv[1], kv[0][0], kv[0][1], _models_key(kv[0][2])))
+                            key=lambda kv: (-kv[1], kv[0][0], kv[0][1], _models_key(kv[0][2]),
+                                            kv[0][3], kv[0][4]))
             kept: list[tuple[int, Shape]] = []
             covered = 0
             for shape, count in ranked:
@@ -116,7 +129,7 @@ class WorkloadMix:
                     break
                 kept.append((count, shape))
                 covered += count
-            self._typical = tuple((count / covered, s[0], s[1], s[2]) for count, s in kept)
+            self._typical = tuple((count / covered, *s) for count, s in kept)
             self._typical_at = total
             self.version += 1
         return self._typical
@@ -126,17 +139,20 @@ def _models_key(models: frozenset[int] | None) -> tuple[int, ...]:
     return () if models is None else tuple(sorted(models))
 
 
-def fragment_milli(model: int, free: tuple[int, ...], typical: Iterable[_Typical]) -> float:
+def fragment_milli(model: int, free: tuple[int, ...], typical: Iterable[_Typical],
+                   cpu_free: int = -1, memory_free: int = -1) -> float:
     """F_n(M) of a node of GPU model ``model`` whose GPUs have ``free`` milli-GPU free
-    (sorted high to low), for the typical shapes ``typical``."""
+    (sorted high to low) and ``cpu_free``/``memory_free`` left (-1: not tracked), for the
+    typical shapes ``typical``."""
     total = sum(free)
     if total == 0:
         return 0.0
     whole = free.count(MILLI)
     partial = total - whole * MILLI
     out = 0.0
-    for p, gpus, milli, models in typical:
-        if models is not None and model not in models:
+    for p, gpus, milli, models, cpu, memory in typical:
+        if (models is not None and model not in models) or cpu > cpu_free >= 0 \
+                or memory > memory_free >= 0:
             out += p * total
         elif milli < MILLI:
             out += p * sum(f for f in free if f < milli)
@@ -148,24 +164,26 @@ def fragment_milli(model: int, free: tuple[int, ...], typical: Iterable[_Typical
 class FragmentationScorer:
     """Scores of placing a shape on a node class, cached per workload version."""
 
-    __slots__ = ("_fragments", "_model_gpus", "_moves", "_scarcity", "_version", "mix")
+    __slots__ = ("_fragments", "_kinds", "_moves", "_scarcity", "_version", "mix",
+                 "scarcity_weight")
 
-    def __init__(self, mix: WorkloadMix | None = None) -> None:
+    def __init__(self, mix: WorkloadMix | None = None, scarcity_weight: float = 1.0) -> None:
         self.mix = mix if mix is not None else WorkloadMix()
+        self.scarcity_weight = scarcity_weight
         self._version = -1
         self._fragments: dict[NodeClass, float] = {}
-        self._moves: dict[tuple[NodeClass, int, int], tuple[float, int, int] | None] = {}
-        self._model_gpus: tuple[int, ...] = ()
+        self._moves: dict[_MoveKey, tuple[float, int, int] | None] = {}
+        self._kinds: tuple[tuple[int, int, int, int], ...] = ()
         self._scarcity: tuple[float, ...] = ()
 
-    def bind(self, model_gpus: tuple[int, ...]) -> None:
-        """The factory's GPUs per model index, against which scarcity is judged."""
-        if model_gpus != self._model_gpus:
-            self._model_gpus = model_gpus
+    def bind(self, kinds: tuple[tuple[int, int, int, int], ...]) -> None:
+        """The factory's node kinds (``Topology.kinds``), against which scarcity is judged."""
+        if kinds is not self._kinds and kinds != self._kinds:
+            self._kinds = kinds
             self._version = -1
 
     def scarcity(self) -> tuple[float, ...]:
-        """S(m) per model index (see the module docstring), for the current workload."""
+        """S(k) per node kind (see the module docstring), for the current workload."""
         self._typical()
         return self._scarcity
 
@@ -180,18 +198,20 @@ class FragmentationScorer:
         return typical
 
     def _scarcities(self) -> tuple[float, ...]:
-        gpus = self._model_gpus
-        total = sum(gpus)
-        out = [0.0] * len(gpus)
+        kinds = self._kinds
+        total = sum(k[3] for k in kinds)
+        out = [0.0] * len(kinds)
         if not total:
             return tuple(out)
-        for models, demand in self.mix.restricted_demand().items():
-            usable = sum(gpus[m] for m in models if m < len(gpus))
-            if usable:
-                weight = demand / (usable / total)
-                for m in models:
-                    if m < len(gpus):
-                        out[m] += weight
+        for (models, cpu, memory), demand in self.mix.restricted_demand().items():
+            hosts = [i for i, (model, cpu_cap, memory_cap, _) in enumerate(kinds)
+                     if (models is None or model in models) and cpu <= (cpu_cap or cpu)
+                     and memory <= (memory_cap or memory)]
+            if not hosts or len(hosts) == len(kinds):
+                continue
+            weight = self.scarcity_weight * demand / (sum(kinds[i][3] for i in hosts) / total)
+            for i in hosts:
+                out[i] += weight
         return tuple(out)
 
     def fragment(self, cls: NodeClass, typical: tuple[_Typical, ...] | None = None) -> float:
@@ -199,38 +219,47 @@ class FragmentationScorer:
             typical = self._typical()
         got = self._fragments.get(cls)
         if got is None:
-            got = fragment_milli(cls[0], cls[1], typical)
+            got = fragment_milli(cls[0], cls[1], typical, cls[2], cls[3])
             self._fragments[cls] = got
         return got
 
-    def move(self, cls: NodeClass, gpus: int, milli: int) -> tuple[float, int, int] | None:
-        """Best way to put ``gpus`` whole GPUs (or one ``milli`` share) on a node of class
-        ``cls``: (score, free milli of the GPU a share goes to or 1000, whole free GPUs of
-        the node); None when it does not fit."""
+    def move(self, cls: NodeClass, gpus: int, milli: int, cpu: int = 0, memory: int = 0
+             ) -> tuple[float, int, int] | None:
+        """Best way to put ``gpus`` whole GPUs (or one ``milli`` share), with ``cpu``
+        milli-cores and ``memory`` MiB, on a node of class ``cls``: (score, free milli of
+        the GPU a share goes to or 1000, whole free GPUs of the node); None when it does
+        not fit."""
         typical = self._typical()
-        key = (cls, gpus, milli)
+        key = (cls, gpus, milli, cpu, memory)
         if key in self._moves:
             return self._moves[key]
-        return self._move(cls, gpus, milli, typical)
+        return self._move(cls, gpus, milli, typical, cpu, memory)
 
-    def moves(self) -> tuple[dict[tuple[NodeClass, int, int], tuple[float, int, int] | None],
+    def moves(self) -> tuple[dict[_MoveKey, tuple[float, int, int] | None],
                              tuple[_Typical, ...]]:
         """The move cache and the typical shapes, synced to the workload (for hot loops)."""
         typical = self._typical()
         return self._moves, typical
 
-    def _move(self, cls: NodeClass, gpus: int, milli: int, typical: tuple[_Typical, ...]
-              ) -> tuple[float, int, int] | None:
-        key = (cls, gpus, milli)
-        model, free = cls
+    def _move(self, cls: NodeClass, gpus: int, milli: int, typical: tuple[_Typical, ...],
+              cpu: int = 0, memory: int = 0) -> tuple[float, int, int] | None:
+        key = (cls, gpus, milli, cpu, memory)
+        model, free, cpu_free, memory_free, _ = cls
+        if cpu > cpu_free >= 0 or memory > memory_free >= 0:
+            self._moves[key] = None
+            return None
+        cpu_after = cpu_free - cpu if cpu_free >= 0 else -1
+        memory_after = memory_free - memory if memory_free >= 0 else -1
         whole = free.count(MILLI)
         best: tuple[float, int, int] | None = None
-        scarce = self._scarcity[model] if model < len(self._scarcity) else 0.0
+        kind = cls[4]
+        scarce = self._scarcity[kind] if kind < len(self._scarcity) else 0.0
         if milli >= MILLI:
             if whole >= gpus:
                 after = free[gpus:] + (0,) * gpus
                 score = 0.0 if not typical else (
-                    fragment_milli(model, after, typical) - self.fragment(cls, typical))
+                    fragment_milli(model, after, typical, cpu_after, memory_after)
+                    - self.fragment(cls, typical))
                 best = (round(score + scarce * gpus * MILLI, 6), MILLI, whole)
         else:
             before = self.fragment(cls, typical) if typical else 0.0
@@ -239,7 +268,8 @@ class FragmentationScorer:
                     continue
                 i = free.index(v)
                 after = tuple(sorted((*free[:i], v - milli, *free[i + 1:]), reverse=True))
-                score = 0.0 if not typical else fragment_milli(model, after, typical) - before
+                score = 0.0 if not typical else fragment_milli(
+                    model, after, typical, cpu_after, memory_after) - before
                 option = (round(score + scarce * milli, 6), v, whole)
                 if best is None or option < best:
                     best = option
@@ -248,19 +278,21 @@ class FragmentationScorer:
 
 
 def ranked_nodes(state: ClusterState, gpus: int, milli: int, models: frozenset[int] | None,
-                 scorer: FragmentationScorer) -> Iterator[tuple[int, int]]:
+                 scorer: FragmentationScorer, cpu: int = 0, memory: int = 0
+                 ) -> Iterator[tuple[int, int]]:
     """Nodes that can take ``gpus`` whole GPUs (or, when ``milli`` < 1000, one share of
-    ``milli``), best first, each with the free milli of the GPU a share would go to."""
+    ``milli``) and ``cpu`` milli-cores and ``memory`` MiB, best first, each with the free
+    milli of the GPU a share would go to."""
     options: list[tuple[tuple[float, int, int], NodeClass]] = []
-    scorer.bind(state.topo.model_gpus)
+    scorer.bind(state.topo.kinds)
     cache, typical = scorer.moves()
     missing = object()
     for cls in state.class_nodes:
         if models is not None and cls[0] not in models:
             continue
-        move = cache.get((cls, gpus, milli), missing)
+        move = cache.get((cls, gpus, milli, cpu, memory), missing)
         if move is missing:
-            move = scorer._move(cls, gpus, milli, typical)
+            move = scorer._move(cls, gpus, milli, typical, cpu, memory)
         if move is not None:
             options.append((move, cls))  # type: ignore[arg-type]
     if not options:

@@ -15,7 +15,7 @@ Everything here is pure: it reads a ``ClusterState`` and returns a ``Placement``
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from controller.fragmentation import FragmentationScorer, ranked_nodes
 from controller.spec import JobSpec
@@ -26,6 +26,7 @@ __all__ = [
     "PlacementRequest",
     "Unplaced",
     "explain_unplaced",
+    "host_capacity",
     "materialize",
     "place_topology_aware",
     "static_check",
@@ -57,6 +58,18 @@ class PlacementRequest:
     watts_per_gpu: float
     avoid_nodes: frozenset[int] = frozenset()
     spread_cap: int = 1
+    cpu_milli: int = 0  # per worker; 0 asks for none
+    memory_mib: int = 0
+
+    @property
+    def host(self) -> bool:
+        """Does each worker ask for CPU or memory as well as GPUs?"""
+        return self.cpu_milli > 0 or self.memory_mib > 0
+
+    def host_text(self) -> str:
+        parts = ([f"{self.cpu_milli}m CPU"] if self.cpu_milli else []) + (
+            [f"{self.memory_mib} MiB memory"] if self.memory_mib else [])
+        return " and ".join(parts)
 
     @property
     def total_gpus(self) -> int:
@@ -117,7 +130,8 @@ class PlacementRequest:
             required_level=required, preferred_level=preferred, spread_level=spread,
             watts_per_gpu=watts_per_gpu, avoid_nodes=avoid_nodes,
             spread_cap=-(-spec.group_size // max(1, min(spec.spread_min_domains,
-                                                         spec.group_size))))
+                                                         spec.group_size))),
+            cpu_milli=spec.cpu_milli, memory_mib=spec.memory_mib)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -131,8 +145,33 @@ def materialize(state: ClusterState, req: PlacementRequest,
     for node, count in workers_per_node:
         gpus = state.free_gpu_indices(node, count * g)
         for w in range(count):
-            slots.append(WorkerSlot(node, gpus[w * g:(w + 1) * g], MILLI))
+            slots.append(WorkerSlot(node, gpus[w * g:(w + 1) * g], MILLI, req.cpu_milli,
+                                    req.memory_mib))
     return Placement(req.job, tuple(slots), req.watts_per_gpu)
+
+
+def share_slot(req: PlacementRequest, node: int, gpu: int) -> WorkerSlot:
+    """The one slot of a fractional request: ``req.milli`` of ``gpu`` on ``node``."""
+    return WorkerSlot(node, (gpu,), req.milli, req.cpu_milli, req.memory_mib)
+
+
+def node_workers(state: ClusterState, req: PlacementRequest, node: int) -> int:
+    """Workers of ``req`` the node holds now, on GPUs, CPU and memory (model not checked)."""
+    if req.fractional:
+        cls = state.node_class[node][1]
+        room = 1 if cls and cls[0] >= req.milli else 0
+    else:
+        room = state.node_free[node] // req.gpus_per_worker
+    return min(room, state.host_room(node, req.cpu_milli, req.memory_mib)) if req.host \
+        else room
+
+
+def host_capacity(state: ClusterState, req: PlacementRequest, dom: Domain) -> int:
+    """Workers of ``req`` the domain holds now, CPU and memory included: O(nodes)."""
+    models = req.models
+    node_model = state.topo.node_model
+    return sum(node_workers(state, req, n) for n in range(dom.node_start, dom.node_end)
+               if models is None or node_model[n] in models)
 
 
 def node_power_ok(state: ClusterState, node: int, watts: float,
@@ -159,8 +198,12 @@ def static_check(empty: ClusterState, req: PlacementRequest) -> Unplaced | None:
     what = req.describe()
     model_txt = f"{'|'.join(req.model_names)} " if req.model_names else ""
     if req.fractional:
-        return None if empty.free_gpus(topo.root, req.models) > 0 else Unplaced(
-            f"{what} fits nowhere: the factory has no {model_txt}GPUs", permanent=True)
+        if empty.free_gpus(topo.root, req.models) == 0:
+            return Unplaced(f"{what} fits nowhere: the factory has no {model_txt}GPUs",
+                            permanent=True)
+        if req.host and host_capacity(empty, req, topo.root) == 0:
+            return _host_never(empty, req, model_txt)
+        return None
     largest = empty.largest_node_free(topo.root, req.models)
     if req.gpus_per_worker > largest:
         return Unplaced(f"worker of {req.gpus_per_worker} GPUs fits no node: the largest "
@@ -169,6 +212,8 @@ def static_check(empty: ClusterState, req: PlacementRequest) -> Unplaced | None:
     if empty.worker_capacity(topo.root, req.gpus_per_worker, req.models) < req.workers:
         return Unplaced(f"{what} exceeds the factory: {total} {model_txt}GPUs in total",
                         permanent=True)
+    if req.host and host_capacity(empty, req, topo.root) < req.workers:
+        return _host_never(empty, req, model_txt)
     if req.required_level is not None:
         doms = topo.domains[req.required_level]
         best = max(doms, key=lambda d: empty.free_gpus(d, req.models))
@@ -181,12 +226,42 @@ def static_check(empty: ClusterState, req: PlacementRequest) -> Unplaced | None:
     return None
 
 
+def _host_never(empty: ClusterState, req: PlacementRequest, model_txt: str) -> Unplaced:
+    g = 1 if req.fractional else req.gpus_per_worker
+    nodes = [n for n in range(len(empty.topo.nodes)) if empty.node_free[n] >= g
+             and (req.models is None or empty.topo.node_model[n] in req.models)]
+    cpu = max((empty.cpu_free[n] for n in nodes), default=0)
+    memory = max((empty.memory_free[n] for n in nodes), default=0)
+    have = ", ".join(
+        ([f"{cpu}m CPU"] if req.cpu_milli else []) + ([f"{memory} MiB"] if req.memory_mib
+                                                       else []))
+    return Unplaced(f"{req.describe()} asking {req.host_text()} per worker fits no "
+                    f"{model_txt}node with {g} GPUs: the most such a node has is {have}",
+                    permanent=True)
+
+
+def _host_reason(state: ClusterState, req: PlacementRequest, dom: Domain,
+                 model_txt: str) -> Unplaced | None:
+    """GPUs have room for the gang in ``dom`` but CPU or memory does not, if so."""
+    if not req.host:
+        return None
+    room = host_capacity(state, req, dom)
+    if room >= req.workers:
+        return None
+    return Unplaced(f"{req.describe()} waits: {model_txt}GPUs are free but CPU or memory is "
+                    f"not; the nodes hold only {room} workers asking {req.host_text()} each")
+
+
 def explain_unplaced(state: ClusterState, req: PlacementRequest) -> Unplaced:
     """Why the gang does not fit right now, in words a person can act on."""
     topo = state.topo
     what = req.describe()
     model_txt = f"{'|'.join(req.model_names)} " if req.model_names else ""
     if req.fractional:
+        if state.partial_by_free or state.free_gpus(topo.root, req.models):
+            host = _host_reason(state, req, topo.root, model_txt)
+            if host is not None:
+                return host
         return Unplaced(f"{what} waits: no {model_txt}GPU has {req.milli} milli-GPU free")
     need_watts = req.total_gpus * req.watts_per_gpu
     g = req.gpus_per_worker
@@ -198,7 +273,8 @@ def explain_unplaced(state: ClusterState, req: PlacementRequest) -> Unplaced:
         free = state.free_gpus(best, req.models)
         cap = state.worker_capacity(best, g, req.models)
         if cap >= req.workers:
-            return _power_reason(state, best, need_watts, what)
+            return _host_reason(state, req, best, model_txt) or _power_reason(
+                state, best, need_watts, what)
         text = (f"{name}-required {what} fits no {name}: largest free {name} has {free} free "
                 f"{model_txt}GPUs")
         if free >= req.total_gpus:
@@ -207,7 +283,8 @@ def explain_unplaced(state: ClusterState, req: PlacementRequest) -> Unplaced:
     free = state.free_gpus(topo.root, req.models)
     cap = state.worker_capacity(topo.root, g, req.models)
     if cap >= req.workers:
-        return _power_reason(state, topo.root, need_watts, what)
+        return _host_reason(state, req, topo.root, model_txt) or _power_reason(
+            state, topo.root, need_watts, what)
     if free >= req.total_gpus:
         return Unplaced(f"{what} waits: {free} {model_txt}GPUs are free but fragmented; "
                         f"room for only {cap} workers of {g} GPUs")
@@ -297,12 +374,27 @@ def place_topology_aware(state: ClusterState, req: PlacementRequest,
         single = _single_node(state, req, frontier)
         if single is not None:
             return single
-    chosen = min(frontier, key=lambda d: (state.free_gpus(d, req.models), d.id))
-    pending: dict[int, float] = {}
-    assignment = _assign(state, req, chosen, w, pending)
-    if assignment is None:
-        return explain_unplaced(state, req)
-    return materialize(state, req, assignment)
+    # GPU counts are exact, so the tightest domain that fits is the one; with CPU and
+    # memory asked too they are upper bounds, and the next tightest is tried after it.
+    ordered = sorted(frontier, key=lambda d: (state.free_gpus(d, req.models), d.id)) \
+        if req.host else [min(frontier, key=lambda d: (state.free_gpus(d, req.models), d.id))]
+    while ordered:
+        for chosen in ordered:
+            pending: dict[int, float] = {}
+            assignment = _assign(state, req, chosen, w, pending)
+            if assignment is not None:
+                return materialize(state, req, assignment)
+        # CPU or memory kept the gang out of every domain GPU counts chose: widen to their
+        # parents, never above the required level.
+        if not req.host or ordered[0].level <= max(top, 0):
+            break
+        parents = {d.parent: topo.domains[d.level - 1][d.parent] for d in ordered}
+        ordered = sorted(parents.values(), key=lambda d: (state.free_gpus(d, req.models), d.id))
+    if req.host and top < 0 and frontier and frontier[0].level >= 0:
+        assignment = _assign(state, req, topo.root, w, {})
+        if assignment is not None:
+            return materialize(state, req, assignment)
+    return explain_unplaced(state, req)
 
 
 _NEUTRAL = FragmentationScorer()  # an empty workload: every node scores 0
@@ -319,14 +411,15 @@ def _place_on_one_node(state: ClusterState, req: PlacementRequest,
         watts = gpus * req.watts_per_gpu
     if watts > 0 and state.domain_power_headroom(state.topo.root) + 1e-6 < watts:
         return None
-    for node, free in ranked_nodes(state, gpus, milli, req.models, scorer):
+    for node, free in ranked_nodes(state, gpus, milli, req.models, scorer,
+                                   req.cpu_milli * req.workers, req.memory_mib * req.workers):
         if node in req.avoid_nodes or not node_power_ok(state, node, watts, {}):
             continue
         if not req.fractional:
             return materialize(state, req, [(node, req.workers)])
         for g in state.topo.gpu_range(node):
             if state.gpu_free_milli(g) == free:
-                return Placement(req.job, (WorkerSlot(node, (g,), milli),), req.watts_per_gpu)
+                return Placement(req.job, (share_slot(req, node, g),), req.watts_per_gpu)
     return None
 
 
@@ -346,7 +439,9 @@ def _single_node(state: ClusterState, req: PlacementRequest,
         candidates = [
             n for n in range(d.node_start, d.node_end)
             if state.node_free[n] >= need and n not in req.avoid_nodes
-            and (req.models is None or topo.node_model[n] in req.models)]
+            and (req.models is None or topo.node_model[n] in req.models)
+            and (not req.host or state.host_room(n, req.cpu_milli, req.memory_mib)
+                 >= req.workers)]
         candidates.sort(key=lambda n: (state.node_free[n], n))
         for n in candidates:
             if node_power_ok(state, n, watts, {}):
@@ -362,13 +457,20 @@ def _assign(state: ClusterState, req: PlacementRequest, dom: Domain, workers: in
     if dom.level == topo.node_level:
         n = dom.node_start
         watts = workers * g * req.watts_per_gpu
-        if n in req.avoid_nodes or not node_power_ok(state, n, watts, pending):
+        if n in req.avoid_nodes or not node_power_ok(state, n, watts, pending) or (
+                req.host and state.host_room(n, req.cpu_milli, req.memory_mib) < workers):
             return None
         add_pending(state, n, watts, pending)
         return [(n, workers)]
-    kids = [c for c in topo.children_of(dom)
-            if state.worker_capacity(c, g, req.models) > 0]
-    cap = {c.index: state.worker_capacity(c, g, req.models) for c in kids}
+    at_nodes = dom.level + 1 == topo.node_level
+    cap = {}
+    for c in topo.children_of(dom):
+        k = state.worker_capacity(c, g, req.models)
+        if k > 0 and at_nodes and req.host:
+            k = min(k, state.host_room(c.node_start, req.cpu_milli, req.memory_mib))
+        if k > 0:
+            cap[c.index] = k
+    kids = [c for c in topo.children_of(dom) if c.index in cap]
     holders = [c for c in kids if cap[c.index] >= workers]
     if holders:
         holders.sort(key=lambda c: (state.free_gpus(c, req.models), c.id))
@@ -409,9 +511,9 @@ def _assign_partial(state: ClusterState, req: PlacementRequest, dom: Domain, wor
     full = _assign(state, req, dom, workers, pending)
     if full is not None:
         return full
-    if not state.budgets.names:
+    if not state.budgets.names and not req.host:
         return []
-    # Power-limited: take node by node, as many workers as each budget allows.
+    # Power- or CPU/memory-limited: take node by node, as many workers as each allows.
     topo = state.topo
     g = req.gpus_per_worker
     out: list[tuple[int, int]] = []
@@ -423,7 +525,7 @@ def _assign_partial(state: ClusterState, req: PlacementRequest, dom: Domain, wor
         if n in req.avoid_nodes or (req.models is not None
                                     and topo.node_model[n] not in req.models):
             continue
-        k = min(state.node_free[n] // g, remaining)
+        k = min(node_workers(state, req, n), remaining)
         while k > 0 and not node_power_ok(state, n, k * g * req.watts_per_gpu, pending):
             k -= 1
         if k > 0:
@@ -450,6 +552,8 @@ def _place_fraction(state: ClusterState, req: PlacementRequest,
             if node in req.avoid_nodes or (req.models is not None
                                            and topo.node_model[node] not in req.models):
                 continue
+            if req.host and state.host_room(node, req.cpu_milli, req.memory_mib) < 1:
+                continue
             if spread is not None and group_count is not None and group_count(
                     topo.domains[spread][topo.ancestor(node, spread)]) >= req.spread_cap:
                 continue
@@ -457,15 +561,14 @@ def _place_fraction(state: ClusterState, req: PlacementRequest,
             if (best is None or key < best) and node_power_ok(state, node, watts, {}):
                 best = key
         if best is not None:
-            return Placement(req.job, (WorkerSlot(best[2], (best[1],), m),), req.watts_per_gpu)
-    whole = PlacementRequest(req.job, 1, 1, MILLI, req.models, req.model_names,
-                             req.required_level, req.preferred_level, req.spread_level,
-                             req.watts_per_gpu * m / MILLI, req.avoid_nodes, req.spread_cap)
+            return Placement(req.job, (share_slot(req, best[2], best[1]),), req.watts_per_gpu)
+    whole = replace(req, workers=1, gpus_per_worker=1, milli=MILLI,
+                    watts_per_gpu=req.watts_per_gpu * m / MILLI)
     got = place_topology_aware(state, whole, group_count)
     if isinstance(got, Unplaced):
         return explain_unplaced(state, req)
     slot = got.slots[0]
-    return Placement(req.job, (WorkerSlot(slot.node, slot.gpus, m),), req.watts_per_gpu)
+    return Placement(req.job, (share_slot(req, slot.node, slot.gpus[0]),), req.watts_per_gpu)
 
 
 def level_index_of(topo: Topology, name: str) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from controller.fragmentation import FragmentationScorer, WorkloadMix
@@ -33,10 +33,13 @@ from controller.placement import (
     PlacementRequest,
     Unplaced,
     explain_unplaced,
+    host_capacity,
     materialize,
+    node_workers,
     place_topology_aware,
+    share_slot,
 )
-from controller.state import MILLI, ClusterState, Placement, WorkerSlot
+from controller.state import MILLI, ClusterState, Placement
 from controller.topology import Domain
 
 __all__ = ["POLICY_NAMES", "PlacementPolicy", "make_policy"]
@@ -78,11 +81,13 @@ class TopologyAwarePolicy:
     def place(self, state: ClusterState, req: PlacementRequest,
               group_count: GroupCount | None = None) -> Placement | Unplaced:
         if self.fragmentation_aware:
+            # CPU and memory enter the shape only where nodes track them.
+            cpu, memory = (req.cpu_milli, req.memory_mib) if state.host_tracked else (0, 0)
             if req.fractional:
-                self.mix.observe(req.job, (1, req.milli, req.models))
+                self.mix.observe(req.job, (1, req.milli, req.models, cpu, memory))
             else:
-                self.mix.observe(req.job, (req.gpus_per_worker, MILLI, req.models),
-                                 req.workers)
+                self.mix.observe(req.job, (req.gpus_per_worker, MILLI, req.models, cpu,
+                                           memory), req.workers)
         return place_topology_aware(state, req, group_count, self.scorer)
 
 
@@ -92,14 +97,19 @@ def _eligible(state: ClusterState, req: PlacementRequest, n: int) -> bool:
 
 def _nodes_with_room(state: ClusterState, req: PlacementRequest, dom: Domain) -> list[int]:
     """The domain's nodes, in index order, of an allowed model with room for one worker of
-    ``req``: ``gpus_per_worker`` whole free GPUs, or one GPU with the share free."""
+    ``req``: ``gpus_per_worker`` whole free GPUs, or one GPU with the share free (and the
+    worker's CPU and memory)."""
     if req.fractional:
         classes, m = state.node_class, req.milli
-        return [n for n in range(dom.node_start, dom.node_end)
-                if classes[n][1] and classes[n][1][0] >= m and _eligible(state, req, n)]
-    free, g = state.node_free, req.gpus_per_worker
-    return [n for n in range(dom.node_start, dom.node_end)
-            if free[n] >= g and _eligible(state, req, n)]
+        nodes = [n for n in range(dom.node_start, dom.node_end)
+                 if classes[n][1] and classes[n][1][0] >= m and _eligible(state, req, n)]
+    else:
+        free, g = state.node_free, req.gpus_per_worker
+        nodes = [n for n in range(dom.node_start, dom.node_end)
+                 if free[n] >= g and _eligible(state, req, n)]
+    if req.host:
+        nodes = [n for n in nodes if state.host_room(n, req.cpu_milli, req.memory_mib) > 0]
+    return nodes
 
 
 def _greedy(state: ClusterState, req: PlacementRequest, nodes: Iterable[int]
@@ -108,9 +118,8 @@ def _greedy(state: ClusterState, req: PlacementRequest, nodes: Iterable[int]
     until the gang is placed."""
     out: list[tuple[int, int]] = []
     remaining = req.workers
-    g = req.gpus_per_worker
     for n in nodes:
-        k = min(state.node_free[n] // g, remaining)
+        k = min(node_workers(state, req, n), remaining)
         out.append((n, k))
         remaining -= k
         if remaining == 0:
@@ -179,17 +188,16 @@ class NodeOrderPolicy:
                 if free < m:
                     continue
                 if self.order == "first":
-                    return Placement(req.job, (WorkerSlot(n, (gpu,), m),), req.watts_per_gpu)
+                    return Placement(req.job, (share_slot(req, n, gpu),), req.watts_per_gpu)
                 if self.order == "random":
                     candidates.append((n, gpu))
                 elif best is None or (free, n, gpu) < best:
                     best = (free, n, gpu)
         if self.order == "random" and candidates:
             n, gpu = self._rng.choice(candidates)
-            return Placement(req.job, (WorkerSlot(n, (gpu,), m),), req.watts_per_gpu)
+            return Placement(req.job, (share_slot(req, n, gpu),), req.watts_per_gpu)
         if best is not None:
-            return Placement(req.job, (WorkerSlot(best[1], (best[2],), m),),
-                             req.watts_per_gpu)
+            return Placement(req.job, (share_slot(req, best[1], best[2]),), req.watts_per_gpu)
         return explain_unplaced(state, req)
 
 
@@ -204,14 +212,20 @@ class KueueBestFitPolicy:
     def place(self, state: ClusterState, req: PlacementRequest,
               group_count: GroupCount | None = None) -> Placement | Unplaced:
         if req.fractional:  # no GPU sharing in Kueue: a fraction takes a whole GPU
-            req = PlacementRequest(req.job, 1, 1, MILLI, req.models, req.model_names,
-                                   req.required_level, req.preferred_level, None,
-                                   req.watts_per_gpu, req.avoid_nodes)
+            req = replace(req, workers=1, gpus_per_worker=1, milli=MILLI, spread_level=None,
+                          spread_cap=1)
         topo = state.topo
         g, w = req.gpus_per_worker, req.workers
+        host_caps: dict[tuple[str, ...], int] = {}
 
         def cap(d: Domain) -> int:
-            return state.worker_capacity(d, g, req.models)
+            # Kueue's TAS counts every resource a pod asks for in a domain's capacity.
+            if not req.host:
+                return state.worker_capacity(d, g, req.models)
+            got = host_caps.get(d.id)
+            if got is None:
+                got = host_caps[d.id] = host_capacity(state, req, d)
+            return got
 
         level = req.required_level if req.required_level is not None else (
             req.preferred_level if req.preferred_level is not None else topo.node_level)
@@ -289,20 +303,22 @@ class PerPodPolicy:
             if best_gpu is None:
                 return explain_unplaced(state, req)
             gpu = best_gpu[2]
-            return Placement(req.job, (WorkerSlot(topo.node_of_gpu(gpu), (gpu,), req.milli),),
+            return Placement(req.job, (share_slot(req, topo.node_of_gpu(gpu), gpu),),
                              req.watts_per_gpu)
         left = state.node_free.copy()
         out: list[tuple[int, int]] = []
         # Least allocated first (most free share, then lowest index), one worker at a time.
-        heap = [(-left[n] / topo.nodes[n].gpus, n)
-                for n in _nodes_with_room(state, req, topo.root)]
+        nodes = _nodes_with_room(state, req, topo.root)
+        hosts = {n: node_workers(state, req, n) for n in nodes}
+        heap = [(-left[n] / topo.nodes[n].gpus, n) for n in nodes]
         heapq.heapify(heap)
         for _ in range(req.workers):
             if not heap:
                 break
             _, best_n = heapq.heappop(heap)
             left[best_n] -= g
-            if left[best_n] >= g:
+            hosts[best_n] -= 1
+            if left[best_n] >= g and hosts[best_n] > 0:
                 heapq.heappush(heap, (-left[best_n] / topo.nodes[best_n].gpus, best_n))
             if out and out[-1][0] == best_n:
                 out[-1] = (best_n, out[-1][1] + 1)

@@ -85,6 +85,8 @@ class JobSpec:
     expected_utilization: float | None = None
     group: str | None = None
     runtime: Runtime = field(default_factory=Runtime)
+    cpu_milli: int = 0  # CPU milli-cores per worker (0: asks for none)
+    memory_mib: int = 0  # memory MiB per worker (0: asks for none)
 
     @property
     def key(self) -> str:

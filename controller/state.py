@@ -7,9 +7,17 @@ free-GPU counts per GPU model, so "how many 4-GPU workers fit in rack r3" is O(G
 independent of the rack's size; the plain free-GPU count of a domain is an O(1) counter.
 
 Nodes are also grouped into *classes*: nodes of one GPU model whose GPUs have the same free
-milli-GPU values (``(model, sorted free milli per GPU)``). Two nodes of a class are
-interchangeable for work that fits on one node, so a fragmentation-aware search
-(``controller.fragmentation``) scores each class once instead of each node.
+milli-GPU values, the same free CPU and memory and the same kind (``(model, sorted free
+milli per GPU, free CPU milli, free memory MiB, kind)``, CPU and memory -1 where not
+tracked; kind as in ``Topology.kinds``: model, CPU and memory capacity). Two nodes
+of a class are interchangeable for work that fits on one node, so a fragmentation-aware
+search (``controller.fragmentation``) scores each class once instead of each node.
+
+CPU and memory: a node whose inventory gives them (``NodeInfo.cpu_milli``/``memory_mib``)
+hosts a worker only while its free CPU and memory cover the worker's request, as the
+kube-scheduler's NodeResourcesFit does; a node that does not give them never runs out.
+Domain capacity counts (histograms) stay GPU-only and are then upper bounds: the node-level
+choices check CPU and memory exactly (``ClusterState.host_room``).
 
 Power: every GPU in scope of a budget counts at its idle draw when unallocated and at the
 owning job's estimate when allocated; allocation adds the difference.
@@ -27,17 +35,25 @@ __all__ = ["MILLI", "BudgetIndex", "ClusterState", "NodeClass", "Placement", "Wo
 
 MILLI = 1000
 
-# A node class: (GPU model index, free milli-GPU of each GPU sorted high to low).
-NodeClass = tuple[int, tuple[int, ...]]
+# A node class: (GPU model index, free milli-GPU of each GPU sorted high to low,
+# free CPU milli-cores, free memory MiB (each -1 where the node does not track it),
+# node kind (``Topology.kinds``)).
+NodeClass = tuple[int, tuple[int, ...], int, int, int]
+
+# Free CPU/memory of a node that does not track them: never the binding limit.
+UNTRACKED = 1 << 62
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSlot:
-    """One worker of a gang: its node, the global indices of its GPUs, and the share of each."""
+    """One worker of a gang: its node, the global indices of its GPUs, the share of each,
+    and the CPU (milli-cores) and memory (MiB) it holds on the node."""
 
     node: int
     gpus: tuple[int, ...]
     milli: int = MILLI
+    cpu_milli: int = 0
+    memory_mib: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +150,9 @@ class ClusterState:
     """Mutable usage over a Topology. Cheap to ``clone()`` for a scheduling cycle."""
 
     __slots__ = ("_classes_owned", "_free", "_hist", "_node_level", "allocations",
-                 "budget_watts", "budgets", "class_nodes", "gpu_used_milli", "node_class",
-                 "node_free", "partial_by_free", "topo", "used_milli_total", "width")
+                 "budget_watts", "budgets", "class_nodes", "cpu_free", "gpu_used_milli",
+                 "host_tracked", "memory_free", "node_class", "node_free", "partial_by_free",
+                 "topo", "used_milli_total", "width")
 
     def __init__(self, topo: Topology, budgets: BudgetIndex | None = None) -> None:
         self.topo = topo
@@ -144,6 +161,10 @@ class ClusterState:
         self.gpu_used_milli: list[int] = [0] * topo.total_gpus
         self.used_milli_total = 0
         self.node_free: list[int] = [n.gpus for n in topo.nodes]
+        # Free CPU milli-cores and memory MiB per node (UNTRACKED where not given).
+        self.cpu_free: list[int] = [n.cpu_milli or UNTRACKED for n in topo.nodes]
+        self.memory_free: list[int] = [n.memory_mib or UNTRACKED for n in topo.nodes]
+        self.host_tracked = any(n.cpu_milli or n.memory_mib for n in topo.nodes)
         # GPUs shared by fractional jobs, bucketed by their free milli-GPU.
         self.partial_by_free: dict[int, set[int]] = {}
         self.allocations: dict[str, Placement] = {}
@@ -166,7 +187,8 @@ class ClusterState:
         self.node_class: list[NodeClass] = []
         self.class_nodes: dict[NodeClass, set[int]] = {}
         for n, node in enumerate(topo.nodes):
-            key = (topo.node_model[n], (MILLI,) * node.gpus)
+            key = (topo.node_model[n], (MILLI,) * node.gpus, node.cpu_milli or -1,
+                   node.memory_mib or -1, topo.node_kind[n])
             self.node_class.append(key)
             self.class_nodes.setdefault(key, set()).add(n)
         self._classes_owned = True
@@ -181,6 +203,9 @@ class ClusterState:
         twin.gpu_used_milli = self.gpu_used_milli.copy()
         twin.used_milli_total = self.used_milli_total
         twin.node_free = self.node_free.copy()
+        twin.cpu_free = self.cpu_free.copy()
+        twin.memory_free = self.memory_free.copy()
+        twin.host_tracked = self.host_tracked
         twin.partial_by_free = {k: set(v) for k, v in self.partial_by_free.items()}
         twin.allocations = dict(self.allocations)
         twin.budget_watts = self.budget_watts.copy()
@@ -289,6 +314,16 @@ class ClusterState:
     def gpu_free_milli(self, gpu: int) -> int:
         return MILLI - self.gpu_used_milli[gpu]
 
+    def host_room(self, node: int, cpu_milli: int, memory_mib: int) -> int:
+        """How many workers asking ``cpu_milli`` and ``memory_mib`` each the node's free CPU
+        and memory hold (a large number when they ask for none or it does not track them)."""
+        room = UNTRACKED
+        if cpu_milli > 0:
+            room = self.cpu_free[node] // cpu_milli
+        if memory_mib > 0:
+            room = min(room, self.memory_free[node] // memory_mib)
+        return room
+
     def power_headroom(self, budget: int) -> float:
         return self.budgets.limits[budget] - self.budget_watts[budget]
 
@@ -336,8 +371,11 @@ class ClusterState:
         if free != old:
             self.node_free[node] = free
             self._bump(node, old, free)
+        cpu, memory = self.cpu_free[node], self.memory_free[node]
         key = (self.topo.node_model[node], tuple(sorted((MILLI - u for u in used),
-                                                        reverse=True)))
+                                                        reverse=True)),
+               cpu if cpu < UNTRACKED >> 1 else -1, memory if memory < UNTRACKED >> 1 else -1,
+               self.topo.node_kind[node])
         old_key = self.node_class[node]
         if key != old_key:
             if not self._classes_owned:
@@ -356,6 +394,7 @@ class ClusterState:
         if placement.job in self.allocations:
             raise InvariantError(f"job {placement.job} is already allocated")
         touched: set[int] = set()
+        host: dict[int, tuple[int, int]] = {}
         for slot in placement.slots:
             for g in slot.gpus:
                 used = self.gpu_used_milli[g] + slot.milli
@@ -364,6 +403,18 @@ class ClusterState:
                         f"GPU {g} on {self.topo.nodes[slot.node].name} would be "
                         f"{used}/{MILLI} used by {placement.job}")
             touched.add(slot.node)
+            if slot.cpu_milli or slot.memory_mib:
+                cpu, memory = host.get(slot.node, (0, 0))
+                host[slot.node] = (cpu + slot.cpu_milli, memory + slot.memory_mib)
+        for n, (cpu, memory) in host.items():
+            if cpu > self.cpu_free[n] or memory > self.memory_free[n]:
+                raise InvariantError(
+                    f"{placement.job} asks {cpu}m CPU and {memory} MiB on "
+                    f"{self.topo.nodes[n].name}, which has {self.cpu_free[n]}m and "
+                    f"{self.memory_free[n]} MiB free")
+        for n, (cpu, memory) in host.items():
+            self.cpu_free[n] -= cpu
+            self.memory_free[n] -= memory
         for slot in placement.slots:
             for g in slot.gpus:
                 self._set_used(g, self.gpu_used_milli[g] + slot.milli)
@@ -384,6 +435,8 @@ class ClusterState:
                     raise InvariantError(f"GPU {g} usage fell below zero releasing {job}")
                 self._set_used(g, self.gpu_used_milli[g] - slot.milli)
             self._add_watts(slot, -placement.watts_per_gpu)
+            self.cpu_free[slot.node] += slot.cpu_milli
+            self.memory_free[slot.node] += slot.memory_mib
             touched.add(slot.node)
         for n in touched:
             self._recount_node(n)
@@ -445,7 +498,8 @@ class ClusterState:
         for placement in self.allocations.values():
             fresh.allocate(placement)
         if fresh.node_free != self.node_free or fresh._hist != self._hist \
-                or fresh._free != self._free:
+                or fresh._free != self._free or fresh.cpu_free != self.cpu_free \
+                or fresh.memory_free != self.memory_free:
             raise InvariantError("free-capacity counts drifted from the allocations")
         if fresh.node_class != self.node_class or fresh.class_nodes != self.class_nodes:
             raise InvariantError("node classes drifted from the allocations")

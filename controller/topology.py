@@ -68,12 +68,16 @@ def nvlink_levels() -> tuple[LevelSpec, ...]:
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
-    """A GPU node as an inventory reports it: name, GPU count and model, labels."""
+    """A GPU node as an inventory reports it: name, GPU count and model, labels, and the
+    CPU (milli-cores) and memory (MiB) pods may request there; 0 means not tracked (the
+    node never runs out of it), as for inventories that list GPUs only."""
 
     name: str
     gpus: int
     gpu_model: str
     labels: tuple[tuple[str, str], ...] = ()
+    cpu_milli: int = 0
+    memory_mib: int = 0
 
     def label(self, key: str) -> str | None:
         for k, v in self.labels:
@@ -133,6 +137,10 @@ class Topology:
     max_node_gpus: int
     node_index: Mapping[str, int] = field(repr=False)
     model_gpus: tuple[int, ...] = ()  # GPUs of each model index in the factory
+    # Node kinds: nodes alike for what they could ever host, (GPU model index, CPU
+    # milli-cores, memory MiB (0: not tracked), GPUs of all such nodes), and each node's kind.
+    kinds: tuple[tuple[int, int, int, int], ...] = ()
+    node_kind: tuple[int, ...] = ()
 
     # ----------------------------------------------------------------- construction
 
@@ -212,8 +220,17 @@ class Topology:
         root = Domain(-1, 0, (), -1, tuple(d.index for d in level_domains[0]), 0,
                       len(ordered), total)
         model_gpus = [0] * len(models)
+        kind_index: dict[tuple[int, int, int], int] = {}
+        kind_gpus: list[int] = []
+        node_kind: list[int] = []
         for n in ordered:
             model_gpus[model_index[n.gpu_model]] += n.gpus
+            kind = (model_index[n.gpu_model], n.cpu_milli, n.memory_mib)
+            k = kind_index.setdefault(kind, len(kind_index))
+            if k == len(kind_gpus):
+                kind_gpus.append(0)
+            kind_gpus[k] += n.gpus
+            node_kind.append(k)
         return Topology(
             levels=levels,
             nodes=ordered,
@@ -226,6 +243,8 @@ class Topology:
             max_node_gpus=max((n.gpus for n in ordered), default=0),
             node_index={n.name: i for i, n in enumerate(ordered)},
             model_gpus=tuple(model_gpus),
+            kinds=tuple((*kind, kind_gpus[k]) for kind, k in kind_index.items()),
+            node_kind=tuple(node_kind),
         )
 
     # ----------------------------------------------------------------- queries

@@ -11,6 +11,9 @@ Decisions a reader should know about:
 
 - openb pods with ``num_gpu == 0`` are CPU-only; they are skipped and counted in
   ``OpenbPodTrace.cpu_only_pods``.
+- CPU and memory (``cpu_milli``, ``memory_mib`` of nodes and pods) are read only when asked
+  (``host_resources=True``): then nodes track them and each pod asks for its own, as in
+  FGD's simulator; by default the scheduler sees GPUs only.
 - QoS becomes priority: LS and Guaranteed 100, Burstable 50, BE 0 (files with no qos column:
   0 for every pod). Higher runs first and may preempt lower.
 - A pod's duration is ``deletion_time - creation_time``; the scheduler never sees it
@@ -60,6 +63,8 @@ OPENB_NAMESPACE = "openb"
 CPU_ONLY_MODEL = "none"
 MAX_GPUS_PER_POD = 8
 MAX_GPUS_PER_NODE = 72
+MAX_HOST_MILLI = 100_000_000  # 100,000 cores
+MAX_HOST_MIB = 1 << 40
 QOS_PRIORITY: dict[str, int] = {"LS": 100, "Guaranteed": 100, "Burstable": 50, "BE": 0}
 
 
@@ -89,12 +94,14 @@ class OpenbPodTrace:
 # --------------------------------------------------------------------------- helpers
 
 
-def _node(name: str, gpus: int, model: str, extra: Iterable[tuple[str, str]] = ()) -> NodeInfo:
+def _node(name: str, gpus: int, model: str, extra: Iterable[tuple[str, str]] = (),
+          cpu_milli: int = 0, memory_mib: int = 0) -> NodeInfo:
     labels = {HOSTNAME_LABEL: name, GPU_COUNT_LABEL: str(gpus)}
     if gpus > 0:
         labels[GPU_PRODUCT_LABEL] = model
     labels.update(extra)
-    return NodeInfo(name=name, gpus=gpus, gpu_model=model, labels=tuple(sorted(labels.items())))
+    return NodeInfo(name=name, gpus=gpus, gpu_model=model, labels=tuple(sorted(labels.items())),
+                    cpu_milli=cpu_milli, memory_mib=memory_mib)
 
 
 def _relabel(node: NodeInfo, updates: dict[str, str]) -> NodeInfo:
@@ -118,14 +125,17 @@ def _grouped_by_model(nodes: Sequence[NodeInfo]) -> list[NodeInfo]:
 # --------------------------------------------------------------------------- node lists
 
 
-def load_openb_nodes(path: str | Path, include_cpu_only: bool = False) -> list[NodeInfo]:
+def load_openb_nodes(path: str | Path, include_cpu_only: bool = False,
+                     host_resources: bool = False) -> list[NodeInfo]:
     """Nodes of an openb node list (``sn,cpu_milli,memory_mib,gpu,model``), in file order.
 
     Nodes without GPUs are left out unless ``include_cpu_only`` (their model is ``none``).
+    With ``host_resources`` each node tracks its ``cpu_milli`` and ``memory_mib``.
     The list has no rack labels; pass the result to ``assign_racks`` or
     ``overlay_topology``.
     """
-    table = read_csv(path, ("sn", "gpu", "model"))
+    table = read_csv(path, ("sn", "gpu", "model") + (
+        ("cpu_milli", "memory_mib") if host_resources else ()))
     nodes: list[NodeInfo] = []
     seen: dict[str, int] = {}
     for line, row in table.rows:
@@ -135,8 +145,13 @@ def load_openb_nodes(path: str | Path, include_cpu_only: bool = False) -> list[N
         model = row["model"].strip()
         if gpus > 0 and not model:
             raise table.error("a node with gpu > 0 needs a GPU model", line, "model")
+        cpu = memory = 0
+        if host_resources:
+            cpu = table.integer(line, "cpu_milli", row["cpu_milli"], 1, MAX_HOST_MILLI)
+            memory = table.integer(line, "memory_mib", row["memory_mib"], 1, MAX_HOST_MIB)
         if gpus > 0 or include_cpu_only:
-            nodes.append(_node(name, gpus, model or CPU_ONLY_MODEL))
+            nodes.append(_node(name, gpus, model or CPU_ONLY_MODEL, cpu_milli=cpu,
+                               memory_mib=memory))
     return nodes
 
 
@@ -277,13 +292,15 @@ def _pod_models(text: str) -> tuple[str, ...]:
     return tuple(models)
 
 
-def read_openb_pods(path: str | Path) -> OpenbPodTrace:
+def read_openb_pods(path: str | Path, host_resources: bool = False) -> OpenbPodTrace:
     """Every GPU pod of an openb pod list, in file order, with the CPU-only count.
 
     Works for every variant: default, gpuspec*, gpushare* (with qos and timestamps) and
-    multigpu* (``name,cpu_milli,memory_mib,num_gpu,gpu_milli`` only).
+    multigpu* (``name,cpu_milli,memory_mib,num_gpu,gpu_milli`` only). With
+    ``host_resources`` each job asks for its pod's ``cpu_milli`` and ``memory_mib``.
     """
-    table = read_csv(path, ("name", "num_gpu", "gpu_milli"))
+    table = read_csv(path, ("name", "num_gpu", "gpu_milli") + (
+        ("cpu_milli", "memory_mib") if host_resources else ()))
     timed = table.has("creation_time")
     jobs: list[TraceJob] = []
     seen: dict[str, int] = {}
@@ -317,6 +334,10 @@ def read_openb_pods(path: str | Path) -> OpenbPodTrace:
         if gpus > 1 and milli != MILLI_PER_GPU:
             raise table.error(f"must be {MILLI_PER_GPU} when num_gpu > 1 (only a single GPU "
                               f"is shared), got {milli}", line, "gpu_milli")
+        cpu = memory = 0
+        if host_resources:
+            cpu = table.integer(line, "cpu_milli", row["cpu_milli"], 0, MAX_HOST_MILLI)
+            memory = table.integer(line, "memory_mib", row["memory_mib"], 0, MAX_HOST_MIB)
         spec = JobSpec(
             name=name,
             workers=1,
@@ -328,12 +349,14 @@ def read_openb_pods(path: str | Path) -> OpenbPodTrace:
             queue=DEFAULT_QUEUE,
             priority=priority,
             expected_runtime_seconds=None,
+            cpu_milli=cpu,
+            memory_mib=memory,
         )
         duration = deleted - created if created is not None and deleted is not None else None
         jobs.append(TraceJob(spec, created, duration))
     return OpenbPodTrace(table.path, tuple(jobs), cpu_only, timed)
 
 
-def load_openb_pods(path: str | Path) -> list[TraceJob]:
+def load_openb_pods(path: str | Path, host_resources: bool = False) -> list[TraceJob]:
     """The GPU pods of an openb pod list (CPU-only pods skipped; see ``read_openb_pods``)."""
-    return list(read_openb_pods(path).jobs)
+    return list(read_openb_pods(path, host_resources).jobs)

@@ -36,7 +36,7 @@ def test_node_classes_and_free_counts_follow_allocations_and_clones() -> None:
     twin = state.clone()
     state.allocate(Placement("a", (WorkerSlot(n, (g[0],), 300), WorkerSlot(n, (g[1],)))))
     model = TOPO.node_model[n]
-    assert state.node_class[n] == (model, (1000,) * 6 + (700, 0))
+    assert state.node_class[n] == (model, (1000,) * 6 + (700, 0), -1, -1, 0)
     assert state.free_at(1, TOPO.node_domain[1][n]) == 14 == state.free_gpus(
         TOPO.domains[1][TOPO.node_domain[1][n]])
     # The clone shared the classes copy-on-write: it still sees four empty nodes.
@@ -45,7 +45,7 @@ def test_node_classes_and_free_counts_follow_allocations_and_clones() -> None:
     state.release("a")
     state.check_consistency()
     twin.check_consistency()
-    assert state.node_class[n] == (model, (1000,) * 8)
+    assert state.node_class[n] == (model, (1000,) * 8, -1, -1, 0)
 
 
 def test_the_control_plane_keeps_its_queued_and_running_sets() -> None:

@@ -53,17 +53,18 @@ FRAGMENT = {
 
 @pytest.mark.parametrize("case", FRAGMENT.values(), ids=FRAGMENT.keys())
 def test_fragment_milli(case: FragCase) -> None:
-    assert fragment_milli(case.model, case.free, case.typical) == pytest.approx(case.expected)
+    typical = tuple((*t, 0, 0) for t in case.typical)  # no CPU or memory asked
+    assert fragment_milli(case.model, case.free, typical) == pytest.approx(case.expected)
 
 
 def test_typical_shapes_cover_95_percent_of_workers_most_popular_first() -> None:
     mix = WorkloadMix()
     for i in range(90):
-        mix.observe(f"one-{i}", (1, MILLI, None))
+        mix.observe(f"one-{i}", (1, MILLI, None, 0, 0))
     for i in range(6):
-        mix.observe(f"gang-{i}", (8, MILLI, None), weight=1)
-    mix.observe("rare", (2, MILLI, None))
-    mix.observe("one-0", (1, MILLI, None))  # the same job again counts once
+        mix.observe(f"gang-{i}", (8, MILLI, None, 0, 0), weight=1)
+    mix.observe("rare", (2, MILLI, None, 0, 0))
+    mix.observe("one-0", (1, MILLI, None, 0, 0))  # the same job again counts once
     typical = mix.typical()
     assert [(t[1], t[2]) for t in typical] == [(1, MILLI), (8, MILLI)]
     assert sum(t[0] for t in typical) == pytest.approx(1.0)
@@ -73,13 +74,13 @@ def test_typical_shapes_cover_95_percent_of_workers_most_popular_first() -> None
 
 def test_scores_are_cached_until_the_workload_changes() -> None:
     mix = WorkloadMix(refresh_growth=0.5)
-    mix.observe("a", (8, MILLI, None))
+    mix.observe("a", (8, MILLI, None, 0, 0))
     scorer = FragmentationScorer(mix)
-    empty_two = (0, (MILLI, MILLI))
+    empty_two = (0, (MILLI, MILLI), -1, -1, 0)
     first = scorer.move(empty_two, 1, MILLI)
     # A 1-GPU task on a 2-GPU node nobody's 8-GPU tasks can use removes 1000 of fragment.
     assert first == (-1000.0, MILLI, 2)
-    mix.observe("b", (1, MILLI, None))
+    mix.observe("b", (1, MILLI, None, 0, 0))
     assert scorer.move(empty_two, 1, MILLI) != first  # new typical shapes, new scores
 
 
@@ -116,16 +117,16 @@ class PlaceCase:
 
 PLACE = {
     "with 8-GPU work common, a 1-GPU job takes a small node, keeping big ones whole": PlaceCase(
-        JobSpec("j", gpus_per_worker=1), (((8, MILLI, None), 5), ((1, MILLI, None), 5)),
+        JobSpec("j", gpus_per_worker=1), (((8, MILLI, None, 0, 0), 5), ((1, MILLI, None, 0, 0), 5)),
         node="small-0"),
     "without a workload to protect, the tightest node wins (BestFit)": PlaceCase(
         JobSpec("j", gpus_per_worker=1), (), busy=(("big-1", (1000,) * 7),), node="big-1"),
     "a share goes where its leftover still fits the typical share, not the tightest GPU":
-        PlaceCase(JobSpec("j", gpu_milli=200), (((1, 300, None), 10),),
+        PlaceCase(JobSpec("j", gpu_milli=200), (((1, 300, None, 0, 0), 10),),
                   busy=(("small-0", (600, 0)), ("small-1", (500, 0))),
                   node="small-1", gpu_free_before=500),
     "equal scores go to the tightest GPU": PlaceCase(
-        JobSpec("j", gpu_milli=200), (((1, 200, None), 10),),
+        JobSpec("j", gpu_milli=200), (((1, 200, None, 0, 0), 10),),
         busy=(("small-0", (600, 0)), ("small-1", (800, 0))),
         node="small-1", gpu_free_before=200),
 }
@@ -177,11 +178,11 @@ COMMON, SCARCE = TWO.models.index("A-common"), TWO.models.index("B-scarce")
 def scarce_mix(scarce_only: int, unrestricted: int, common_only: int = 0) -> WorkloadMix:
     mix = WorkloadMix()
     for i in range(scarce_only):
-        mix.observe(f"only-scarce-{i}", (1, MILLI, frozenset({SCARCE})))
+        mix.observe(f"only-scarce-{i}", (1, MILLI, frozenset({SCARCE}), 0, 0))
     for i in range(common_only):
-        mix.observe(f"only-common-{i}", (1, MILLI, frozenset({COMMON})))
+        mix.observe(f"only-common-{i}", (1, MILLI, frozenset({COMMON}), 0, 0))
     for i in range(unrestricted):
-        mix.observe(f"any-{i}", (1, MILLI, None))
+        mix.observe(f"any-{i}", (1, MILLI, None, 0, 0))
     return mix
 
 
@@ -191,7 +192,7 @@ def test_topology_counts_gpus_per_model() -> None:
 
 def test_scarcity_is_restricted_demand_share_over_capacity_share() -> None:
     scorer = FragmentationScorer(scarce_mix(scarce_only=3, unrestricted=5, common_only=2))
-    scorer.bind(TWO.model_gpus)
+    scorer.bind(TWO.kinds)
     s = scorer.scarcity()
     # Work restricted to "scarce" is 30 % of demand on 2/18 of the GPUs, to "common" 20 %
     # on 16/18.
@@ -201,7 +202,7 @@ def test_scarcity_is_restricted_demand_share_over_capacity_share() -> None:
 
 def test_no_restricted_demand_means_no_scarcity() -> None:
     scorer = FragmentationScorer(scarce_mix(scarce_only=0, unrestricted=10))
-    scorer.bind(TWO.model_gpus)
+    scorer.bind(TWO.kinds)
     assert scorer.scarcity() == (0.0, 0.0)
 
 

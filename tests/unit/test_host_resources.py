@@ -1,0 +1,227 @@
+"""CPU and memory beside GPUs: accounting, placement by every policy, reasons, FGD.
+
+Factory used below (one block, one rack per node kind, CPU in cores):
+
+              factory (24 GPUs)
+             /                 \\
+     rack lean                  rack fat
+     lean-0  lean-1             fat-0
+     8 GPUs, 32 cores, 256 GiB  8 GPUs, 128 cores, 1 TiB
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controller.errors import InvariantError
+from controller.fragmentation import FragmentationScorer, WorkloadMix, fragment_milli
+from controller.placement import PlacementRequest, Unplaced, place_topology_aware, static_check
+from controller.policies import POLICY_NAMES, make_policy
+from controller.scheduler import QueuedJob, RunningJob, SchedulerConfig, schedule
+from controller.spec import JobSpec
+from controller.state import MILLI, ClusterState, Placement, WorkerSlot
+from controller.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo, Topology
+from controller.traces import load_openb_nodes, read_openb_pods
+
+CORE = 1000
+GIB = 1024
+
+
+def host_topology() -> Topology:
+    nodes = [NodeInfo(f"lean-{i}", 8, "H100", ((BLOCK_LABEL, "b0"), (RACK_LABEL, "lean")),
+                      cpu_milli=32 * CORE, memory_mib=256 * GIB) for i in range(2)]
+    nodes.append(NodeInfo("fat-0", 8, "H100", ((BLOCK_LABEL, "b0"), (RACK_LABEL, "fat")),
+                          cpu_milli=128 * CORE, memory_mib=1024 * GIB))
+    return Topology.build(nodes)
+
+
+TOPO = host_topology()
+LEAN0, LEAN1, FAT = (TOPO.node_index[n] for n in ("lean-0", "lean-1", "fat-0"))
+
+
+def request(spec: JobSpec) -> PlacementRequest:
+    req = PlacementRequest.resolve(spec, TOPO)
+    assert isinstance(req, PlacementRequest)
+    return req
+
+
+def test_topology_groups_nodes_into_kinds_by_model_cpu_and_memory() -> None:
+    assert sorted(TOPO.kinds) == [(0, 32 * CORE, 256 * GIB, 16), (0, 128 * CORE, 1024 * GIB, 8)]
+    assert TOPO.node_kind[LEAN0] == TOPO.node_kind[LEAN1] != TOPO.node_kind[FAT]
+
+
+def test_cpu_and_memory_are_taken_given_back_and_never_overcommitted() -> None:
+    state = ClusterState(TOPO)
+    gpus = tuple(TOPO.gpu_range(LEAN0))
+    twin = state.clone()
+    state.allocate(Placement("a", (WorkerSlot(LEAN0, gpus[:2], MILLI, 20 * CORE, 100 * GIB),)))
+    assert (state.cpu_free[LEAN0], state.memory_free[LEAN0]) == (12 * CORE, 156 * GIB)
+    assert state.node_class[LEAN0][2:4] == (12 * CORE, 156 * GIB)
+    assert twin.cpu_free[LEAN0] == 32 * CORE  # the clone keeps its own books
+    assert state.host_room(LEAN0, 6 * CORE, 0) == 2
+    with pytest.raises(InvariantError, match="lean-0"):
+        state.allocate(Placement("b", (WorkerSlot(LEAN0, gpus[2:3], MILLI, 13 * CORE),)))
+    assert state.cpu_free[LEAN0] == 12 * CORE and "b" not in state.allocations
+    state.check_consistency()
+    state.release("a")
+    assert (state.cpu_free[LEAN0], state.memory_free[LEAN0]) == (32 * CORE, 256 * GIB)
+    state.check_consistency()
+
+
+def test_nodes_without_cpu_figures_never_run_out() -> None:
+    topo = Topology.build([NodeInfo("plain", 8, "H100")])
+    state = ClusterState(topo)
+    assert not state.host_tracked
+    req = PlacementRequest.resolve(JobSpec("j", gpus_per_worker=8, cpu_milli=10 ** 6), topo)
+    assert isinstance(req, PlacementRequest)
+    got = place_topology_aware(state, req)
+    assert isinstance(got, Placement)
+    state.allocate(got)
+    assert state.node_class[0][2:4] == (-1, -1)
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_every_policy_skips_nodes_whose_cpu_is_gone(policy: str) -> None:
+    # lean-0 and lean-1 have all 8 GPUs free but only 4 cores left; fat-0 has room.
+    state = ClusterState(TOPO)
+    for n in (LEAN0, LEAN1):
+        state.allocate(Placement(f"cpu-hog-{n}", (WorkerSlot(n, (), MILLI, 28 * CORE),)))
+    for spec in (JobSpec("whole", gpus_per_worker=2, cpu_milli=8 * CORE),
+                 JobSpec("share", gpu_milli=300, cpu_milli=8 * CORE),
+                 JobSpec("gang", workers=2, gpus_per_worker=4, cpu_milli=8 * CORE)):
+        got = make_policy(policy, seed=1).place(state, request(spec))
+        assert isinstance(got, Placement), (spec.name, got)
+        assert got.nodes == (FAT,), spec.name
+        assert all(s.cpu_milli == 8 * CORE for s in got.slots)
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_a_gang_splits_where_cpu_allows(policy: str) -> None:
+    # Each node's CPU holds one worker of 20 cores: three workers need all three nodes.
+    state = ClusterState(TOPO)
+    state.allocate(Placement("hog", (WorkerSlot(FAT, (), MILLI, 100 * CORE),)))
+    got = make_policy(policy, seed=1).place(
+        state, request(JobSpec("g", workers=3, gpus_per_worker=2, cpu_milli=20 * CORE)))
+    assert isinstance(got, Placement) and got.complete, got
+    assert got.nodes == tuple(sorted((LEAN0, LEAN1, FAT)))
+    state.allocate(got)
+    state.check_consistency()
+
+
+def test_the_reason_names_cpu_when_gpus_are_free_but_cpu_is_not() -> None:
+    state = ClusterState(TOPO)
+    for n, cores in ((LEAN0, 30), (LEAN1, 30), (FAT, 100)):
+        state.allocate(Placement(f"hog-{n}", (WorkerSlot(n, (), MILLI, cores * CORE),)))
+    got = place_topology_aware(state, request(JobSpec("j", gpus_per_worker=1,
+                                                      cpu_milli=40 * CORE)))
+    assert isinstance(got, Unplaced) and not got.permanent
+    assert "CPU or memory" in got.reason and "40000m CPU" in got.reason
+
+
+def test_a_worker_bigger_than_any_node_is_refused_for_good() -> None:
+    never = static_check(ClusterState(TOPO), request(JobSpec("j", gpus_per_worker=1,
+                                                             memory_mib=2048 * GIB)))
+    assert never is not None and never.permanent
+    assert "2097152 MiB memory" in never.reason and "1048576 MiB" in never.reason
+    assert static_check(ClusterState(TOPO), request(JobSpec("k", cpu_milli=100 * CORE))) \
+        is None
+
+
+def test_gpus_a_typical_task_cannot_get_cpu_for_are_fragment() -> None:
+    # One typical shape: 1 GPU with 16 cores. A node with 2 free GPUs and 8 free cores
+    # strands both GPUs for it; with 16 free cores, none.
+    typical = ((1.0, 1, MILLI, None, 16 * CORE, 0),)
+    assert fragment_milli(0, (MILLI, MILLI), typical, 8 * CORE, -1) == 2000
+    assert fragment_milli(0, (MILLI, MILLI), typical, 16 * CORE, -1) == 0
+    assert fragment_milli(0, (MILLI, MILLI), typical, -1, -1) == 0  # not tracked
+
+
+def test_work_that_fits_anywhere_keeps_off_the_nodes_cpu_heavy_work_needs() -> None:
+    # Typical work: 8-GPU tasks of 100 cores (only fat-0 hosts them) and 1-GPU tasks of
+    # 4 cores. FGD alone sees every empty node alike for a 1-GPU task; the scarcity of
+    # the fat kind sends it to a lean node.
+    mix = WorkloadMix()
+    for i in range(4):
+        mix.observe(f"big-{i}", (8, MILLI, None, 100 * CORE, 0))
+    for i in range(16):
+        mix.observe(f"small-{i}", (1, MILLI, None, 4 * CORE, 0))
+    scorer = FragmentationScorer(mix)
+    scorer.bind(TOPO.kinds)
+    fat_kind = TOPO.node_kind[FAT]
+    # 32 of 48 GPUs of demand asks for the fat kind, which holds 8 of 24 GPUs.
+    assert scorer.scarcity()[fat_kind] == pytest.approx((32 / 48) / (8 / 24))
+    state = ClusterState(TOPO)
+    state.allocate(Placement("busy", (WorkerSlot(LEAN0, tuple(TOPO.gpu_range(LEAN0))[:4]),)))
+    state.allocate(Placement("busy2", (WorkerSlot(FAT, tuple(TOPO.gpu_range(FAT))[:4]),)))
+    small = request(JobSpec("j", gpus_per_worker=1, cpu_milli=4 * CORE))
+    got = place_topology_aware(state, small, None, scorer)
+    assert isinstance(got, Placement) and got.nodes == (LEAN0,)
+    # Without scarcity both half-used nodes score the same and the tie goes to the node
+    # in the tighter rack, fat-0's.
+    scorer.scarcity_weight = 0.0
+    scorer.bind(())
+    got = place_topology_aware(state, small, None, scorer)
+    assert isinstance(got, Placement) and got.nodes == (FAT,)
+
+
+jobs = st.builds(
+    lambda w, g, milli, cpu, mem: JobSpec(
+        "x", workers=w if milli == MILLI else 1, gpus_per_worker=g if milli == MILLI else 1,
+        gpu_milli=milli, cpu_milli=cpu * CORE, memory_mib=mem * GIB),
+    st.integers(1, 4), st.sampled_from([1, 2, 4, 8]),
+    st.sampled_from([MILLI, MILLI, 250, 500]), st.sampled_from([0, 2, 8, 16, 40]),
+    st.sampled_from([0, 16, 64, 300]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(jobs, st.booleans()), min_size=1, max_size=20),
+       st.sampled_from(POLICY_NAMES))
+def test_no_policy_overcommits_cpu_or_memory(steps: list[tuple[JobSpec, bool]],
+                                             policy: str) -> None:
+    state = ClusterState(TOPO)
+    config = SchedulerConfig(policy=make_policy(policy, seed=1), empty=ClusterState(TOPO),
+                             watts_per_gpu=lambda spec: 0.0)
+    running: dict[str, RunningJob] = {}
+    for i, (job, finish_one) in enumerate(steps):
+        spec = JobSpec(f"j{i}", workers=job.workers, gpus_per_worker=job.gpus_per_worker,
+                       gpu_milli=job.gpu_milli, cpu_milli=job.cpu_milli,
+                       memory_mib=job.memory_mib)
+        result = schedule(state, [QueuedJob(spec, float(i), i)], list(running.values()),
+                          float(i), config)
+        for key, part in result.partial.items():
+            state.release(key)
+            state.allocate(part)
+        for adm in result.admitted:
+            if adm.job not in state.allocations:
+                state.allocate(adm.placement)  # raises if CPU or memory would go negative
+            running[adm.job] = RunningJob(spec, adm.placement, float(i), float(i))
+        for n in range(len(TOPO.nodes)):
+            assert state.cpu_free[n] >= 0 and state.memory_free[n] >= 0
+        state.check_consistency()
+        if finish_one and running:
+            key = sorted(running)[0]
+            state.release(key)
+            del running[key]
+
+
+@settings(max_examples=60, deadline=None)
+@given(jobs)
+def test_work_the_empty_factory_can_host_is_placed_there(job: JobSpec) -> None:
+    empty = ClusterState(TOPO)
+    req = request(job)
+    never = static_check(empty, req)
+    got = make_policy("aifactory").place(empty, req)
+    assert (never is None) == isinstance(got, Placement), (never, got)
+
+
+def test_openb_lists_give_cpu_and_memory_when_asked() -> None:
+    from benchmarks.common import openb_path
+
+    nodes = load_openb_nodes(openb_path("openb_node_list_gpu_node.csv"), host_resources=True)
+    assert all(n.cpu_milli > 0 and n.memory_mib > 0 for n in nodes)
+    assert load_openb_nodes(openb_path("openb_node_list_gpu_node.csv"))[0].cpu_milli == 0
+    pods = read_openb_pods(openb_path("openb_pod_list_multigpu50.csv"), host_resources=True)
+    first = pods.jobs[0].spec
+    assert (first.cpu_milli, first.memory_mib) == (12000, 16384)
