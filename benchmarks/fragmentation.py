@@ -224,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--orders", default="fgd,file", help="fgd, file or both")
     parser.add_argument("--ratio", type=float, default=1.3,
                         help="FGD order: resample to this multiple of capacity")
+    parser.add_argument("--from-json", default="",
+                        help="comma-separated JSON files of earlier runs (e.g. lists run "
+                             "in parallel): print their tables together, run nothing")
     parser.add_argument("--gpus-only", action="store_true",
                         help="schedule GPUs alone (ignore the CPU and memory of nodes and pods)")
     parser.add_argument("--ablation", action="store_true",
@@ -238,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = args.seeds
     if args.smoke:
         traces, node_limit, pod_limit, seeds = ["multigpu50", "gpushare40"], 120, 900, 2
+    if args.from_json:
+        return _reprint([p.strip() for p in args.from_json.split(",") if p.strip()])
     info = machine()
     print(f"# Scenario 1: fragmentation, fill until full\n\n{machine_line(info)}")
     data, wall = timed(run, traces, names, seeds, orders, node_limit, pod_limit, args.ratio,
@@ -250,6 +255,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(args.json_path, {"scenario": "fragmentation", "machine": info,
                                 "args": vars(args), "summary": summary, "headline": best,
                                 "wall_seconds": wall, **data})
+    return 0
+
+
+def _reprint(paths: Sequence[str]) -> int:
+    """Tables of earlier runs read back from their JSON, merged (same factory and mode)."""
+    import json
+
+    parts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            parts.append(json.load(fh))
+    runs = [r for part in parts for r in part["runs"]]
+    present = {r["trace"] for r in runs}
+    traces = [t for t in TRACES if t in present] + sorted(present - set(TRACES))
+    names = list(dict.fromkeys(r["policy"] for r in runs))
+    orders = list(dict.fromkeys(r["order"] for r in runs))
+    first = parts[0]
+    print("# Scenario 1: fragmentation, fill until full\n")
+    for path, part in zip(paths, parts, strict=True):
+        print(f"{path}: {machine_line(part['machine'])}, wall {part['wall_seconds']:.0f} s, "
+              f"args {' '.join(f'{k}={v}' for k, v in part['args'].items() if v)}")
+    print(f"\nfactory: openb GPU node list, {first['nodes']} nodes, {first['gpus']} GPUs")
+    summary = summarize({"gpus": first["gpus"], "nodes": first["nodes"], "runs": runs},
+                        traces, names, orders)
+    headline(summary, names)
     return 0
 
 

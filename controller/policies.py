@@ -26,6 +26,7 @@ import heapq
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 from typing import Protocol
 
 from controller.fragmentation import FragmentationScorer, WorkloadMix
@@ -33,7 +34,6 @@ from controller.placement import (
     PlacementRequest,
     Unplaced,
     explain_unplaced,
-    host_capacity,
     materialize,
     node_workers,
     place_topology_aware,
@@ -216,16 +216,17 @@ class KueueBestFitPolicy:
                           spread_cap=1)
         topo = state.topo
         g, w = req.gpus_per_worker, req.workers
-        host_caps: dict[tuple[str, ...], int] = {}
+        # Kueue's TAS counts every resource a pod asks for in a domain's capacity: with CPU
+        # or memory asked, per-node worker counts summed over the domain's node range.
+        prefix = list(accumulate(
+            (node_workers(state, req, n) if req.models is None
+             or topo.node_model[n] in req.models else 0 for n in range(len(topo.nodes))),
+            initial=0)) if req.host else []
 
         def cap(d: Domain) -> int:
-            # Kueue's TAS counts every resource a pod asks for in a domain's capacity.
             if not req.host:
                 return state.worker_capacity(d, g, req.models)
-            got = host_caps.get(d.id)
-            if got is None:
-                got = host_caps[d.id] = host_capacity(state, req, d)
-            return got
+            return prefix[d.node_end] - prefix[d.node_start]
 
         level = req.required_level if req.required_level is not None else (
             req.preferred_level if req.preferred_level is not None else topo.node_level)
