@@ -29,7 +29,14 @@ from controller._csv import read_header
 from controller._yaml import YamlDocument, line_of, parse_yaml
 from controller.errors import InputFileError, SpecError, SpecFileError
 from controller.power import CostModel, canonical_model, known_models, profile_for
-from controller.spec import API_VERSION, DEFAULT_QUEUE, PowerBudgetSpec, QueueSpec
+from controller.spec import (
+    API_VERSION,
+    DEFAULT_QUEUE,
+    PowerBudgetSpec,
+    QueueSpec,
+    cpu_milli_of,
+    memory_mib_of,
+)
 from controller.topology import (
     BLOCK_LABEL,
     CLIQUE_LABEL,
@@ -68,7 +75,7 @@ LEVEL_LABELS: dict[str, str] = {
 }
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _GROUP_FIELDS = ("gpuModel", "gpusPerNode", "blocks", "racksPerBlock", "nodesPerRack",
-                 "nvlinkDomainsPerRack", "namePrefix")
+                 "nvlinkDomainsPerRack", "namePrefix", "cpuPerNode", "memoryPerNode")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +205,11 @@ def _group_nodes(raw: Any, index: int, first_block: int) -> tuple[list[NodeInfo]
         raise SpecError(f"{path}.gpuModel", f"unknown GPU model {written!r}; known models are "
                         f"{', '.join(known_models())}")
     gpus = _int(group, "gpusPerNode", path)
+    # What pods may request besides GPUs (Kubernetes quantities); left out: not tracked.
+    cpu = 0 if group.get("cpuPerNode") is None else cpu_milli_of(group["cpuPerNode"],
+                                                                 f"{path}.cpuPerNode")
+    memory = 0 if group.get("memoryPerNode") is None else memory_mib_of(
+        group["memoryPerNode"], f"{path}.memoryPerNode")
     blocks = _int(group, "blocks", path, default=1)
     racks = _int(group, "racksPerBlock", path, default=1)
     per_rack = _int(group, "nodesPerRack", path)
@@ -223,7 +235,8 @@ def _group_nodes(raw: Any, index: int, first_block: int) -> tuple[list[NodeInfo]
                           GPU_PRODUCT_LABEL: model, GPU_COUNT_LABEL: str(gpus)}
                 if per_domain:
                     labels[CLIQUE_LABEL] = f"{rack}-nvl{n // per_domain}"
-                nodes.append(NodeInfo(name, gpus, model, tuple(sorted(labels.items()))))
+                nodes.append(NodeInfo(name, gpus, model, tuple(sorted(labels.items())), cpu,
+                                      memory))
     return nodes, blocks, bool(domains)
 
 

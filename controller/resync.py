@@ -83,7 +83,8 @@ def adopt_running(cp: ControlPlane, backend: GangAdopter[G],
     for gang in backend.adoptable():
         spec = specs.get(gang.job)
         placement = None if spec is None else placement_from_slots(
-            gang.job, gang.slots, cp.topo, cp.config.watts_per_gpu(spec))
+            gang.job, gang.slots, cp.topo, cp.config.watts_per_gpu(spec), spec.cpu_milli,
+            spec.memory_mib)
         if spec is None or placement is None:
             backend.discard(gang)
             discarded.append(gang.job)
@@ -143,7 +144,10 @@ def _remap(placement: Placement, old: Topology, new: Topology) -> Placement | No
         start = old.gpu_start[slot.node]
         slots.append((old.nodes[slot.node].name, tuple(g - start for g in slot.gpus),
                       slot.milli))
-    return placement_from_slots(placement.job, slots, new, placement.watts_per_gpu)
+    first = placement.slots[0] if placement.slots else None
+    return placement_from_slots(placement.job, slots, new, placement.watts_per_gpu,
+                                first.cpu_milli if first else 0,
+                                first.memory_mib if first else 0)
 
 
 def rebuild(cp: ControlPlane, factory: FactorySpec) -> ControlPlane:

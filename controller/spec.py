@@ -9,6 +9,8 @@ rejection names the field and says what would be valid, like Ray's
 from __future__ import annotations
 
 import enum
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -56,8 +58,10 @@ class JobSpec:
     """One gang: ``workers`` x ``gpus_per_worker`` GPUs, placed all or nothing.
 
     ``gpu_milli`` below 1000 asks for a fraction of one GPU (then ``workers`` and
-    ``gpus_per_worker`` are 1), like KAI-Scheduler's gpu-fraction. ``gpu_models`` empty means
-    any model. Levels are topology level names (``block``, ``rack``, ``node``...).
+    ``gpus_per_worker`` are 1), like KAI-Scheduler's gpu-fraction. ``cpu_milli`` and
+    ``memory_mib`` are what each worker asks for besides GPUs (0: nothing).
+    ``gpu_models`` empty means any model. Levels are topology level names (``block``,
+    ``rack``, ``node``...).
     An InferenceService replica is a JobSpec with ``group`` set to the service key and
     ``group_size`` to the replica count. Replicas spread over at least
     ``spread_min_domains`` domains of ``spread_level`` (each domain holds at most
@@ -171,6 +175,44 @@ def _positive_int(mapping: Mapping[str, Any], key: str, path: str, default: int 
     return value
 
 
+_CPU = re.compile(r"^(\d+(?:\.\d+)?)(m?)$")
+_MEMORY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|k|K|M|G|T|P)?$")
+_MEMORY_BYTES = {None: 1, "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40,
+                 "Pi": 2 ** 50, "k": 10 ** 3, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9,
+                 "T": 10 ** 12, "P": 10 ** 15}
+
+
+def cpu_milli_of(value: Any, field: str) -> int:
+    """A Kubernetes CPU quantity (``4``, ``2.5``, ``"500m"``) in milli-cores, rounded up."""
+    text = str(value).strip() if isinstance(value, int | float | str) \
+        and not isinstance(value, bool) else ""
+    match = _CPU.match(text)
+    if not match:
+        raise SpecError(field, f"must be a CPU quantity such as 4, 2.5 or '500m', got {value!r}")
+    amount = float(match.group(1))
+    return math.ceil(amount if match.group(2) else amount * 1000)
+
+
+def memory_mib_of(value: Any, field: str) -> int:
+    """A Kubernetes memory quantity (``"64Gi"``, ``"512Mi"``, ``"1G"``, bytes) in MiB,
+    rounded up."""
+    text = str(value).strip() if isinstance(value, int | float | str) \
+        and not isinstance(value, bool) else ""
+    match = _MEMORY.match(text)
+    if not match:
+        raise SpecError(field, "must be a memory quantity such as '64Gi', '512Mi' or '1G', "
+                        f"got {value!r}")
+    return math.ceil(float(match.group(1)) * _MEMORY_BYTES[match.group(2)] / 2 ** 20)
+
+
+def _host(spec: Mapping[str, Any], path: str, per: str) -> tuple[int, int]:
+    """``cpuPer<per>`` and ``memoryPer<per>`` (Kubernetes quantities) as milli and MiB."""
+    cpu = spec.get(f"cpuPer{per}")
+    memory = spec.get(f"memoryPer{per}")
+    return (0 if cpu is None else cpu_milli_of(cpu, f"{path}.cpuPer{per}"),
+            0 if memory is None else memory_mib_of(memory, f"{path}.memoryPer{per}"))
+
+
 def _optional_positive_float(mapping: Mapping[str, Any], key: str, path: str) -> float | None:
     value = _get(mapping, key, path, float)
     if value is None:
@@ -248,6 +290,7 @@ def _common(metadata: Mapping[str, Any], spec: Mapping[str, Any], path: str) -> 
 def _training(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> JobSpec:
     path = "spec"
     required, preferred = _topology(spec, path)
+    cpu, memory = _host(spec, path, "Worker")
     return JobSpec(
         kind=JobKind.TRAINING,
         workers=_positive_int(spec, "workers", path, default=None, maximum=100_000),
@@ -258,6 +301,8 @@ def _training(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> JobSpec:
         checkpoint_interval_seconds=_optional_positive_float(
             spec, "checkpointIntervalSeconds", path),
         restart_limit=_positive_int(spec, "restartLimit", path, default=3, minimum=0),
+        cpu_milli=cpu,
+        memory_mib=memory,
         **_common(metadata, spec, path),
     )
 
@@ -294,6 +339,7 @@ def _inference(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> JobSpec:
     if not 0.0 <= util <= 1.0:
         raise SpecError(f"{path}.expectedUtilization", f"must be between 0 and 1, got {util}")
     common = _common(metadata, spec, path)
+    cpu, memory = _host(spec, path, "Replica")
     return JobSpec(
         kind=JobKind.INFERENCE,
         workers=replicas,
@@ -307,6 +353,8 @@ def _inference(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> JobSpec:
         restart_limit=1_000_000,
         expected_utilization=util,
         group=f"{common['namespace']}/{common['name']}",
+        cpu_milli=cpu,
+        memory_mib=memory,
         **common,
     )
 

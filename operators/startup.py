@@ -286,7 +286,8 @@ def _adopt(engine: Engine, obj: Tracked, gang: JobSpec, workers: list[Any],
     if not isinstance(watts, int | float):
         watts = cp.config.watts_per_gpu(gang)
     try:
-        placement = placement_from_status(gang.key, workers, cp.topo, float(watts))
+        placement = placement_from_status(gang.key, workers, cp.topo, float(watts),
+                                          gang.cpu_milli, gang.memory_mib)
         # allocate() refuses a GPU share that is already taken (shares of one GPU may add
         # up to a whole GPU: fractional replicas legitimately share).
         _adopt_at(engine, obj, gang, placement, started, status)
@@ -305,7 +306,8 @@ def _adopt_found(engine: Engine, adopter: GangAdopter[Any], obj: Tracked, gang: 
     the one status recorded (the admission users saw), else the workers' own."""
     cp = engine.cp
     placement = placement_from_slots(gang.key, found.slots, cp.topo,
-                                     cp.config.watts_per_gpu(gang))
+                                     cp.config.watts_per_gpu(gang), gang.cpu_milli,
+                                     gang.memory_mib)
     started_wall = parse_time(status.get("startedAt")) if recorded else None
     started = found.started_at if started_wall is None else \
         engine.clock.from_wall(started_wall)

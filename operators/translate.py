@@ -203,8 +203,10 @@ def placement_workers(placement: Placement, topo: Topology,
 
 
 def placement_from_status(job: str, workers: Sequence[Mapping[str, Any]], topo: Topology,
-                          watts_per_gpu: float) -> Placement:
-    """Rebuild a Placement from ``status.placement.workers``; SpecError if it cannot be."""
+                          watts_per_gpu: float, cpu_milli: int = 0,
+                          memory_mib: int = 0) -> Placement:
+    """Rebuild a Placement from ``status.placement.workers`` (each worker holding the job's
+    ``cpu_milli`` and ``memory_mib``); SpecError if it cannot be."""
     if not workers:
         raise SpecError("status.placement.workers", "is empty")
     slots: list[WorkerSlot] = []
@@ -225,7 +227,8 @@ def placement_from_status(job: str, workers: Sequence[Mapping[str, Any]], topo: 
         if not isinstance(milli, int) or isinstance(milli, bool) or not 0 < milli <= MILLI:
             raise SpecError(f"{path}.milli", f"must be an integer in 1..{MILLI}, got {milli!r}")
         first = topo.gpu_start[node]
-        slots.append(WorkerSlot(node, tuple(first + g for g in local), milli))
+        slots.append(WorkerSlot(node, tuple(first + g for g in local), milli, cpu_milli,
+                                memory_mib))
     return Placement(job, tuple(slots), watts_per_gpu)
 
 

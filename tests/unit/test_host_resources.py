@@ -225,3 +225,81 @@ def test_openb_lists_give_cpu_and_memory_when_asked() -> None:
     pods = read_openb_pods(openb_path("openb_pod_list_multigpu50.csv"), host_resources=True)
     first = pods.jobs[0].spec
     assert (first.cpu_milli, first.memory_mib) == (12000, 16384)
+
+
+# ---------------------------------------------------------------- manifests and factories
+
+
+def _training(**extra: object) -> dict[str, object]:
+    return {"apiVersion": "aifactory.io/v1alpha1", "kind": "TrainingJob",
+            "metadata": {"name": "t"}, "spec": {"workers": 2, **extra}}
+
+
+@pytest.mark.parametrize(("cpu", "memory", "expected"), [
+    (4, "64Gi", (4000, 65536)), ("2.5", "512Mi", (2500, 512)), ("500m", "1G", (500, 954)),
+    (None, None, (0, 0))])
+def test_cpu_and_memory_per_worker_are_kubernetes_quantities(
+        cpu: object, memory: object, expected: tuple[int, int]) -> None:
+    from controller.spec import job_from_manifest
+
+    extra = {k: v for k, v in (("cpuPerWorker", cpu), ("memoryPerWorker", memory)) if v}
+    spec = job_from_manifest(_training(**extra))
+    assert (spec.cpu_milli, spec.memory_mib) == expected
+
+
+@pytest.mark.parametrize(("field", "value"), [("cpuPerWorker", "lots"),
+                                              ("memoryPerWorker", "64 gigs"),
+                                              ("cpuPerWorker", True)])
+def test_a_bad_quantity_names_the_field(field: str, value: object) -> None:
+    from controller.errors import SpecError
+    from controller.spec import job_from_manifest
+
+    with pytest.raises(SpecError, match=rf"spec\.{field}.*quantity"):
+        job_from_manifest(_training(**{field: value}))
+
+
+def test_inference_replicas_ask_per_replica() -> None:
+    from controller.spec import jobs_from_manifest
+
+    replicas = jobs_from_manifest({
+        "apiVersion": "aifactory.io/v1alpha1", "kind": "InferenceService",
+        "metadata": {"name": "s"}, "spec": {"model": "m", "minReplicas": 2,
+                                            "cpuPerReplica": 8, "memoryPerReplica": "32Gi"}})
+    assert [(r.cpu_milli, r.memory_mib) for r in replicas] == [(8000, 32768)] * 2
+
+
+FACTORY_YAML = """
+apiVersion: aifactory.io/v1alpha1
+kind: SimulatedFactory
+metadata:
+  name: cpu
+spec:
+  nodeGroups:
+  - gpuModel: H200
+    gpusPerNode: 8
+    racksPerBlock: 1
+    nodesPerRack: 2
+    cpuPerNode: 64
+    memoryPerNode: 1Ti
+"""
+
+
+def test_a_factory_gives_node_cpu_and_the_scheduler_holds_jobs_to_it(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from controller.factory import load_factory
+
+    path = Path(str(tmp_path)) / "cpu.yaml"
+    path.write_text(FACTORY_YAML)
+    topo = load_factory(path).topology()
+    assert {(n.cpu_milli, n.memory_mib) for n in topo.nodes} == {(64000, 1024 * 1024)}
+    state = ClusterState(topo)
+    config = SchedulerConfig(policy=make_policy("aifactory"), empty=ClusterState(topo),
+                             watts_per_gpu=lambda spec: 0.0)
+    # Two jobs of 1 GPU and 40 cores: each node's CPU holds one, though GPUs are plenty.
+    jobs = [QueuedJob(JobSpec(f"j{i}", gpus_per_worker=1, cpu_milli=40_000), 0.0, i)
+            for i in range(3)]
+    result = schedule(state, jobs, [], 0.0, config)
+    assert len(result.admitted) == 2
+    assert len({a.placement.nodes for a in result.admitted}) == 2
+    assert "CPU or memory" in result.waiting["default/j2"]
