@@ -102,7 +102,7 @@ def test_a_new_node_rebuilds_the_plane_and_keeps_running_jobs_in_place() -> None
     assert new.jobs["default/wait"].phase == JobPhase.QUEUED
     # 24 GPUs are free with node 5, but only across racks: our policy first waits up to its
     # locality delay for one rack, then spreads.
-    clock.now = 301.0
+    clock.now = 601.0
     new.cycle(force=True)
     assert new.jobs["default/wait"].phase == JobPhase.RUNNING
     assert launched == ["default/wait"]  # the adopted gang was not launched again

@@ -58,9 +58,9 @@ GANG = JobSpec("gang", workers=2, gpus_per_worker=8, preferred_level="rack")
 LOCALITY = {
     "a gang that could only start across racks waits for one rack at first": LocalityCase(
         now=10.0, busy=(("n-b0-r0-00", 8), ("n-b0-r1-00", 8)), admitted=False,
-        kind="locality", reason_part="waits for one rack (up to 300 s after submission"),
+        kind="locality", reason_part="waits for one rack (up to 600 s after submission"),
     "after the locality wait it spreads over racks": LocalityCase(
-        now=400.0, busy=(("n-b0-r0-00", 8), ("n-b0-r1-00", 8)), admitted=True),
+        now=700.0, busy=(("n-b0-r0-00", 8), ("n-b0-r1-00", 8)), admitted=True),
     "a gang that fits one rack starts at once": LocalityCase(
         now=10.0, busy=(("n-b0-r0-00", 8),), admitted=True),
     "when nothing fits anywhere it waits for capacity, not locality": LocalityCase(
