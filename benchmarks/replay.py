@@ -21,6 +21,9 @@ Two variants of the same pods:
                                           # and gpuspec33 (the unconstrained and the most
                                           # constrained list; each stress run takes minutes)
     python -m benchmarks.replay --smoke   # default, 600 pods, both variants
+
+By default the scheduler sees GPUs only, as the scenario asks; ``--host-resources`` also
+gives nodes their CPU and memory and pods their requests (as FGD's simulator does).
 """
 
 from __future__ import annotations
@@ -65,8 +68,9 @@ class Variant:
 VARIANTS = (Variant("real", 1, 1.0), Variant("stress", 2, 3000.0))
 
 
-def thinned_nodes(stride: int) -> list[NodeInfo]:
-    nodes = load_openb_nodes(openb_path("openb_node_list_gpu_node.csv"))
+def thinned_nodes(stride: int, host_resources: bool = False) -> list[NodeInfo]:
+    nodes = load_openb_nodes(openb_path("openb_node_list_gpu_node.csv"),
+                             host_resources=host_resources)
     if stride <= 1:
         return nodes
     seen: dict[tuple[str, int], int] = {}
@@ -79,8 +83,9 @@ def thinned_nodes(stride: int) -> list[NodeInfo]:
     return kept
 
 
-def arrivals(trace: str, compress: float, limit: int | None = None) -> list[Arrival]:
-    jobs = load_openb_pods(openb_path(f"openb_pod_list_{trace}.csv"))
+def arrivals(trace: str, compress: float, limit: int | None = None,
+             host_resources: bool = False) -> list[Arrival]:
+    jobs = load_openb_pods(openb_path(f"openb_pod_list_{trace}.csv"), host_resources)
     if limit is not None:
         jobs = jobs[:limit]
     start = min((j.arrival_seconds or 0.0) for j in jobs)
@@ -97,15 +102,16 @@ def replay(factory: FactorySpec, jobs: Sequence[Arrival], name: str, seed: int
 
 
 def run(traces: Sequence[str], variants: Sequence[Variant], names: Sequence[str],
-        seeds: int, pod_limit: int | None, stress_traces: Sequence[str] | None = None
-        ) -> list[dict[str, Any]]:
+        seeds: int, pod_limit: int | None, stress_traces: Sequence[str] | None = None,
+        host_resources: bool = False) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for variant in variants:
-        factory = factory_from_nodes("openb", assign_racks(thinned_nodes(variant.node_stride)))
+        factory = factory_from_nodes("openb", assign_racks(
+            thinned_nodes(variant.node_stride, host_resources)))
         wanted = traces if variant.name != "stress" or stress_traces is None else [
             t for t in traces if t in stress_traces]
         for trace in wanted:
-            jobs = arrivals(trace, variant.compress, pod_limit)
+            jobs = arrivals(trace, variant.compress, pod_limit, host_resources)
             for name in names:
                 for seed in range(1, (seeds if name == "random" else 1) + 1):
                     out, wall = timed(replay, factory, jobs, name, seed)
@@ -168,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", default="real,stress", help="real, stress or both")
     parser.add_argument("--stress-traces", default="default,gpuspec33",
                         help="pod lists for the stress variant")
+    parser.add_argument("--host-resources", action="store_true",
+                        help="schedule the nodes' and pods' CPU and memory as well as GPUs")
     args = parser.parse_args(argv)
     names = policy_names(args.policies)
     traces = [t.strip() for t in args.traces.split(",") if t.strip()]
@@ -179,7 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     print(f"# Scenario 2: time replay\n\n{machine_line(info)}")
     stress = None if args.smoke else [t.strip() for t in args.stress_traces.split(",")]
-    rows, wall = timed(run, traces, variants, names, seeds, pod_limit, stress)
+    rows, wall = timed(run, traces, variants, names, seeds, pod_limit, stress,
+                       args.host_resources)
+    if args.host_resources:
+        print("\nresources: GPUs, CPU and memory scheduled")
     summary = summarize(rows, traces, variants, names)
     print(f"\nwall time {wall:.0f} s")
     write_json(args.json_path, {"scenario": "replay", "machine": info, "args": vars(args),
