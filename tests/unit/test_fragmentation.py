@@ -193,11 +193,13 @@ def test_topology_counts_gpus_per_model() -> None:
 def test_scarcity_is_restricted_demand_share_over_capacity_share() -> None:
     scorer = FragmentationScorer(scarce_mix(scarce_only=3, unrestricted=5, common_only=2))
     scorer.bind(TWO.kinds)
-    s = scorer.scarcity()
+    s = scorer.scarcity()  # per node kind; here one kind per model
+    scarce = TWO.node_kind[TWO.node_index["scarce-0"]]
+    common = TWO.node_kind[TWO.node_index["common-0"]]
     # Work restricted to "scarce" is 30 % of demand on 2/18 of the GPUs, to "common" 20 %
     # on 16/18.
-    assert s[SCARCE] == pytest.approx(0.3 / (2 / 18))
-    assert s[COMMON] == pytest.approx(0.2 / (16 / 18))
+    assert s[scarce] == pytest.approx(0.3 / (2 / 18))
+    assert s[common] == pytest.approx(0.2 / (16 / 18))
 
 
 def test_no_restricted_demand_means_no_scarcity() -> None:
