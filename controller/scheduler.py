@@ -247,7 +247,8 @@ class _Cycle:
 
     def place(self, req: PlacementRequest, spec: JobSpec) -> Placement | Unplaced:
         shape = (req.workers, req.gpus_per_worker, req.milli, req.models,
-                 req.required_level, req.preferred_level, req.watts_per_gpu, req.avoid_nodes)
+                 req.required_level, req.preferred_level, req.watts_per_gpu, req.avoid_nodes,
+                 req.cpu_milli, req.memory_mib)
         known = self.failed_shapes.get(shape)
         if known is not None and self.config.policy.gang:
             return known
@@ -367,7 +368,7 @@ class _Cycle:
                                                                    spec.gpu_equivalents)
         attempt = (req.workers, req.gpus_per_worker, req.milli, req.models,
                    req.required_level, req.preferred_level, req.avoid_nodes, spec.priority,
-                   spec.queue, reclaim)
+                   spec.queue, reclaim, req.cpu_milli, req.memory_mib)
         if attempt in self.failed_preemptions or \
                 self.preemption_searches >= self.config.max_preemption_searches:
             return False

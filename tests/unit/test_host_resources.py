@@ -166,6 +166,22 @@ def test_work_that_fits_anywhere_keeps_off_the_nodes_cpu_heavy_work_needs() -> N
     assert isinstance(got, Placement) and got.nodes == (FAT,)
 
 
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_a_job_asking_less_cpu_is_not_held_back_by_one_that_asked_too_much(policy: str) -> None:
+    # Same GPU shape in one cycle: the first asks more CPU than any node has free, the
+    # second none. A failure remembered by GPU shape alone would hold the second back.
+    state = ClusterState(TOPO)
+    config = SchedulerConfig(policy=make_policy(policy, seed=1), empty=ClusterState(TOPO),
+                             watts_per_gpu=lambda spec: 0.0)
+    for n in (LEAN0, LEAN1, FAT):
+        state.allocate(Placement(f"hog-{n}", (WorkerSlot(n, (), MILLI, 30 * CORE),)))
+    jobs = [QueuedJob(JobSpec("big", gpus_per_worker=2, cpu_milli=120 * CORE), 0.0, 0),
+            QueuedJob(JobSpec("small", gpus_per_worker=2), 0.0, 1)]
+    result = schedule(state, jobs, [], 0.0, config)
+    assert [a.job for a in result.admitted] == ["default/small"]
+    assert "default/big" in result.waiting
+
+
 jobs = st.builds(
     lambda w, g, milli, cpu, mem: JobSpec(
         "x", workers=w if milli == MILLI else 1, gpus_per_worker=g if milli == MILLI else 1,
