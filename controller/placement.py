@@ -374,27 +374,24 @@ def place_topology_aware(state: ClusterState, req: PlacementRequest,
         single = _single_node(state, req, frontier)
         if single is not None:
             return single
-    # GPU counts are exact, so the tightest domain that fits is the one; with CPU and
-    # memory asked too they are upper bounds, and the next tightest is tried after it.
-    ordered = sorted(frontier, key=lambda d: (state.free_gpus(d, req.models), d.id)) \
-        if req.host else [min(frontier, key=lambda d: (state.free_gpus(d, req.models), d.id))]
-    while ordered:
+    def tightest(d: Domain) -> tuple[int, tuple[str, ...]]:
+        return state.free_gpus(d, req.models), d.id
+
+    # GPU counts are exact, so the tightest domain that fits is the one. With CPU and
+    # memory asked too they are upper bounds: the next tightest is tried after it, then
+    # their parents, up to the required level (or the root).
+    ordered = sorted(frontier, key=tightest) if req.host else [min(frontier, key=tightest)]
+    while True:
         for chosen in ordered:
             pending: dict[int, float] = {}
             assignment = _assign(state, req, chosen, w, pending)
             if assignment is not None:
                 return materialize(state, req, assignment)
-        # CPU or memory kept the gang out of every domain GPU counts chose: widen to their
-        # parents, never above the required level.
-        if not req.host or ordered[0].level <= max(top, 0):
-            break
-        parents = {d.parent: topo.domains[d.level - 1][d.parent] for d in ordered}
-        ordered = sorted(parents.values(), key=lambda d: (state.free_gpus(d, req.models), d.id))
-    if req.host and top < 0 and frontier and frontier[0].level >= 0:
-        assignment = _assign(state, req, topo.root, w, {})
-        if assignment is not None:
-            return materialize(state, req, assignment)
-    return explain_unplaced(state, req)
+        if not req.host or ordered[0].level <= top:
+            return explain_unplaced(state, req)
+        parents = {d.parent: topo.domains[d.level - 1][d.parent] if d.level > 0 else topo.root
+                   for d in ordered}
+        ordered = sorted(parents.values(), key=tightest)
 
 
 _NEUTRAL = FragmentationScorer()  # an empty workload: every node scores 0

@@ -136,7 +136,6 @@ class Topology:
     root: Domain
     max_node_gpus: int
     node_index: Mapping[str, int] = field(repr=False)
-    model_gpus: tuple[int, ...] = ()  # GPUs of each model index in the factory
     # Node kinds: nodes alike for what they could ever host, (GPU model index, CPU
     # milli-cores, memory MiB (0: not tracked), GPUs of all such nodes), and each node's kind.
     kinds: tuple[tuple[int, int, int, int], ...] = ()
@@ -219,12 +218,10 @@ class Topology:
             ]
         root = Domain(-1, 0, (), -1, tuple(d.index for d in level_domains[0]), 0,
                       len(ordered), total)
-        model_gpus = [0] * len(models)
         kind_index: dict[tuple[int, int, int], int] = {}
         kind_gpus: list[int] = []
         node_kind: list[int] = []
         for n in ordered:
-            model_gpus[model_index[n.gpu_model]] += n.gpus
             kind = (model_index[n.gpu_model], n.cpu_milli, n.memory_mib)
             k = kind_index.setdefault(kind, len(kind_index))
             if k == len(kind_gpus):
@@ -242,12 +239,19 @@ class Topology:
             root=root,
             max_node_gpus=max((n.gpus for n in ordered), default=0),
             node_index={n.name: i for i, n in enumerate(ordered)},
-            model_gpus=tuple(model_gpus),
             kinds=tuple((*kind, kind_gpus[k]) for kind, k in kind_index.items()),
             node_kind=tuple(node_kind),
         )
 
     # ----------------------------------------------------------------- queries
+
+    @property
+    def model_gpus(self) -> tuple[int, ...]:
+        """GPUs of each model index in the factory (summed over its node kinds)."""
+        out = [0] * len(self.models)
+        for model, _, _, gpus in self.kinds:
+            out[model] += gpus
+        return tuple(out)
 
     @property
     def level_names(self) -> tuple[str, ...]:

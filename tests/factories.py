@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from controller.scheduler import (
+    CycleResult,
+    QueuedJob,
+    RunningJob,
+    SchedulerConfig,
+    schedule,
+)
+from controller.spec import JobSpec
+from controller.state import ClusterState
 from controller.topology import BLOCK_LABEL, RACK_LABEL, LevelSpec, NodeInfo, Topology
 
 
@@ -21,3 +30,22 @@ def grid(blocks: int, racks: int, nodes: int, gpus: int = 8, model: str = "H200"
          levels: tuple[LevelSpec, ...] | None = None) -> Topology:
     nodes_ = grid_nodes(blocks, racks, nodes, gpus, model)
     return Topology.build(nodes_) if levels is None else Topology.build(nodes_, levels)
+
+
+def run_cycle(state: ClusterState, spec: JobSpec, running: dict[str, RunningJob], now: float,
+              config: SchedulerConfig) -> CycleResult:
+    """One scheduling cycle for ``spec`` alone, applied as the control plane applies it:
+    victims released, partial placements replaced, admissions allocated and running."""
+    result = schedule(state, [QueuedJob(spec, now, int(now))], list(running.values()), now,
+                      config)
+    for pre in result.preempted:
+        state.release(pre.victim)
+        del running[pre.victim]
+    for key, part in result.partial.items():
+        state.release(key)
+        state.allocate(part)
+    for adm in result.admitted:
+        if adm.job not in state.allocations:
+            state.allocate(adm.placement)  # raises if anything would be overcommitted
+        running[adm.job] = RunningJob(spec, adm.placement, now, now)
+    return result

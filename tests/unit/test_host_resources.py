@@ -24,6 +24,7 @@ from controller.spec import JobSpec
 from controller.state import MILLI, ClusterState, Placement, WorkerSlot
 from controller.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo, Topology
 from controller.traces import load_openb_nodes, read_openb_pods
+from tests.factories import run_cycle
 
 CORE = 1000
 GIB = 1024
@@ -204,15 +205,7 @@ def test_no_policy_overcommits_cpu_or_memory(steps: list[tuple[JobSpec, bool]],
         spec = JobSpec(f"j{i}", workers=job.workers, gpus_per_worker=job.gpus_per_worker,
                        gpu_milli=job.gpu_milli, cpu_milli=job.cpu_milli,
                        memory_mib=job.memory_mib)
-        result = schedule(state, [QueuedJob(spec, float(i), i)], list(running.values()),
-                          float(i), config)
-        for key, part in result.partial.items():
-            state.release(key)
-            state.allocate(part)
-        for adm in result.admitted:
-            if adm.job not in state.allocations:
-                state.allocate(adm.placement)  # raises if CPU or memory would go negative
-            running[adm.job] = RunningJob(spec, adm.placement, float(i), float(i))
+        run_cycle(state, spec, running, float(i), config)  # allocating raises on overcommit
         for n in range(len(TOPO.nodes)):
             assert state.cpu_free[n] >= 0 and state.memory_free[n] >= 0
         state.check_consistency()

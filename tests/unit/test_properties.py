@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from controller.placement import PlacementRequest, static_check
 from controller.policies import POLICY_NAMES, make_policy
-from controller.scheduler import QueuedJob, RunningJob, SchedulerConfig, schedule
+from controller.scheduler import RunningJob, SchedulerConfig
 from controller.spec import JobSpec
 from controller.state import MILLI, BudgetIndex, ClusterState
-from tests.factories import grid
+from tests.factories import grid, run_cycle
 
 jobs = st.builds(
     lambda w, g, milli, req, prio: JobSpec(
@@ -64,14 +64,7 @@ def test_invariants_hold_under_any_workload(steps: list[tuple[JobSpec, bool]], p
         spec = JobSpec(f"j{i}", workers=job.workers, gpus_per_worker=job.gpus_per_worker,
                        gpu_milli=job.gpu_milli, required_level=job.required_level,
                        priority=job.priority)
-        result = schedule(state, [QueuedJob(spec, float(i), i)], list(running.values()),
-                          float(i), config)
-        for pre in result.preempted:
-            state.release(pre.victim)
-            del running[pre.victim]
-        for key, part in result.partial.items():
-            state.release(key)
-            state.allocate(part)
+        result = run_cycle(state, spec, running, float(i), config)
         for adm in result.admitted:
             placement = adm.placement
             # All or nothing: every worker, with the GPUs it asked for (per-pod, the
@@ -81,9 +74,6 @@ def test_invariants_hold_under_any_workload(steps: list[tuple[JobSpec, bool]], p
             if spec.required_level is not None and the_policy.gang:
                 level = topo.level_names.index(spec.required_level)
                 assert len(placement.domains_at(topo, level)) == 1
-            if adm.job not in state.allocations:
-                state.allocate(placement)
-            running[adm.job] = RunningJob(spec, placement, float(i), float(i))
         check_tree(state)
         if the_policy.power_aware:
             for b in range(len(budgets.names)):
