@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controller.datasets import shared_path
-from controller.policies import POLICY_NAMES, PlacementPolicy, TopologyAwarePolicy, make_policy
-from controller.simulation import Simulation
+from aifactory.controller.inputs.datasets import shared_path
+from aifactory.controller.placement.base import PlacementPolicy
+from aifactory.controller.placement.registry import POLICY_NAMES, make_policy
+from aifactory.controller.placement.topology_aware import TopologyAwarePolicy
+from aifactory.controller.sim.simulation import Simulation
 
 __all__ = [
     "OPENB",

@@ -14,7 +14,7 @@ CPU-only pods and CPU-only nodes are left out in both modes.
 Two submission orders:
 
 - ``fgd``: FGD's protocol, per seed: pods sorted by name, shuffled, resampled to 130 % of
-  capacity (``controller.fill.fgd_order``); every policy sees the same sequence per seed;
+  capacity (``controller.sim.fill.fgd_order``); every policy sees the same sequence per seed;
 - ``file``: the file's own order (one sequence; only ``random`` varies with the seed).
   Most gpushare lists hold less than 90 % of capacity in total, so their checkpoints are
   never reached in file order ("—").
@@ -34,6 +34,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.inputs.factory import FactorySpec, factory_from_nodes
+from aifactory.controller.inputs.traces import assign_racks, load_openb_nodes, load_openb_pods
+from aifactory.controller.power.estimates import watts_estimator
+from aifactory.controller.runtime.controlplane import build_state
+from aifactory.controller.sim.fill import FillResult, fgd_order, fill
 from benchmarks.common import (
     NO_FGD,
     Stat,
@@ -48,11 +54,6 @@ from benchmarks.common import (
     timed,
     write_json,
 )
-from controller.factory import FactorySpec, factory_from_nodes
-from controller.fill import FillResult, fgd_order, fill
-from controller.simulation import build_state, watts_estimator
-from controller.spec import JobSpec
-from controller.traces import assign_racks, load_openb_nodes, load_openb_pods
 
 __all__ = ["main"]
 

@@ -32,12 +32,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from aifactory.controller.core.spec import JobKind, JobSpec
+from aifactory.controller.inputs.datasets import shared_path
+from aifactory.controller.inputs.factory import FactorySpec, factory_from_nodes
+from aifactory.controller.inputs.traces import load_openb_pods, load_topology_csv
+from aifactory.controller.inputs.workload import Arrival
 from benchmarks.common import openb_path
-from controller.datasets import shared_path
-from controller.factory import FactorySpec, factory_from_nodes
-from controller.simulation import Arrival
-from controller.spec import JobKind, JobSpec
-from controller.traces import load_openb_pods, load_topology_csv
 
 __all__ = [
     "ClusterSummary",

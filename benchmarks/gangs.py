@@ -22,6 +22,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from aifactory.controller.inputs.factory import FactorySpec
+from aifactory.controller.runtime.metrics import percentile
+from aifactory.controller.sim.simulation import Simulation
 from benchmarks.common import (
     NO_LOCALITY,
     base_parser,
@@ -36,9 +39,6 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.gang_workload import GANG_NAMESPACE, GangWorkload, gang_workload, lingjun_factory
-from controller.factory import FactorySpec
-from controller.metrics import percentile
-from controller.simulation import Simulation
 
 __all__ = ["gang_metrics", "main"]
 

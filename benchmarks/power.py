@@ -15,7 +15,7 @@ The Lingjun factory and the Kalos-like gang workload of scenario 3
 Rows: every policy as it is; ``aifactory + capping``: ours with power-capped admission (a
 gang that waits only on power starts under a per-GPU cap, down to the cap that keeps the
 simulator's modelled speed at 80 %: speed ~ cube root of the dynamic power share, an
-assumption of ``controller.backends.simulated``); ``static GPU cap``: ours with no power
+assumption of ``aifactory.controller.backends.simulated``); ``static GPU cap``: ours with no power
 budget but a quota of the GPUs that fit the same budget at full draw,
 (budget - idle draw of the factory) / (full-load draw above idle per GPU).
 
@@ -33,6 +33,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from aifactory.controller.core.spec import (
+    DEFAULT_QUEUE,
+    JobKind,
+    JobSpec,
+    PowerBudgetSpec,
+    QueueSpec,
+)
+from aifactory.controller.inputs.factory import FactorySpec
+from aifactory.controller.placement.topology_aware import TopologyAwarePolicy
+from aifactory.controller.power.estimates import watts_estimator
+from aifactory.controller.runtime.metrics import percentile
+from aifactory.controller.sim.simulation import Simulation
 from benchmarks.common import (
     Stat,
     base_parser,
@@ -46,12 +58,6 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.gang_workload import GangWorkload, gang_workload, lingjun_factory
-from controller.controlplane import watts_estimator
-from controller.factory import FactorySpec
-from controller.metrics import percentile
-from controller.policies import TopologyAwarePolicy
-from controller.simulation import Simulation
-from controller.spec import DEFAULT_QUEUE, JobKind, JobSpec, PowerBudgetSpec, QueueSpec
 
 __all__ = ["main", "static_cap_gpus"]
 

@@ -26,14 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from controller.backends.base import WorkloadPhase
-from controller.backends.ray_backend import RayBackend
-from controller.backends.ray_gang import gang_bundles
-from controller.backends.ray_local import LocalRayCluster
-from controller.controlplane import ControlPlane
-from controller.metrics import percentile
-from controller.spec import JobSpec, Runtime
-from controller.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo
+from aifactory.controller.backends.base import WorkloadPhase
+from aifactory.controller.backends.ray.backend import RayBackend
+from aifactory.controller.backends.ray.gang import gang_bundles
+from aifactory.controller.backends.ray.local import LocalRayCluster
+from aifactory.controller.core.spec import JobSpec, Runtime
+from aifactory.controller.core.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo
+from aifactory.controller.runtime.controlplane import ControlPlane
+from aifactory.controller.runtime.metrics import percentile
 
 NODES = [NodeInfo(f"n-r{r}-{i}", 8, "H200", ((BLOCK_LABEL, "b0"), (RACK_LABEL, f"r{r}")))
          for r in range(2) for i in range(2)]
@@ -54,7 +54,7 @@ def main() -> int:
     parser.add_argument("--e2e-runs", type=int, default=5)
     args = parser.parse_args()
     spec = JobSpec(name="bench", namespace="bench", workers=8, gpus_per_worker=4,
-                   runtime=Runtime(entrypoint="controller.backends.ray_demo:train",
+                   runtime=Runtime(entrypoint="aifactory.controller.backends.ray.demo:train",
                                    env=(("AIFACTORY_DEMO_SECONDS", "600"),)))
     with LocalRayCluster(NODES, cpus_per_node=4), tempfile.TemporaryDirectory() as tmp:
         backend = RayBackend(checkpoint_root=tmp, cpus_per_worker=0.1,

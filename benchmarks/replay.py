@@ -33,6 +33,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aifactory.controller.core.topology import NodeInfo
+from aifactory.controller.inputs.factory import FactorySpec, factory_from_nodes
+from aifactory.controller.inputs.traces import assign_racks, load_openb_nodes, load_openb_pods
+from aifactory.controller.inputs.workload import Arrival
+from aifactory.controller.sim.simulation import Simulation
 from benchmarks.common import (
     base_parser,
     machine,
@@ -46,10 +51,6 @@ from benchmarks.common import (
     timed,
     write_json,
 )
-from controller.factory import FactorySpec, factory_from_nodes
-from controller.simulation import Arrival, Simulation
-from controller.topology import NodeInfo
-from controller.traces import assign_racks, load_openb_nodes, load_openb_pods
 
 __all__ = ["Variant", "main", "replay"]
 

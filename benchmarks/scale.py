@@ -33,6 +33,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import ClusterState, Placement
+from aifactory.controller.core.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo
+from aifactory.controller.inputs.factory import FactorySpec, factory_from_nodes, load_factory
+from aifactory.controller.placement.base import PlacementPolicy
+from aifactory.controller.placement.request import PlacementRequest
+from aifactory.controller.power.estimates import watts_estimator
+from aifactory.controller.runtime.controlplane import build_state
+from aifactory.controller.runtime.metrics import percentile
+from aifactory.controller.scheduling.cycle import schedule
+from aifactory.controller.scheduling.cycle_io import QueuedJob, SchedulerConfig
 from benchmarks.common import (
     base_parser,
     machine,
@@ -46,15 +57,6 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.gang_workload import fit_sizes, load_summary
-from controller.factory import FactorySpec, factory_from_nodes, load_factory
-from controller.metrics import percentile
-from controller.placement import PlacementRequest
-from controller.policies import PlacementPolicy
-from controller.scheduler import QueuedJob, SchedulerConfig, schedule
-from controller.simulation import build_state, watts_estimator
-from controller.spec import JobSpec
-from controller.state import ClusterState, Placement
-from controller.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo
 
 __all__ = ["main"]
 
@@ -166,9 +168,9 @@ def latency(factory: FactorySpec, name: str, sizes: Sequence[int], reps: int,
 
 def replay_child(name: str, limit: int | None) -> None:
     """Runs in a fresh process: replay openb default, print wall and peak RSS as JSON."""
+    from aifactory.controller.inputs.traces import assign_racks, load_openb_nodes
+    from aifactory.controller.sim.simulation import Simulation
     from benchmarks.replay import arrivals
-    from controller.simulation import Simulation
-    from controller.traces import assign_racks, load_openb_nodes
 
     start = time.perf_counter()
     factory = factory_from_nodes("openb", assign_racks(load_openb_nodes(

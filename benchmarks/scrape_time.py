@@ -23,10 +23,11 @@ import sys
 import time
 from typing import Any
 
-from controller.exporter import start_metrics_server
-from controller.factory import load_factory, parse_factory
-from controller.simulation import Arrival, Simulation
-from controller.spec import JobSpec
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.inputs.factory import load_factory, parse_factory
+from aifactory.controller.inputs.workload import Arrival
+from aifactory.controller.observe.exporter import start_metrics_server
+from aifactory.controller.sim.simulation import Simulation
 
 
 def factory_doc(blocks: int, racks: int, nodes: int) -> dict[str, Any]:

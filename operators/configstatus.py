@@ -13,9 +13,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from controller.controlplane import ControlPlane
-from controller.spec import PowerBudgetSpec, QueueSpec
-from operators.translate import QUEUE_KIND
+from aifactory.controller.core.spec import PowerBudgetSpec, QueueSpec
+from aifactory.controller.runtime.controlplane import ControlPlane
+from aifactory.operators.translate import QUEUE_KIND
 
 __all__ = ["ConfigEntry", "config_statuses"]
 

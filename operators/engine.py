@@ -1,9 +1,9 @@
 """The engine: the one place the ControlPlane lives, driven by one asyncio task.
 
-The core is not thread-safe and need not be: handlers (``operators.handlers``) only append
+The core is not thread-safe and need not be: handlers (``aifactory.operators.handlers``) only append
 requests to a queue and wake the engine; the engine task drains the queue, lets the core poll
 its backend and run a scheduling cycle, and turns what changed into status patches and Events
-for the outbox (``operators.outbox``). So a burst of 300 creations is a few scheduling
+for the outbox (``aifactory.operators.outbox``). So a burst of 300 creations is a few scheduling
 cycles, not 300, and a handler returns in microseconds. The one other reader is the metrics
 server's thread: it takes ``Engine.lock`` while it snapshots the plane, and the engine holds
 that lock for each pass (it waits without blocking the event loop while a scrape reads).
@@ -14,11 +14,11 @@ Loop, every ``tick_seconds`` (100 ms) or as soon as a request arrives (after
 1. apply requests: submit, rescale or cancel jobs; replace queues and power budgets;
 2. ``poll`` the backend (finished and failed work), then a scheduling ``cycle`` when
    anything changed (and at least once a second). With a backend whose nodes come and go
-   under it (Ray), a ``controller.resync.Reconciler`` does this and also fences nodes that
+   under it (Ray), a ``controller.runtime.resync.Reconciler`` does this and also fences nodes that
    left; a node never seen before rebuilds the plane over the grown inventory
    (``on_plane_replaced`` tells the metrics server);
 3. publish: the status of every object whose phase or conditions changed, Events for each
-   transition (``operators.transitions``), and, every ``status_interval_seconds``, energy,
+   transition (``aifactory.operators.transitions``), and, every ``status_interval_seconds``, energy,
    power and cost of running jobs, waiting reasons whose words changed, and the status of
    queues and budgets.
 
@@ -36,21 +36,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from controller.controlplane import ControlPlane, JobRecord
-from controller.errors import SpecError
-from controller.resync import Reconciler
-from controller.spec import JobSpec, PowerBudgetSpec, QueueSpec
-from operators import publish
-from operators.configstatus import ConfigEntry
-from operators.kube import KubeClient
-from operators.objects import StatusContext, Tracked
-from operators.outbox import Outbox
-from operators.status import Conditions, Phase
-from operators.transitions import end_run, on_core_event
-from operators.translate import (
+from aifactory.controller.core.clock import Clock
+from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec, QueueSpec
+from aifactory.controller.runtime.controlplane import ControlPlane, JobRecord
+from aifactory.controller.runtime.resync import Reconciler
+from aifactory.operators import publish
+from aifactory.operators.books import EngineOptions, StatusBooks
+from aifactory.operators.configstatus import ConfigEntry
+from aifactory.operators.kube import KubeClient
+from aifactory.operators.objects import StatusContext, Tracked
+from aifactory.operators.outbox import Outbox
+from aifactory.operators.status import Conditions, Phase
+from aifactory.operators.transitions import end_run, on_core_event
+from aifactory.operators.translate import (
     QUEUE_KIND,
     SERVICE_KIND,
     budget_from_manifest,
@@ -63,71 +64,36 @@ from operators.translate import (
     service_base,
 )
 
-__all__ = ["Engine", "EngineOptions", "SimClock"]
+__all__ = ["Engine"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class EngineOptions:
-    """Timing of the engine loop, in seconds."""
-
-    tick_seconds: float = 0.1
-    coalesce_seconds: float = 0.005
-    status_interval_seconds: float = 5.0
-    writers: int = 6
-    delete_timeout_seconds: float = 30.0
-    finished_retention_seconds: float = 300.0  # wall seconds a finished job stays in the core
-
-
-class SimClock:
-    """The core's clock: wall time times ``speed`` (1 wall second = ``speed`` simulated
-    seconds). Absolute, so times written to status stay valid across operator restarts."""
-
-    def __init__(self, speed: float = 1.0) -> None:
-        if not speed > 0:
-            raise SpecError("--sim-speed", f"must be a number > 0, got {speed}")
-        self.speed = speed
-
-    def __call__(self) -> float:
-        return time.time() * self.speed
-
-    def to_wall(self, t: float) -> float:
-        return t / self.speed
-
-    def from_wall(self, wall: float) -> float:
-        return wall * self.speed
 
 
 class Engine:
     """Owns the ControlPlane; everything else talks to it through requests."""
 
-    def __init__(self, cp: ControlPlane, kube: KubeClient, clock: SimClock,
-                 options: EngineOptions = EngineOptions(),
+    def __init__(self, cp: ControlPlane, kube: KubeClient, clock: Clock,
+                 options: EngineOptions | None = None,
                  reconciler: Reconciler | None = None) -> None:
         self.cp = cp
         self.reconciler = reconciler
         self.lock = threading.Lock()  # held while the plane changes; scrapes take it to read
         self.on_plane_replaced: list[Callable[[ControlPlane], None]] = []
         self.on_stop: list[Callable[[], None]] = []  # after the loop: metrics, backend
-        self._finished: collections.deque[tuple[float, Tracked]] = collections.deque()
         self.clock = clock
-        self.opts = options
+        self.opts = options = options or EngineOptions()
         self.objects: dict[tuple[str, str, str], Tracked] = {}
         self.owner: dict[str, Tracked] = {}
         self.configs: dict[tuple[str, str], ConfigEntry] = {}
         self.stats: dict[str, float] = collections.defaultdict(float)
         self.outbox = Outbox(kube, self.stats, options.writers)
         self.kube = kube
-        self.power_needed = False
+        self.books = StatusBooks()
         self.last_gpu_power: list[float] = []
         self.snapshot: dict[str, Any] = {}
         self.on_admitted: list[Callable[[Tracked, str], None]] = []
         self._requests: collections.deque[tuple[str, Any]] = collections.deque()
         self._wake = asyncio.Event()
-        self._dirty: set[Tracked] = set()
-        self._deferred: set[Tracked] = set()
-        self._config_dirty = False
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._next_refresh = 0.0
@@ -232,8 +198,8 @@ class Engine:
         if refresh:
             self._next_refresh = mono + self.opts.status_interval_seconds
         publish.publish(self, refresh)
-        while self._finished and self._finished[0][0] <= mono:
-            self._forget_finished(self._finished.popleft()[1])
+        while self.books.finished and self.books.finished[0][0] <= mono:
+            self._forget_finished(self.books.finished.popleft()[1])
         if refresh:
             publish.take_snapshot(self)
         self.stats["iterations"] += 1
@@ -281,7 +247,7 @@ class Engine:
         if obj.generation == generation or obj.terminal:
             return  # already seen: handlers are idempotent
         obj.generation = generation
-        self._dirty.add(obj)
+        self.books.dirty.add(obj)
         try:
             spec = job_spec_from_manifest(body, kind)
         except SpecError as exc:
@@ -307,7 +273,7 @@ class Engine:
                            now=now)
         obj.conditions.clear("Queued", "InvalidSpec", why, generation=obj.generation, now=now)
         self.note(obj, "Warning", "InvalidSpec", why)
-        self._dirty.add(obj)
+        self.books.dirty.add(obj)
 
     def submit(self, obj: Tracked, spec: JobSpec, at: float | None = None) -> JobRecord:
         self.owner[spec.key] = obj
@@ -345,8 +311,7 @@ class Engine:
         for key in list(obj.keys):
             self._cancel(obj, key)
         self.objects.pop(obj.ident, None)
-        self._dirty.discard(obj)
-        self._deferred.discard(obj)
+        self.books.drop(obj)
 
     def load_config(self, kind: str, body: dict[str, Any],
                     spec: QueueSpec | PowerBudgetSpec | None, invalid: str | None) -> None:
@@ -355,7 +320,7 @@ class Engine:
         name = str(meta.get("name"))
         self.configs[(kind, name)] = ConfigEntry(kind, name, str(meta.get("uid") or ""),
                                                  int(meta.get("generation") or 1), spec, invalid)
-        self._config_dirty = True
+        self.books.config_dirty = True
 
     def _apply_config(self, kind: str, body: dict[str, Any], deleted: bool) -> None:
         meta = body.get("metadata") or {}
@@ -379,13 +344,13 @@ class Engine:
         self.configs[ident] = ConfigEntry(kind, name, str(meta.get("uid") or ""), generation,
                                           spec, invalid)
         self._reconfigure(kind)
-        self._config_dirty = True
+        self.books.config_dirty = True
 
     def _reconfigure(self, kind: str) -> None:
         """Give the core the current queues or budgets, if they differ from what it has."""
         entries = sorted((c for c in self.configs.values() if c.kind == kind),
                          key=lambda c: c.name)
-        self._config_dirty = True
+        self.books.config_dirty = True
         if kind == QUEUE_KIND:
             queues = tuple(c.spec for c in entries if isinstance(c.spec, QueueSpec))
             if queues == self.cp.factory.queues:
@@ -407,7 +372,7 @@ class Engine:
 
     def mark_dirty(self, obj: Tracked) -> None:
         """Rebuild the object's status at the next publish."""
-        self._dirty.add(obj)
+        self.books.dirty.add(obj)
 
     def _forget_finished(self, obj: Tracked) -> None:
         """A finished TrainingJob's retention is over: the core and the engine let it go
@@ -417,8 +382,7 @@ class Engine:
             self.owner.pop(key, None)
         if self.objects.get(obj.ident) is obj:
             del self.objects[obj.ident]
-        self._dirty.discard(obj)
-        self._deferred.discard(obj)
+        self.books.drop(obj)
 
     def _replace_plane(self, cp: ControlPlane) -> None:
         """The reconciler rebuilt the plane over a grown inventory (same jobs, new node
@@ -429,7 +393,7 @@ class Engine:
                 rec = cp.jobs.get(key)
                 if rec is not None and rec.placement is not None:
                     obj.last_placement[key] = rec.placement
-        self._config_dirty = True
+        self.books.config_dirty = True
         self._next_refresh = 0.0
         log.info("inventory changed: %s", cp.topo.describe())
         for callback in self.on_plane_replaced:

@@ -1,7 +1,7 @@
 """kopf handlers, kept thin: each turns a watch event into one engine request and returns.
 
 Handlers never touch the control plane; they copy the body and hand it to the engine
-(``operators.engine``), which is the only code that schedules. Creation and resumption are
+(``aifactory.operators.engine``), which is the only code that schedules. Creation and resumption are
 the same request (the engine ignores a generation it has seen), so handlers are idempotent
 and an operator restart re-delivers everything harmlessly. Deletion waits until the engine
 has released the GPUs; only then does kopf remove the finalizer ``aifactory.io/finalizer``.
@@ -18,12 +18,12 @@ from typing import Any
 
 import kopf
 
-from controller.errors import AifactoryError
-from operators.engine import Engine
-from operators.kube import KubeClient, load_configuration
-from operators.metrics import serve_metrics
-from operators.startup import OperatorOptions, RecoveryReport, build_engine
-from operators.translate import (
+from aifactory.controller.core.errors import AifactoryError
+from aifactory.operators.engine import Engine
+from aifactory.operators.kube import KubeClient, load_configuration
+from aifactory.operators.metrics_server import serve_metrics
+from aifactory.operators.startup import OperatorOptions, RecoveryReport, build_engine
+from aifactory.operators.translate import (
     BUDGET_KIND,
     GROUP,
     PLURALS,

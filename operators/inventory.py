@@ -17,16 +17,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from controller.errors import SpecError
-from controller.factory import FactorySpec, factory_from_nodes, load_factory
-from controller.power import canonical_model
-from controller.topology import (
+from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.topology import (
     CLIQUE_LABEL,
     GPU_COUNT_LABEL,
     GPU_PRODUCT_LABEL,
     NodeInfo,
     nvlink_levels,
 )
+from aifactory.controller.inputs.factory import FactorySpec, factory_from_nodes, load_factory
+from aifactory.controller.power.model import canonical_model
 
 __all__ = ["GPU_RESOURCE", "INVENTORY_MODES", "choose_factory", "nodes_from_objects"]
 

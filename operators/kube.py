@@ -29,7 +29,7 @@ import aiohttp
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from operators.translate import GROUP, PLURALS, VERSION, format_time
+from aifactory.operators.translate import GROUP, PLURALS, VERSION, format_time
 
 __all__ = ["EVENT_COMPONENT", "KubeClient", "KubeError", "ObjectRef", "load_configuration"]
 

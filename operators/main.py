@@ -23,7 +23,7 @@ Credentials: ``--kubeconfig``, else ``$KUBECONFIG``, else the in-cluster Service
 The liveness/readiness endpoint is ``http://0.0.0.0:<health-port>/healthz`` (ready once
 start-up recovery finished); the factory's and the operator's Prometheus metrics are on
 ``<metrics-port>/metrics`` (``--telemetry``: where GPU power comes from, see
-``operators.metrics``).
+``aifactory.operators.metrics_server``).
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from controller.errors import AifactoryError
-from controller.exporter import DEFAULT_METRICS_PORT
-from controller.factory import load_factory
-from controller.policies import POLICY_NAMES
-from operators.backends import BACKENDS, BackendError, RayOptions, check_backend
-from operators.engine import EngineOptions
-from operators.inventory import INVENTORY_MODES
-from operators.metrics import TELEMETRY_CHOICES
-from operators.startup import OperatorOptions
+from aifactory.controller.core.errors import AifactoryError
+from aifactory.controller.inputs.factory import load_factory
+from aifactory.controller.observe.exporter import DEFAULT_METRICS_PORT
+from aifactory.controller.placement.registry import POLICY_NAMES
+from aifactory.operators.books import EngineOptions
+from aifactory.operators.inventory import INVENTORY_MODES
+from aifactory.operators.metrics_server import TELEMETRY_CHOICES
+from aifactory.operators.session import BACKENDS, BackendError, RayOptions, check_backend
+from aifactory.operators.startup import OperatorOptions
 
 DEFAULT_CLUSTER = "small"
 MAX_LOCAL_RAY_NODES = 16  # one raylet (~150 MB) per node
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import kopf
 
-    from operators.handlers import OperatorApp, build_registry
+    from aifactory.operators.handlers import OperatorApp, build_registry
 
     app = OperatorApp(options, kubeconfig=args.kubeconfig)
     registry = build_registry(app)

@@ -13,13 +13,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.controlplane import JobRecord
-from controller.power import CostModel
-from controller.spec import JobSpec
-from controller.state import Placement
-from controller.topology import Topology
-from operators.status import Conditions, Phase, energy_fields, wait_reason
-from operators.translate import (
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import Placement
+from aifactory.controller.core.topology import Topology
+from aifactory.controller.power.model import CostModel
+from aifactory.controller.runtime.controlplane import JobRecord
+from aifactory.operators.status import Conditions, Phase, energy_fields, wait_reason
+from aifactory.operators.translate import (
     GROUP,
     SERVICE_KIND,
     VERSION,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from operators.kube import KubeClient, KubeError, ObjectRef
+from aifactory.operators.kube import KubeClient, KubeError, ObjectRef
 
 __all__ = ["MAX_EVENT_BACKLOG", "Outbox", "StatusKey"]
 

@@ -1,8 +1,8 @@
 """The engine's third step: what changed becomes status patches, and meters are refreshed.
 
-Split out of ``operators.engine`` (it reads the engine's bookkeeping: which objects are
+Split out of ``aifactory.operators.engine`` (it reads the engine's bookkeeping: which objects are
 dirty, which were deferred, what each last wrote). Every pass, each object whose status
-changed is rebuilt (``operators.objects``) and queued for the outbox unless only its words
+changed is rebuilt (``aifactory.operators.objects``) and queued for the outbox unless only its words
 or meters changed, which wait for the next refresh (every ``status_interval_seconds``); a
 refresh also reads the backend's telemetry for per-object power, accounts GPU-seconds,
 writes GPUQueue/PowerBudget status and replaces the snapshot the metrics thread reads.
@@ -15,15 +15,13 @@ from __future__ import annotations
 import collections
 import functools
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from operators.configstatus import config_statuses
-from operators.objects import StatusContext, job_status, service_status
-from operators.status import Phase
-from operators.translate import format_time
-
-if TYPE_CHECKING:
-    from operators.engine import Engine
+from aifactory.operators.books import EngineView
+from aifactory.operators.configstatus import config_statuses
+from aifactory.operators.objects import StatusContext, job_status, service_status
+from aifactory.operators.status import Phase
+from aifactory.operators.translate import format_time
 
 __all__ = ["METERS", "publish", "status_context", "take_snapshot"]
 
@@ -38,31 +36,31 @@ def _shape(status: dict[str, Any]) -> dict[str, Any]:
     return shape
 
 
-def run_energy(engine: Engine, key: str) -> float:
+def run_energy(engine: EngineView, key: str) -> float:
     """Joules of the key's current run, as the backend counts them."""
     status = engine.cp.backend.status(key)
     return 0.0 if status is None else status.energy_joules
 
 
-def status_context(engine: Engine) -> StatusContext:
+def status_context(engine: EngineView) -> StatusContext:
     """What status building reads, for one pass."""
     return StatusContext(engine.cp.topo, engine.cp.factory.cost, engine.cp.jobs,
                          engine.clock.to_wall, engine.cp.describe_placement,
                          functools.partial(run_energy, engine), format_time(time.time()))
 
 
-def publish(engine: Engine, refresh: bool) -> None:
+def publish(engine: EngineView, refresh: bool) -> None:
     """Status of every changed object, and meters and config status at refresh."""
-    if refresh or engine.power_needed:
+    if refresh or engine.books.power_needed:
         _refresh_power(engine)
-        engine.power_needed = False
+        engine.books.power_needed = False
     if refresh:
         _account(engine)
-        engine._dirty |= engine._deferred
-        engine._deferred.clear()
-    if engine._dirty:
+        engine.books.dirty |= engine.books.deferred
+        engine.books.deferred.clear()
+    if engine.books.dirty:
         ctx = status_context(engine)
-        for obj in engine._dirty:
+        for obj in engine.books.dirty:
             if obj.terminal or engine.objects.get(obj.ident) is not obj:
                 continue
             status = service_status(obj, ctx) if obj.is_service else job_status(obj, ctx)
@@ -70,25 +68,25 @@ def publish(engine: Engine, refresh: bool) -> None:
                 continue
             shape = _shape(status)
             if not refresh and shape == obj.written_shape:
-                engine._deferred.add(obj)  # only words or meters changed: at refresh
+                engine.books.deferred.add(obj)  # only words or meters changed: at refresh
                 continue
             obj.written, obj.written_shape = status, shape
             engine.outbox.put_status((obj.kind, obj.namespace, obj.name), status)
             if not obj.is_service and obj.keys and status.get("phase") in Phase.TERMINAL:
                 obj.terminal = True  # final: forgotten after the retention
-                engine._finished.append((time.monotonic() +
+                engine.books.finished.append((time.monotonic() +
                                        engine.opts.finished_retention_seconds, obj))
-        engine._dirty.clear()
-    if refresh or engine._config_dirty:
+        engine.books.dirty.clear()
+    if refresh or engine.books.config_dirty:
         for config, status in config_statuses(engine.cp, engine.configs.values(),
                                               engine.last_gpu_power):
             if status != config.written:
                 config.written = status
                 engine.outbox.put_status((config.kind, "", config.name), status)
-        engine._config_dirty = False
+        engine.books.config_dirty = False
 
 
-def _account(engine: Engine) -> None:
+def _account(engine: EngineView) -> None:
     """GPU-seconds of running work up to now; running objects get fresh meters."""
     now = engine.cp.now
     for obj in engine.objects.values():
@@ -98,10 +96,10 @@ def _account(engine: Engine) -> None:
                 obj.gpu_seconds += placement.gpu_equivalents * max(0.0, now - since)
             obj.accounted_at[key] = now
         if obj.accounted_at:
-            engine._dirty.add(obj)
+            engine.books.dirty.add(obj)
 
 
-def _refresh_power(engine: Engine) -> None:
+def _refresh_power(engine: EngineView) -> None:
     """Per-object power from one telemetry snapshot of the backend."""
     snapshot = engine.cp.backend.telemetry()
     topo = engine.cp.topo
@@ -120,10 +118,10 @@ def _refresh_power(engine: Engine) -> None:
                              for g in s.gpus)
         if total != obj.power_watts:
             obj.power_watts = total
-            engine._dirty.add(obj)
+            engine.books.dirty.add(obj)
 
 
-def take_snapshot(engine: Engine) -> None:
+def take_snapshot(engine: EngineView) -> None:
     """Numbers for the metrics thread, replaced whole (never read half-written)."""
     phases = collections.Counter(r.phase for r in engine.cp.jobs.values())
     budgets = engine.cp.state.budgets

@@ -14,7 +14,7 @@ Nothing new is scheduled until every existing object is accounted for:
    invalid is removed; a job whose status says Running but whose gang is gone is requeued.
    With the simulated backend, whose work died with the old process, a job whose status
    says Running (or Admitted) is adopted at its recorded placement and relaunched there
-   without restarting its progress (``operators.backends.reattach``);
+   without restarting its progress (``aifactory.operators.session.reattach``);
 4. every other job that is not finished is resubmitted in its original order
    (``metadata.creationTimestamp``, then namespace and name), keeping its restart count;
 5. finished jobs (Succeeded/Failed at their current generation) are left as they are.
@@ -32,27 +32,29 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from controller.backends.ray_gang import placement_from_slots
-from controller.controlplane import ControlPlane
-from controller.errors import InvariantError, SpecError
-from controller.factory import FactorySpec
-from controller.resync import FoundGang, GangAdopter, Reconciler
-from controller.spec import JobSpec, PowerBudgetSpec, QueueSpec
-from controller.state import Placement
-from controller.topology import Topology
-from operators.backends import (
+from aifactory.controller.backends.ray.gang import placement_from_slots
+from aifactory.controller.core.errors import InvariantError, SpecError
+from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec, QueueSpec
+from aifactory.controller.core.state import Placement
+from aifactory.controller.core.topology import Topology
+from aifactory.controller.inputs.factory import FactorySpec
+from aifactory.controller.runtime.clock import WallClock
+from aifactory.controller.runtime.controlplane import ControlPlane
+from aifactory.controller.runtime.resync import FoundGang, GangAdopter, Reconciler
+from aifactory.operators.books import EngineOptions
+from aifactory.operators.engine import Engine
+from aifactory.operators.inventory import choose_factory
+from aifactory.operators.kube import KubeClient
+from aifactory.operators.objects import Tracked
+from aifactory.operators.session import (
     BackendSession,
     RayOptions,
     gang_adopter,
     open_backend,
     reattach,
 )
-from operators.engine import Engine, EngineOptions, SimClock
-from operators.inventory import choose_factory
-from operators.kube import KubeClient
-from operators.objects import Tracked
-from operators.status import Phase
-from operators.translate import (
+from aifactory.operators.status import Phase
+from aifactory.operators.translate import (
     BUDGET_KIND,
     QUEUE_KIND,
     SERVICE_KIND,
@@ -141,7 +143,7 @@ async def build_engine(kube: KubeClient, options: OperatorOptions) -> tuple[Engi
     """Everything up to a recovered, not yet started, engine."""
     await wait_for_crds(kube)
     listing = {kind: await kube.list_objects(kind) for kind in KINDS}
-    clock = SimClock(options.sim_speed)
+    clock = WallClock(options.sim_speed)
     if options.backend == "sim":
         node_objects = [] if options.inventory == "factory" else await kube.list_nodes()
         factory = choose_factory(options.inventory, node_objects, options.cluster)
@@ -159,7 +161,7 @@ async def build_engine(kube: KubeClient, options: OperatorOptions) -> tuple[Engi
 
 
 def _assemble(kube: KubeClient, options: OperatorOptions,
-              listing: Mapping[str, list[Any]], clock: SimClock, session: BackendSession,
+              listing: Mapping[str, list[Any]], clock: WallClock, session: BackendSession,
               factory: FactorySpec, topo: Topology) -> tuple[Engine, RecoveryReport]:
     backend = session.backend
     queues = _configs(listing[QUEUE_KIND], QUEUE_KIND)

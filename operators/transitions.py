@@ -14,20 +14,16 @@ backfill); the condition message always has the latest words.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from controller.controlplane import JobRecord
-from operators.objects import Tracked
-from operators.status import wait_reason
-from operators.translate import format_time
-
-if TYPE_CHECKING:
-    from operators.engine import Engine
+from aifactory.controller.runtime.controlplane import JobRecord
+from aifactory.operators.books import EngineView
+from aifactory.operators.objects import Tracked
+from aifactory.operators.status import wait_reason
+from aifactory.operators.translate import format_time
 
 __all__ = ["end_run", "on_core_event"]
 
 
-def end_run(engine: Engine, obj: Tracked, key: str, end: float) -> None:
+def end_run(engine: EngineView, obj: Tracked, key: str, end: float) -> None:
     """A run stopped: bank its energy and GPU-seconds (the backend forgets them)."""
     status = engine.cp.backend.status(key)
     if status is not None:
@@ -38,7 +34,7 @@ def end_run(engine: Engine, obj: Tracked, key: str, end: float) -> None:
         obj.gpu_seconds += placement.gpu_equivalents * max(0.0, end - since)
 
 
-def on_core_event(engine: Engine, reason: str, rec: JobRecord, message: str) -> None:
+def on_core_event(engine: EngineView, reason: str, rec: JobRecord, message: str) -> None:
     key = rec.spec.key
     obj = engine.owner.get(key)
     if obj is None:
@@ -72,7 +68,7 @@ def on_core_event(engine: Engine, reason: str, rec: JobRecord, message: str) -> 
         obj.last_placement[key] = rec.placement
         obj.accounted_at[key] = now
         obj.wait_posted.pop(key, None)
-        engine.power_needed = True
+        engine.books.power_needed = True
         cond("Queued", False, "Admitted")
         cond("Admitted", True, "Placed")
         cond("Running", True, "Started")

@@ -1,7 +1,7 @@
 """Custom resources to the core's model and back: specs in, placements and times out.
 
 Pure functions, no Kubernetes client and no kopf, so every translation is unit-tested
-without a cluster. The engine (``operators.engine``) calls them; the handlers never do.
+without a cluster. The engine (``aifactory.operators.engine``) calls them; the handlers never do.
 
 Keys: a TrainingJob is one gang with the core key ``<namespace>/<name>``. An InferenceService
 is one gang per replica, keyed ``<namespace>/<name>:r<i>``; ``:`` cannot appear in a
@@ -21,9 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from controller.errors import SpecError
-from controller.power import canonical_model
-from controller.spec import (
+from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.spec import (
     API_VERSION,
     JobKind,
     JobSpec,
@@ -31,8 +30,10 @@ from controller.spec import (
     QueueSpec,
     job_from_manifest,
 )
-from controller.state import MILLI, Placement, WorkerSlot
-from controller.topology import Topology
+from aifactory.controller.core.state import Placement, WorkerSlot
+from aifactory.controller.core.topology import Topology
+from aifactory.controller.core.units import MILLI_PER_GPU
+from aifactory.controller.power.model import canonical_model
 
 __all__ = [
     "BUDGET_KIND",
@@ -194,7 +195,7 @@ def placement_workers(placement: Placement, topo: Topology,
         first = topo.gpu_start[slot.node]
         worker: dict[str, Any] = {"node": topo.nodes[slot.node].name,
                                   "gpus": [g - first for g in slot.gpus]}
-        if slot.milli != MILLI:
+        if slot.milli != MILLI_PER_GPU:
             worker["milli"] = slot.milli
         if replica is not None:
             worker["replica"] = replica
@@ -223,9 +224,10 @@ def placement_from_status(job: str, workers: Sequence[Mapping[str, Any]], topo: 
                            for g in local) or len(set(local)) != len(local)):
             raise SpecError(f"{path}.gpus", f"must list distinct GPU indices below {count} "
                             f"on node {node_name}, got {local!r}")
-        milli = worker.get("milli", MILLI)
-        if not isinstance(milli, int) or isinstance(milli, bool) or not 0 < milli <= MILLI:
-            raise SpecError(f"{path}.milli", f"must be an integer in 1..{MILLI}, got {milli!r}")
+        milli = worker.get("milli", MILLI_PER_GPU)
+        if not isinstance(milli, int) or isinstance(milli, bool) or not 0 < milli <= MILLI_PER_GPU:
+            raise SpecError(f"{path}.milli",
+                            f"must be an integer in 1..{MILLI_PER_GPU}, got {milli!r}")
         first = topo.gpu_start[node]
         slots.append(WorkerSlot(node, tuple(first + g for g in local), milli, cpu_milli,
                                 memory_mib))

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from controller.scheduler import (
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import ClusterState
+from aifactory.controller.core.topology import (
+    BLOCK_LABEL,
+    RACK_LABEL,
+    LevelSpec,
+    NodeInfo,
+    Topology,
+)
+from aifactory.controller.scheduling.cycle import schedule
+from aifactory.controller.scheduling.cycle_io import (
     CycleResult,
     QueuedJob,
     RunningJob,
     SchedulerConfig,
-    schedule,
 )
-from controller.spec import JobSpec
-from controller.state import ClusterState
-from controller.topology import BLOCK_LABEL, RACK_LABEL, LevelSpec, NodeInfo, Topology
 
 
 def grid_nodes(blocks: int, racks: int, nodes: int, gpus: int = 8, model: str = "H200",

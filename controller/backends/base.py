@@ -1,7 +1,7 @@
 """The small interface every cluster backend implements, and the values it speaks in.
 
 Backends are swappable the way httpx swaps transports: the simulated factory
-(``controller.backends.simulated``) and the Ray backend implement the same five calls —
+(``aifactory.controller.backends.simulated``) and the Ray backend implement the same five calls —
 inventory, launch, stop, status, telemetry — and the scheduler never knows which one runs
 the work.
 """
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from controller.spec import JobSpec
-from controller.state import Placement
-from controller.topology import NodeInfo
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import Placement
+from aifactory.controller.core.topology import NodeInfo
 
 __all__ = [
     "ClusterBackend",

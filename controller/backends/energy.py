@@ -1,7 +1,7 @@
 """GPU energy without GPUs, and attribution of energy to jobs with or without them.
 
 The Ray backend reads power from NVML where nodes have real GPUs and from the power model
-(``controller.power``) where they do not. ``ModelMeter`` is the second source: every GPU draws
+(``controller.power.model``) where they do not. ``ModelMeter`` is the second source: every GPU draws
 its idle power, or the model's power at the owning jobs' utilization, integrated into a
 monotonic joule counter like NVML's total-energy counter. ``EnergyLedger`` serves both: given
 successive counter readings and who owned each GPU, it splits every GPU's energy among its
@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from controller.power import profile_for
-from controller.state import MILLI
+from aifactory.controller.core.units import MILLI_PER_GPU
+from aifactory.controller.power.model import profile_for
 
 __all__ = ["EnergyLedger", "GpuKey", "ModelMeter", "Owner"]
 
@@ -27,7 +27,7 @@ class Owner:
     """A job's hold on one GPU: its share in milli-GPU, its utilization, its power cap."""
 
     job: str
-    milli: int = MILLI
+    milli: int = MILLI_PER_GPU
     utilization: float = 0.93
     cap_watts: float | None = None
 
@@ -98,7 +98,7 @@ class ModelMeter:
 
 
 def _utilization(gpu: _ModelGpu) -> float:
-    return min(1.0, sum(o.utilization * o.milli / MILLI for o in gpu.owners.values()))
+    return min(1.0, sum(o.utilization * o.milli / MILLI_PER_GPU for o in gpu.owners.values()))
 
 
 class EnergyLedger:

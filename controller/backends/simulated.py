@@ -18,37 +18,30 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from controller.backends.base import GPUReading, TelemetrySnapshot, WorkloadPhase, WorkloadStatus
-from controller.power import GPUPowerProfile, profile_for
-from controller.spec import JobKind, JobSpec
-from controller.state import MILLI, Placement
-from controller.topology import NodeInfo
+from aifactory.controller.backends.base import (
+    GPUReading,
+    TelemetrySnapshot,
+    WorkloadPhase,
+    WorkloadStatus,
+)
+from aifactory.controller.core.spec import JobKind, JobSpec
+from aifactory.controller.core.state import Placement
+from aifactory.controller.core.topology import NodeInfo
+from aifactory.controller.core.units import MILLI_PER_GPU
+from aifactory.controller.power.model import GPUPowerProfile, profile_for
+from aifactory.controller.power.utilisation import (
+    DEFAULT_MEMORY_GIB,
+    GIB,
+    default_utilization,
+    speed_under_cap,
+)
 
-__all__ = ["SimulatedBackend", "default_utilization", "speed_under_cap"]
-
-GIB = 1024**3
-DEFAULT_MEMORY_GIB = {"H200": 141, "H100": 80, "B200": 180, "A100": 80, "L40S": 48}
+__all__ = ["SimulatedBackend"]
 
 
-def default_utilization(spec: JobSpec) -> float:
-    """Utilization a job drives on its GPUs when it says nothing (training ~ saturating)."""
-    if spec.expected_utilization is not None:
-        return spec.expected_utilization
-    return 0.93 if spec.kind is JobKind.TRAINING else 0.6
 
 
-def speed_under_cap(profile: GPUPowerProfile, utilization: float,
-                    cap_watts: float | None) -> float:
-    """Relative speed of a capped GPU: dynamic power scales ~ f^3, speed ~ f."""
-    if cap_watts is None:
-        return 1.0
-    full = profile.power_watts(utilization)
-    capped = profile.power_watts(utilization, cap_watts)
-    base = profile.active_idle_watts
-    if full <= base or capped >= full:
-        return 1.0
-    share: float = (capped - base) / (full - base)
-    return max(0.05, math.pow(share, 1.0 / 3.0))
+
 
 
 @dataclass(slots=True)
@@ -206,7 +199,7 @@ class SimulatedBackend:
             node = self._nodes[gpu.node]
             util = self._gpu_utilization(gpu)
             mem_total = DEFAULT_MEMORY_GIB.get(node.gpu_model, 80) * GIB
-            used_share = sum(gpu.owners.values()) / MILLI
+            used_share = sum(gpu.owners.values()) / MILLI_PER_GPU
             readings.append(GPUReading(
                 node=node.name, index=g - self._node_first_gpu[gpu.node],
                 model=node.gpu_model, power_watts=gpu.power, energy_joules=gpu.energy,
@@ -325,7 +318,7 @@ class SimulatedBackend:
         for job, milli in gpu.owners.items():
             work = self._jobs.get(job)
             if work is not None:
-                util += work.utilization * milli / MILLI
+                util += work.utilization * milli / MILLI_PER_GPU
         return min(1.0, util)
 
     def _repower(self, g: int) -> None:

@@ -6,7 +6,7 @@ only on ``k8s_env`` (the real etcd + kube-apiserver), the standard library and P
 * ``install_manifests`` runs ``kubectl apply -k manifests/`` (CRDs, RBAC, Deployment) and
   waits for the CRDs to be Established. Nothing runs the Deployment (no kubelet); the
   operator runs here as a subprocess instead.
-* ``OperatorProcess`` starts ``python -m controller.cli operator`` authenticated as the
+* ``OperatorProcess`` starts ``python -m controller.cli.main operator`` authenticated as the
   ``aifactory-operator`` ServiceAccount from ``manifests/rbac.yaml`` (its RBAC, not admin),
   and can be killed (SIGKILL) and started again, as a crash would.
 * ``Watch`` follows one kind through the watch API in a thread and records, per object,
@@ -92,7 +92,7 @@ class OperatorProcess:
     def start(self, ready_timeout: float = 60.0) -> None:
         self.starts += 1
         self.health_port, self.metrics_port = free_port(), free_port()
-        argv = [sys.executable, "-m", "controller.cli", "operator",
+        argv = [sys.executable, "-m", "aifactory.controller.cli.main", "operator",
                 f"--kubeconfig={self.kubeconfig}", f"--health-port={self.health_port}",
                 f"--metrics-port={self.metrics_port}", *self.args]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1",

@@ -29,7 +29,7 @@ NODES = grid_nodes(1, 2, 2)
 @contextmanager
 def start_cluster() -> Iterator[Any]:
     try:
-        from controller.backends.ray_local import LocalRayCluster
+        from aifactory.controller.backends.ray.local import LocalRayCluster
     except ImportError as exc:
         if os.environ.get("AIFACTORY_REQUIRE_INTEGRATION"):
             pytest.fail(f"AIFACTORY_REQUIRE_INTEGRATION is set but Ray is missing: {exc}",

@@ -70,7 +70,7 @@ def operator(aifactory_installed: KubeTestEnv, tmp_path: Path) -> Iterator[Opera
 
 
 def _seconds(stamp: str) -> float:
-    from operators.translate import parse_time
+    from aifactory.operators.translate import parse_time
 
     value = parse_time(stamp)
     assert value is not None, stamp

@@ -33,8 +33,8 @@ from typing import Any
 
 import pytest
 
-from controller.families import METRICS
-from controller.power import profile_for
+from aifactory.controller.observe.families import METRICS
+from aifactory.controller.power.model import profile_for
 from tests.integration.prometheus_env import (
     PrometheusNotFoundError,
     PrometheusServer,
@@ -128,7 +128,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     port = free_port()
     log = (work / "exporter.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", "simulate",
+        [sys.executable, "-m", "aifactory.controller.cli.main", "simulate",
          "--cluster", str(work / "factory.yaml"), "--workload", str(jobs),
          "--serve-metrics", str(port), "--metrics-host", "127.0.0.1",
          "--speed", str(SPEED), "--duration", "600", "--no-progress"],
@@ -176,9 +176,9 @@ def test_the_exporter_serves_metrics_and_refuses_other_paths(live: Live) -> None
 def test_start_metrics_server_serves_a_plane_in_node_mode(renderer: str) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from controller.exporter import start_metrics_server
-    from controller.factory import load_factory
-    from controller.simulation import Simulation
+    from aifactory.controller.inputs.factory import load_factory
+    from aifactory.controller.observe.exporter import start_metrics_server
+    from aifactory.controller.sim.simulation import Simulation
 
     sim = Simulation(load_factory("small"))
     with start_metrics_server(sim, 0, "127.0.0.1", per_gpu=False,
@@ -319,8 +319,8 @@ def test_the_shipped_prometheus_config_is_valid() -> None:
 
 
 def test_report_draws_a_live_factory_from_prometheus(live: Live, tmp_path: Path) -> None:
-    from controller.cli import main
-    from controller.promquery import series_from_prometheus
+    from aifactory.controller.cli.main import main
+    from aifactory.controller.observe.promquery import series_from_prometheus
 
     end = time.time()
     series = series_from_prometheus(live.prom.url, end - 20, end, 1.0)

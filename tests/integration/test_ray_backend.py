@@ -26,13 +26,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from controller.autoscale import AutoscalePolicy, decide, replica_changes  # noqa: E402
-from controller.backends.base import WorkloadPhase  # noqa: E402
-from controller.backends.ray_backend import RayBackend  # noqa: E402
-from controller.controlplane import ControlPlane, JobPhase, JobRecord  # noqa: E402
-from controller.resync import Reconciler, adopt_running  # noqa: E402
-from controller.spec import JobKind, JobSpec, Runtime  # noqa: E402
-from controller.topology import RACK_LABEL  # noqa: E402
+from aifactory.controller.backends.base import WorkloadPhase  # noqa: E402
+from aifactory.controller.backends.ray.backend import RayBackend  # noqa: E402
+from aifactory.controller.core.spec import JobKind, JobSpec, Runtime  # noqa: E402
+from aifactory.controller.core.topology import RACK_LABEL  # noqa: E402
+from aifactory.controller.runtime.autoscale import AutoscalePolicy, decide, replica_changes  # noqa: E402
+from aifactory.controller.runtime.controlplane import ControlPlane, JobPhase, JobRecord  # noqa: E402
+from aifactory.controller.runtime.resync import Reconciler, adopt_running  # noqa: E402
 from tests.integration.ray_env import NODES, leftovers, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.integration

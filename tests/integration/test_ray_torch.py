@@ -18,9 +18,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from controller.backends.ray_backend import RayBackend  # noqa: E402
-from controller.controlplane import ControlPlane, JobPhase  # noqa: E402
-from controller.spec import JobSpec, Runtime  # noqa: E402
+from aifactory.controller.backends.ray.backend import RayBackend  # noqa: E402
+from aifactory.controller.core.spec import JobSpec, Runtime  # noqa: E402
+from aifactory.controller.runtime.controlplane import ControlPlane, JobPhase  # noqa: E402
 from tests.integration.ray_env import leftovers, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.torch]

@@ -6,15 +6,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from controller.autoscale import (
+from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.spec import JobKind, JobSpec
+from aifactory.controller.runtime.autoscale import (
     AutoscalePolicy,
     decide,
     policy_from_manifest,
     replica_changes,
     replica_index,
 )
-from controller.errors import SpecError
-from controller.spec import JobKind, JobSpec
 
 POLICY = AutoscalePolicy(min_replicas=2, max_replicas=8, target_in_flight=16)
 

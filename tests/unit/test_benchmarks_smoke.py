@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from aifactory.controller.inputs.datasets import shared_dir
 from benchmarks import fragmentation, gangs, power, replay, scale
 from benchmarks.common import POLICIES
-from controller.datasets import shared_dir
 
 pytestmark = pytest.mark.skipif(shared_dir() is None, reason="no ../shared traces here")
 

@@ -13,15 +13,16 @@ from dataclasses import replace
 
 import pytest
 
-from controller.backends.simulated import speed_under_cap
-from controller.controlplane import power_cap_options
-from controller.factory import factory_from_nodes
-from controller.fill import fgd_order, fill
-from controller.policies import make_policy
-from controller.power import profile_for
-from controller.simulation import Simulation, build_state
-from controller.spec import JobSpec, PowerBudgetSpec
-from controller.state import ClusterState, Placement, WorkerSlot
+from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec
+from aifactory.controller.core.state import ClusterState, Placement, WorkerSlot
+from aifactory.controller.inputs.factory import factory_from_nodes
+from aifactory.controller.placement.registry import make_policy
+from aifactory.controller.power.estimates import power_cap_options
+from aifactory.controller.power.model import profile_for
+from aifactory.controller.power.utilisation import speed_under_cap
+from aifactory.controller.runtime.controlplane import build_state
+from aifactory.controller.sim.fill import fgd_order, fill
+from aifactory.controller.sim.simulation import Simulation
 from tests.factories import grid, grid_nodes
 
 TOPO = grid(1, 2, 2)

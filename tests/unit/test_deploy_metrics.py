@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.families import METRICS
+from aifactory.controller.observe.families import METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -96,7 +96,7 @@ def _listed(labels: str) -> tuple[str, ...]:
 
 
 def test_docs_list_every_metric_with_its_type_and_labels() -> None:
-    from operators.metrics import OPERATOR_METRICS
+    from aifactory.operators.metrics_server import OPERATOR_METRICS
 
     rows = _doc_rows()
     assert set(rows) == KNOWN | {name for name, _, _ in OPERATOR_METRICS}
@@ -110,7 +110,7 @@ def test_docs_list_every_metric_with_its_type_and_labels() -> None:
 
 
 def test_prometheus_config_scrapes_the_default_metrics_port() -> None:
-    from controller.exporter import DEFAULT_METRICS_PORT
+    from aifactory.controller.observe.exporter import DEFAULT_METRICS_PORT
 
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     job = config["scrape_configs"][0]
@@ -126,8 +126,8 @@ def _operator_manifests() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def test_the_operator_serves_metrics_where_the_monitors_and_prometheus_look() -> None:
-    from controller.exporter import DEFAULT_METRICS_PORT
-    from operators.main import parser
+    from aifactory.controller.observe.exporter import DEFAULT_METRICS_PORT
+    from aifactory.operators.main import parser
 
     deployment, service = _operator_manifests()
     pod = deployment["spec"]["template"]

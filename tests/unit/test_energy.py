@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.backends.energy import EnergyLedger, ModelMeter, Owner
-from controller.power import profile_for
+from aifactory.controller.backends.energy import EnergyLedger, ModelMeter, Owner
+from aifactory.controller.power.model import profile_for
 
 
 def test_the_model_meter_integrates_idle_and_busy_power() -> None:

@@ -20,13 +20,13 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.exporter import FactoryCollector
-from controller.factory import load_factory
-from controller.families import METRICS, Family, TextRenderer, build_families
-from controller.histogram import Histogram
-from controller.observe import PlaneObserver
-from controller.simulation import FailureEvent, Simulation
-from controller.workload import load_workload
+from aifactory.controller.core.histogram import Histogram
+from aifactory.controller.inputs.factory import load_factory
+from aifactory.controller.inputs.workload import load_workload
+from aifactory.controller.observe.exporter import FactoryCollector
+from aifactory.controller.observe.families import METRICS, Family, TextRenderer, build_families
+from aifactory.controller.observe.snapshot import PlaneObserver
+from aifactory.controller.sim.simulation import FailureEvent, Simulation
 
 SAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "samples"
 

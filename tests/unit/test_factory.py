@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.datasets import shared_dir
-from controller.errors import InputFileError, SpecError, SpecFileError
-from controller.factory import BUILTIN_FACTORIES, load_factory, parse_factory
-from controller.topology import BLOCK_LABEL, CLIQUE_LABEL, RACK_LABEL
+from aifactory.controller.core.errors import InputFileError, SpecError, SpecFileError
+from aifactory.controller.core.topology import BLOCK_LABEL, CLIQUE_LABEL, RACK_LABEL
+from aifactory.controller.inputs.datasets import shared_dir
+from aifactory.controller.inputs.factory import BUILTIN_FACTORIES, load_factory, parse_factory
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = shared_dir()

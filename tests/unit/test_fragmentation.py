@@ -16,11 +16,18 @@ from dataclasses import dataclass
 
 import pytest
 
-from controller.fragmentation import FragmentationScorer, Shape, WorkloadMix, fragment_milli
-from controller.placement import PlacementRequest, place_topology_aware
-from controller.spec import JobSpec
-from controller.state import MILLI, ClusterState, Placement, WorkerSlot
-from controller.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo, Topology
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import ClusterState, Placement, WorkerSlot
+from aifactory.controller.core.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo, Topology
+from aifactory.controller.core.units import MILLI_PER_GPU
+from aifactory.controller.placement.fragmentation import (
+    FragmentationScorer,
+    Shape,
+    WorkloadMix,
+    fragment_milli,
+)
+from aifactory.controller.placement.request import PlacementRequest
+from aifactory.controller.placement.topology_aware import place_topology_aware
 
 ANY = None
 
@@ -35,19 +42,19 @@ class FragCase:
 
 FRAGMENT = {
     "an empty node is no fragment for whole-GPU work that fits it": FragCase(
-        (1000,) * 8, ((1.0, 8, MILLI, ANY),), 0, 0.0),
+        (1000,) * 8, ((1.0, 8, MILLI_PER_GPU, ANY),), 0, 0.0),
     "every free GPU is fragment for a task bigger than the node's free GPUs": FragCase(
-        (1000, 1000), ((1.0, 4, MILLI, ANY),), 0, 2000.0),
+        (1000, 1000), ((1.0, 4, MILLI_PER_GPU, ANY),), 0, 2000.0),
     "partially used GPUs are fragment for whole-GPU work": FragCase(
-        (1000, 300), ((1.0, 1, MILLI, ANY),), 0, 300.0),
+        (1000, 300), ((1.0, 1, MILLI_PER_GPU, ANY),), 0, 300.0),
     "a GPU with less free than the share is fragment for that share": FragCase(
         (1000, 300, 600), ((1.0, 1, 500, ANY),), 0, 300.0),
     "a node of a model the task may not use is all fragment": FragCase(
-        (1000, 1000), ((1.0, 1, MILLI, frozenset({1})),), 0, 2000.0),
+        (1000, 1000), ((1.0, 1, MILLI_PER_GPU, frozenset({1})),), 0, 2000.0),
     "the measure is the popularity-weighted sum over typical tasks": FragCase(
-        (1000, 1000, 500), ((0.5, 1, MILLI, ANY), (0.5, 4, MILLI, ANY)), 0,
+        (1000, 1000, 500), ((0.5, 1, MILLI_PER_GPU, ANY), (0.5, 4, MILLI_PER_GPU, ANY)), 0,
         0.5 * 500 + 0.5 * 2500),
-    "a full node has no fragment": FragCase((0, 0), ((1.0, 1, MILLI, ANY),), 0, 0.0),
+    "a full node has no fragment": FragCase((0, 0), ((1.0, 1, MILLI_PER_GPU, ANY),), 0, 0.0),
 }
 
 
@@ -60,13 +67,13 @@ def test_fragment_milli(case: FragCase) -> None:
 def test_typical_shapes_cover_95_percent_of_workers_most_popular_first() -> None:
     mix = WorkloadMix()
     for i in range(90):
-        mix.observe(f"one-{i}", (1, MILLI, None, 0, 0))
+        mix.observe(f"one-{i}", (1, MILLI_PER_GPU, None, 0, 0))
     for i in range(6):
-        mix.observe(f"gang-{i}", (8, MILLI, None, 0, 0), weight=1)
-    mix.observe("rare", (2, MILLI, None, 0, 0))
-    mix.observe("one-0", (1, MILLI, None, 0, 0))  # the same job again counts once
+        mix.observe(f"gang-{i}", (8, MILLI_PER_GPU, None, 0, 0), weight=1)
+    mix.observe("rare", (2, MILLI_PER_GPU, None, 0, 0))
+    mix.observe("one-0", (1, MILLI_PER_GPU, None, 0, 0))  # the same job again counts once
     typical = mix.typical()
-    assert [(t[1], t[2]) for t in typical] == [(1, MILLI), (8, MILLI)]
+    assert [(t[1], t[2]) for t in typical] == [(1, MILLI_PER_GPU), (8, MILLI_PER_GPU)]
     assert sum(t[0] for t in typical) == pytest.approx(1.0)
     assert typical[0][0] == pytest.approx(90 / 96)
     assert mix.observed_workers == 97
@@ -74,14 +81,14 @@ def test_typical_shapes_cover_95_percent_of_workers_most_popular_first() -> None
 
 def test_scores_are_cached_until_the_workload_changes() -> None:
     mix = WorkloadMix(refresh_growth=0.5)
-    mix.observe("a", (8, MILLI, None, 0, 0))
+    mix.observe("a", (8, MILLI_PER_GPU, None, 0, 0))
     scorer = FragmentationScorer(mix)
-    empty_two = (0, (MILLI, MILLI), -1, -1, 0)
-    first = scorer.move(empty_two, 1, MILLI)
+    empty_two = (0, (MILLI_PER_GPU, MILLI_PER_GPU), -1, -1, 0)
+    first = scorer.move(empty_two, 1, MILLI_PER_GPU)
     # A 1-GPU task on a 2-GPU node nobody's 8-GPU tasks can use removes 1000 of fragment.
-    assert first == (-1000.0, MILLI, 2)
-    mix.observe("b", (1, MILLI, None, 0, 0))
-    assert scorer.move(empty_two, 1, MILLI) != first  # new typical shapes, new scores
+    assert first == (-1000.0, MILLI_PER_GPU, 2)
+    mix.observe("b", (1, MILLI_PER_GPU, None, 0, 0))
+    assert scorer.move(empty_two, 1, MILLI_PER_GPU) != first  # new typical shapes, new scores
 
 
 def mixed_topology() -> Topology:
@@ -112,12 +119,13 @@ class PlaceCase:
     seen: tuple[tuple[Shape, int], ...]
     busy: tuple[tuple[str, tuple[int, ...]], ...] = ()
     node: str = ""
-    gpu_free_before: int = MILLI
+    gpu_free_before: int = MILLI_PER_GPU
 
 
 PLACE = {
     "with 8-GPU work common, a 1-GPU job takes a small node, keeping big ones whole": PlaceCase(
-        JobSpec("j", gpus_per_worker=1), (((8, MILLI, None, 0, 0), 5), ((1, MILLI, None, 0, 0), 5)),
+        JobSpec("j", gpus_per_worker=1),
+        (((8, MILLI_PER_GPU, None, 0, 0), 5), ((1, MILLI_PER_GPU, None, 0, 0), 5)),
         node="small-0"),
     "without a workload to protect, the tightest node wins (BestFit)": PlaceCase(
         JobSpec("j", gpus_per_worker=1), (), busy=(("big-1", (1000,) * 7),), node="big-1"),
@@ -178,11 +186,11 @@ COMMON, SCARCE = TWO.models.index("A-common"), TWO.models.index("B-scarce")
 def scarce_mix(scarce_only: int, unrestricted: int, common_only: int = 0) -> WorkloadMix:
     mix = WorkloadMix()
     for i in range(scarce_only):
-        mix.observe(f"only-scarce-{i}", (1, MILLI, frozenset({SCARCE}), 0, 0))
+        mix.observe(f"only-scarce-{i}", (1, MILLI_PER_GPU, frozenset({SCARCE}), 0, 0))
     for i in range(common_only):
-        mix.observe(f"only-common-{i}", (1, MILLI, frozenset({COMMON}), 0, 0))
+        mix.observe(f"only-common-{i}", (1, MILLI_PER_GPU, frozenset({COMMON}), 0, 0))
     for i in range(unrestricted):
-        mix.observe(f"any-{i}", (1, MILLI, None, 0, 0))
+        mix.observe(f"any-{i}", (1, MILLI_PER_GPU, None, 0, 0))
     return mix
 
 
@@ -211,7 +219,7 @@ def test_no_restricted_demand_means_no_scarcity() -> None:
 def _place_any(mix: WorkloadMix, job: JobSpec) -> str:
     state = ClusterState(TWO)
     n = TWO.node_index["common-1"]
-    state.allocate(Placement("busy", (WorkerSlot(n, tuple(TWO.gpu_range(n))[:4], MILLI),)))
+    state.allocate(Placement("busy", (WorkerSlot(n, tuple(TWO.gpu_range(n))[:4], MILLI_PER_GPU),)))
     req = PlacementRequest.resolve(job, TWO)
     assert isinstance(req, PlacementRequest)
     got = place_topology_aware(state, req, None, FragmentationScorer(mix))

@@ -15,15 +15,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.errors import InvariantError
-from controller.fragmentation import FragmentationScorer, WorkloadMix, fragment_milli
-from controller.placement import PlacementRequest, Unplaced, place_topology_aware, static_check
-from controller.policies import POLICY_NAMES, make_policy
-from controller.scheduler import QueuedJob, RunningJob, SchedulerConfig, schedule
-from controller.spec import JobSpec
-from controller.state import MILLI, ClusterState, Placement, WorkerSlot
-from controller.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo, Topology
-from controller.traces import load_openb_nodes, read_openb_pods
+from aifactory.controller.core.errors import InvariantError
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import ClusterState, Placement, WorkerSlot
+from aifactory.controller.core.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo, Topology
+from aifactory.controller.core.units import MILLI_PER_GPU
+from aifactory.controller.inputs.traces import load_openb_nodes, read_openb_pods
+from aifactory.controller.placement.explain import static_check
+from aifactory.controller.placement.fragmentation import (
+    FragmentationScorer,
+    WorkloadMix,
+    fragment_milli,
+)
+from aifactory.controller.placement.registry import POLICY_NAMES, make_policy
+from aifactory.controller.placement.request import PlacementRequest, Unplaced
+from aifactory.controller.placement.topology_aware import place_topology_aware
+from aifactory.controller.scheduling.cycle import schedule
+from aifactory.controller.scheduling.cycle_io import QueuedJob, RunningJob, SchedulerConfig
 from tests.factories import run_cycle
 
 CORE = 1000
@@ -57,13 +65,14 @@ def test_cpu_and_memory_are_taken_given_back_and_never_overcommitted() -> None:
     state = ClusterState(TOPO)
     gpus = tuple(TOPO.gpu_range(LEAN0))
     twin = state.clone()
-    state.allocate(Placement("a", (WorkerSlot(LEAN0, gpus[:2], MILLI, 20 * CORE, 100 * GIB),)))
+    state.allocate(Placement("a", (WorkerSlot(LEAN0, gpus[:2], MILLI_PER_GPU, 20 * CORE,
+                                                100 * GIB),)))
     assert (state.cpu_free[LEAN0], state.memory_free[LEAN0]) == (12 * CORE, 156 * GIB)
     assert state.node_class[LEAN0][2:4] == (12 * CORE, 156 * GIB)
     assert twin.cpu_free[LEAN0] == 32 * CORE  # the clone keeps its own books
     assert state.host_room(LEAN0, 6 * CORE, 0) == 2
     with pytest.raises(InvariantError, match="lean-0"):
-        state.allocate(Placement("b", (WorkerSlot(LEAN0, gpus[2:3], MILLI, 13 * CORE),)))
+        state.allocate(Placement("b", (WorkerSlot(LEAN0, gpus[2:3], MILLI_PER_GPU, 13 * CORE),)))
     assert state.cpu_free[LEAN0] == 12 * CORE and "b" not in state.allocations
     state.check_consistency()
     state.release("a")
@@ -88,7 +97,7 @@ def test_every_policy_skips_nodes_whose_cpu_is_gone(policy: str) -> None:
     # lean-0 and lean-1 have all 8 GPUs free but only 4 cores left; fat-0 has room.
     state = ClusterState(TOPO)
     for n in (LEAN0, LEAN1):
-        state.allocate(Placement(f"cpu-hog-{n}", (WorkerSlot(n, (), MILLI, 28 * CORE),)))
+        state.allocate(Placement(f"cpu-hog-{n}", (WorkerSlot(n, (), MILLI_PER_GPU, 28 * CORE),)))
     for spec in (JobSpec("whole", gpus_per_worker=2, cpu_milli=8 * CORE),
                  JobSpec("share", gpu_milli=300, cpu_milli=8 * CORE),
                  JobSpec("gang", workers=2, gpus_per_worker=4, cpu_milli=8 * CORE)):
@@ -102,7 +111,7 @@ def test_every_policy_skips_nodes_whose_cpu_is_gone(policy: str) -> None:
 def test_a_gang_splits_where_cpu_allows(policy: str) -> None:
     # Each node's CPU holds one worker of 20 cores: three workers need all three nodes.
     state = ClusterState(TOPO)
-    state.allocate(Placement("hog", (WorkerSlot(FAT, (), MILLI, 100 * CORE),)))
+    state.allocate(Placement("hog", (WorkerSlot(FAT, (), MILLI_PER_GPU, 100 * CORE),)))
     got = make_policy(policy, seed=1).place(
         state, request(JobSpec("g", workers=3, gpus_per_worker=2, cpu_milli=20 * CORE)))
     assert isinstance(got, Placement) and got.complete, got
@@ -114,7 +123,7 @@ def test_a_gang_splits_where_cpu_allows(policy: str) -> None:
 def test_the_reason_names_cpu_when_gpus_are_free_but_cpu_is_not() -> None:
     state = ClusterState(TOPO)
     for n, cores in ((LEAN0, 30), (LEAN1, 30), (FAT, 100)):
-        state.allocate(Placement(f"hog-{n}", (WorkerSlot(n, (), MILLI, cores * CORE),)))
+        state.allocate(Placement(f"hog-{n}", (WorkerSlot(n, (), MILLI_PER_GPU, cores * CORE),)))
     got = place_topology_aware(state, request(JobSpec("j", gpus_per_worker=1,
                                                       cpu_milli=40 * CORE)))
     assert isinstance(got, Unplaced) and not got.permanent
@@ -133,10 +142,10 @@ def test_a_worker_bigger_than_any_node_is_refused_for_good() -> None:
 def test_gpus_a_typical_task_cannot_get_cpu_for_are_fragment() -> None:
     # One typical shape: 1 GPU with 16 cores. A node with 2 free GPUs and 8 free cores
     # strands both GPUs for it; with 16 free cores, none.
-    typical = ((1.0, 1, MILLI, None, 16 * CORE, 0),)
-    assert fragment_milli(0, (MILLI, MILLI), typical, 8 * CORE, -1) == 2000
-    assert fragment_milli(0, (MILLI, MILLI), typical, 16 * CORE, -1) == 0
-    assert fragment_milli(0, (MILLI, MILLI), typical, -1, -1) == 0  # not tracked
+    typical = ((1.0, 1, MILLI_PER_GPU, None, 16 * CORE, 0),)
+    assert fragment_milli(0, (MILLI_PER_GPU, MILLI_PER_GPU), typical, 8 * CORE, -1) == 2000
+    assert fragment_milli(0, (MILLI_PER_GPU, MILLI_PER_GPU), typical, 16 * CORE, -1) == 0
+    assert fragment_milli(0, (MILLI_PER_GPU, MILLI_PER_GPU), typical, -1, -1) == 0  # not tracked
 
 
 def test_work_that_fits_anywhere_keeps_off_the_nodes_cpu_heavy_work_needs() -> None:
@@ -145,9 +154,9 @@ def test_work_that_fits_anywhere_keeps_off_the_nodes_cpu_heavy_work_needs() -> N
     # the fat kind sends it to a lean node.
     mix = WorkloadMix()
     for i in range(4):
-        mix.observe(f"big-{i}", (8, MILLI, None, 100 * CORE, 0))
+        mix.observe(f"big-{i}", (8, MILLI_PER_GPU, None, 100 * CORE, 0))
     for i in range(16):
-        mix.observe(f"small-{i}", (1, MILLI, None, 4 * CORE, 0))
+        mix.observe(f"small-{i}", (1, MILLI_PER_GPU, None, 4 * CORE, 0))
     scorer = FragmentationScorer(mix)
     scorer.bind(TOPO.kinds)
     fat_kind = TOPO.node_kind[FAT]
@@ -175,7 +184,7 @@ def test_a_job_asking_less_cpu_is_not_held_back_by_one_that_asked_too_much(polic
     config = SchedulerConfig(policy=make_policy(policy, seed=1), empty=ClusterState(TOPO),
                              watts_per_gpu=lambda spec: 0.0)
     for n in (LEAN0, LEAN1, FAT):
-        state.allocate(Placement(f"hog-{n}", (WorkerSlot(n, (), MILLI, 30 * CORE),)))
+        state.allocate(Placement(f"hog-{n}", (WorkerSlot(n, (), MILLI_PER_GPU, 30 * CORE),)))
     jobs = [QueuedJob(JobSpec("big", gpus_per_worker=2, cpu_milli=120 * CORE), 0.0, 0),
             QueuedJob(JobSpec("small", gpus_per_worker=2), 0.0, 1)]
     result = schedule(state, jobs, [], 0.0, config)
@@ -185,10 +194,11 @@ def test_a_job_asking_less_cpu_is_not_held_back_by_one_that_asked_too_much(polic
 
 jobs = st.builds(
     lambda w, g, milli, cpu, mem: JobSpec(
-        "x", workers=w if milli == MILLI else 1, gpus_per_worker=g if milli == MILLI else 1,
+        "x", workers=w if milli == MILLI_PER_GPU else 1,
+        gpus_per_worker=g if milli == MILLI_PER_GPU else 1,
         gpu_milli=milli, cpu_milli=cpu * CORE, memory_mib=mem * GIB),
     st.integers(1, 4), st.sampled_from([1, 2, 4, 8]),
-    st.sampled_from([MILLI, MILLI, 250, 500]), st.sampled_from([0, 2, 8, 16, 40]),
+    st.sampled_from([MILLI_PER_GPU, MILLI_PER_GPU, 250, 500]), st.sampled_from([0, 2, 8, 16, 40]),
     st.sampled_from([0, 16, 64, 300]))
 
 
@@ -249,7 +259,7 @@ def _training(**extra: object) -> dict[str, object]:
     (None, None, (0, 0))])
 def test_cpu_and_memory_per_worker_are_kubernetes_quantities(
         cpu: object, memory: object, expected: tuple[int, int]) -> None:
-    from controller.spec import job_from_manifest
+    from aifactory.controller.core.spec import job_from_manifest
 
     extra = {k: v for k, v in (("cpuPerWorker", cpu), ("memoryPerWorker", memory)) if v}
     spec = job_from_manifest(_training(**extra))
@@ -260,15 +270,15 @@ def test_cpu_and_memory_per_worker_are_kubernetes_quantities(
                                               ("memoryPerWorker", "64 gigs"),
                                               ("cpuPerWorker", True)])
 def test_a_bad_quantity_names_the_field(field: str, value: object) -> None:
-    from controller.errors import SpecError
-    from controller.spec import job_from_manifest
+    from aifactory.controller.core.errors import SpecError
+    from aifactory.controller.core.spec import job_from_manifest
 
     with pytest.raises(SpecError, match=rf"spec\.{field}.*quantity"):
         job_from_manifest(_training(**{field: value}))
 
 
 def test_inference_replicas_ask_per_replica() -> None:
-    from controller.spec import jobs_from_manifest
+    from aifactory.controller.core.spec import jobs_from_manifest
 
     replicas = jobs_from_manifest({
         "apiVersion": "aifactory.io/v1alpha1", "kind": "InferenceService",
@@ -296,7 +306,7 @@ spec:
 def test_a_factory_gives_node_cpu_and_the_scheduler_holds_jobs_to_it(tmp_path: object) -> None:
     from pathlib import Path
 
-    from controller.factory import load_factory
+    from aifactory.controller.inputs.factory import load_factory
 
     path = Path(str(tmp_path)) / "cpu.yaml"
     path.write_text(FACTORY_YAML)

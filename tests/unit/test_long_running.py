@@ -14,14 +14,14 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from controller.backends.base import WorkloadPhase
-from controller.backends.simulated import SimulatedBackend
-from controller.controlplane import ControlPlane, JobPhase
-from controller.factory import factory_from_nodes
-from controller.metrics import SimMetrics, percentile
-from controller.reservoir import Reservoir
-from controller.resync import Reconciler
-from controller.spec import JobSpec
+from aifactory.controller.backends.base import WorkloadPhase
+from aifactory.controller.backends.simulated import SimulatedBackend
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.inputs.factory import factory_from_nodes
+from aifactory.controller.runtime.controlplane import ControlPlane, JobPhase
+from aifactory.controller.runtime.metrics import SimMetrics, percentile
+from aifactory.controller.runtime.reservoir import Reservoir
+from aifactory.controller.runtime.resync import Reconciler
 from tests.factories import grid_nodes
 
 NODES = grid_nodes(1, 2, 2)
@@ -159,7 +159,7 @@ def test_scheduler_metrics_stay_bounded_however_many_decisions() -> None:
 
 def test_the_exporter_forgets_a_forgotten_job_and_a_new_one_of_that_name_starts_at_zero(
         ) -> None:
-    from controller.observe import PlaneObserver
+    from aifactory.controller.observe.snapshot import PlaneObserver
 
     cp, _, clock = _plane()
     observer = PlaneObserver(cp)

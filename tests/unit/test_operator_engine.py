@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 
-from controller.backends.simulated import SimulatedBackend
-from controller.controlplane import ControlPlane
-from controller.factory import factory_from_nodes
-from operators.engine import Engine, EngineOptions, SimClock
-from operators.startup import recover
+from aifactory.controller.backends.simulated import SimulatedBackend
+from aifactory.controller.inputs.factory import factory_from_nodes
+from aifactory.controller.runtime.clock import WallClock as SimClock
+from aifactory.controller.runtime.controlplane import ControlPlane
+from aifactory.operators.books import EngineOptions
+from aifactory.operators.engine import Engine
+from aifactory.operators.startup import recover
 from tests.factories import grid_nodes
 
 NODES = grid_nodes(1, 1, 2)
@@ -37,7 +39,7 @@ class ManualClock(SimClock):
 
 
 class FakeKube:
-    """Stands in for operators.kube.KubeClient; nothing here touches the network."""
+    """Stands in for aifactory.operators.kube.KubeClient; nothing here touches the network."""
 
     async def patch_status(self, *args: Any) -> None:
         raise AssertionError("the writers are not started in unit tests")
@@ -374,10 +376,10 @@ def test_restart_adopts_what_the_backend_finds_running_and_removes_the_rest() ->
 
 
 def test_the_engine_follows_a_plane_rebuilt_over_a_grown_inventory() -> None:
-    from controller.backends.base import TelemetrySnapshot
-    from controller.topology import NodeInfo
-    from operators.backends import BackendSession
-    from operators.startup import OperatorOptions, _assemble
+    from aifactory.controller.backends.base import TelemetrySnapshot
+    from aifactory.controller.core.topology import NodeInfo
+    from aifactory.operators.session import BackendSession
+    from aifactory.operators.startup import OperatorOptions, _assemble
 
     class Growing:
         """A backend whose inventory grows under the operator (a Ray node joins)."""

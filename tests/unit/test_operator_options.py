@@ -11,15 +11,15 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from controller.backends.base import TelemetrySnapshot
-from controller.backends.simulated import SimulatedBackend
-from controller.controlplane import ControlPlane
-from controller.errors import SpecError
-from controller.factory import factory_from_nodes
-from controller.telemetry import BackendTelemetry, ModelTelemetry
-from operators.backends import BackendError, _check_reachable
-from operators.main import options_from, parser
-from operators.metrics import choose
+from aifactory.controller.backends.base import TelemetrySnapshot
+from aifactory.controller.backends.simulated import SimulatedBackend
+from aifactory.controller.core.errors import SpecError
+from aifactory.controller.inputs.factory import factory_from_nodes
+from aifactory.controller.observe.telemetry import BackendTelemetry, ModelTelemetry
+from aifactory.controller.runtime.controlplane import ControlPlane
+from aifactory.operators.main import options_from, parser
+from aifactory.operators.metrics_server import choose
+from aifactory.operators.session import BackendError, _check_reachable
 from tests.factories import grid_nodes
 
 NODES = grid_nodes(1, 1, 2)

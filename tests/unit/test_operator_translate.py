@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from controller.errors import SpecError
-from controller.state import Placement, WorkerSlot
-from operators.inventory import choose_factory, nodes_from_objects
-from operators.status import Conditions
-from operators.translate import (
+from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.state import Placement, WorkerSlot
+from aifactory.operators.inventory import choose_factory, nodes_from_objects
+from aifactory.operators.status import Conditions
+from aifactory.operators.translate import (
     budget_from_manifest,
     format_time,
     job_spec_from_manifest,

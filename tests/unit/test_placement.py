@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from controller.placement import PlacementRequest, Unplaced, place_topology_aware, static_check
-from controller.spec import JobSpec
-from controller.state import BudgetIndex, ClusterState, Placement, WorkerSlot
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import BudgetIndex, ClusterState, Placement, WorkerSlot
+from aifactory.controller.placement.explain import static_check
+from aifactory.controller.placement.request import PlacementRequest, Unplaced
+from aifactory.controller.placement.topology_aware import place_topology_aware
 from tests.factories import grid
 
 TOPO = grid(2, 2, 2)

@@ -11,15 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controller.calibration import (
+from aifactory.controller.core.errors import InputFileError, InvariantError, SpecError
+from aifactory.controller.inputs.datasets import SHARED_ENV, shared_dir, shared_path
+from aifactory.controller.power.fit import (
     PowerSample,
     fit_power_curve,
     load_h200_samples,
     no_context_idle_watts,
 )
-from controller.datasets import SHARED_ENV, shared_dir, shared_path
-from controller.errors import InputFileError, InvariantError, SpecError
-from controller.power import (
+from aifactory.controller.power.model import (
     GENERIC_MODEL,
     H200,
     CostModel,

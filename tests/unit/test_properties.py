@@ -12,19 +12,22 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.placement import PlacementRequest, static_check
-from controller.policies import POLICY_NAMES, make_policy
-from controller.scheduler import RunningJob, SchedulerConfig
-from controller.spec import JobSpec
-from controller.state import MILLI, BudgetIndex, ClusterState
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import BudgetIndex, ClusterState
+from aifactory.controller.core.units import MILLI_PER_GPU
+from aifactory.controller.placement.explain import static_check
+from aifactory.controller.placement.registry import POLICY_NAMES, make_policy
+from aifactory.controller.placement.request import PlacementRequest
+from aifactory.controller.scheduling.cycle_io import RunningJob, SchedulerConfig
 from tests.factories import grid, run_cycle
 
 jobs = st.builds(
     lambda w, g, milli, req, prio: JobSpec(
-        "x", workers=w if milli == MILLI else 1, gpus_per_worker=g if milli == MILLI else 1,
+        "x", workers=w if milli == MILLI_PER_GPU else 1,
+        gpus_per_worker=g if milli == MILLI_PER_GPU else 1,
         gpu_milli=milli, required_level=req, priority=prio),
     st.integers(1, 6), st.sampled_from([1, 2, 4, 8]),
-    st.sampled_from([MILLI, MILLI, MILLI, 250, 500, 700]),
+    st.sampled_from([MILLI_PER_GPU, MILLI_PER_GPU, MILLI_PER_GPU, 250, 500, 700]),
     st.sampled_from([None, None, "rack", "block"]), st.integers(0, 3))
 
 WATTS = 400.0
@@ -37,7 +40,7 @@ def check_tree(state: ClusterState) -> None:
         total = sum(state.free_gpus(d) for d in topo.domains[level])
         assert total == state.free_gpus(topo.root) == sum(state.node_free)
     for g, used in enumerate(state.gpu_used_milli):
-        assert 0 <= used <= MILLI, f"GPU {g} used {used}"
+        assert 0 <= used <= MILLI_PER_GPU, f"GPU {g} used {used}"
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from controller.backends.ray_gang import (
+from aifactory.controller.backends.ray.gang import (
     NODE_ID_LABEL,
     gang_bundles,
     job_of_pg,
@@ -24,10 +24,10 @@ from controller.backends.ray_gang import (
     worker_actor_name,
     worker_plans,
 )
-from controller.errors import SpecError
-from controller.spec import JobKind, JobSpec, Runtime
-from controller.state import Placement, WorkerSlot
-from controller.topology import BLOCK_LABEL, GPU_PRODUCT_LABEL, RACK_LABEL, Topology
+from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.spec import JobKind, JobSpec, Runtime
+from aifactory.controller.core.state import Placement, WorkerSlot
+from aifactory.controller.core.topology import BLOCK_LABEL, GPU_PRODUCT_LABEL, RACK_LABEL, Topology
 from tests.factories import grid_nodes
 
 TOPO = Topology.build(grid_nodes(1, 2, 2))

@@ -9,15 +9,15 @@
 
 from __future__ import annotations
 
-from controller.backends.base import TelemetrySnapshot
-from controller.backends.simulated import SimulatedBackend
-from controller.controlplane import ControlPlane, JobPhase
-from controller.factory import factory_from_nodes
-from controller.resync import FENCE_PREFIX, rebuild, sync_inventory
-from controller.simulation import VirtualClock
-from controller.spec import JobSpec
-from controller.state import Placement
-from controller.topology import NodeInfo
+from aifactory.controller.backends.base import TelemetrySnapshot
+from aifactory.controller.backends.simulated import SimulatedBackend
+from aifactory.controller.core.clock import VirtualClock
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import Placement
+from aifactory.controller.core.topology import NodeInfo
+from aifactory.controller.inputs.factory import factory_from_nodes
+from aifactory.controller.runtime.controlplane import ControlPlane, JobPhase
+from aifactory.controller.runtime.resync import FENCE_PREFIX, rebuild, sync_inventory
 from tests.factories import grid_nodes
 
 NODES = grid_nodes(1, 2, 2)

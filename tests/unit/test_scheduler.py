@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import pytest
 
-from controller.policies import make_policy
-from controller.scheduler import (
+from aifactory.controller.core.spec import JobSpec, QueueSpec
+from aifactory.controller.core.state import ClusterState, Placement, WorkerSlot
+from aifactory.controller.placement.registry import make_policy
+from aifactory.controller.scheduling.cycle import schedule
+from aifactory.controller.scheduling.cycle_io import (
     CycleResult,
     QueuedJob,
     RunningJob,
     SchedulerConfig,
-    schedule,
 )
-from controller.spec import JobSpec, QueueSpec
-from controller.state import ClusterState, Placement, WorkerSlot
 from tests.factories import grid
 
 TOPO = grid(1, 2, 2)

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from controller.placement import PlacementRequest
-from controller.policies import TopologyAwarePolicy, make_policy
-from controller.preemption import VictimIndex, cheapest_node_victims
-from controller.scheduler import QueuedJob, RunningJob, SchedulerConfig, schedule
-from controller.spec import JobSpec
-from controller.state import BudgetIndex, ClusterState, Placement, WorkerSlot
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import BudgetIndex, ClusterState, Placement, WorkerSlot
+from aifactory.controller.placement.registry import make_policy
+from aifactory.controller.placement.request import PlacementRequest
+from aifactory.controller.placement.topology_aware import TopologyAwarePolicy
+from aifactory.controller.scheduling.cycle import schedule
+from aifactory.controller.scheduling.cycle_io import QueuedJob, RunningJob, SchedulerConfig
+from aifactory.controller.scheduling.preemption import VictimIndex, cheapest_node_victims
 from tests.factories import grid
 
 TOPO = grid(1, 2, 2)

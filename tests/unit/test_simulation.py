@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli import main
-from controller.factory import load_factory
-from controller.fill import fill
-from controller.policies import make_policy
-from controller.power import profile_for
-from controller.simulation import Arrival, FailureEvent, Simulation, build_state
-from controller.spec import JobSpec, PowerBudgetSpec
-from controller.state import Placement
-from controller.topology import Topology
+from aifactory.controller.cli.main import main
+from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec
+from aifactory.controller.core.state import Placement
+from aifactory.controller.core.topology import Topology
+from aifactory.controller.inputs.factory import load_factory
+from aifactory.controller.inputs.workload import Arrival
+from aifactory.controller.placement.registry import make_policy
+from aifactory.controller.power.model import profile_for
+from aifactory.controller.runtime.controlplane import build_state
+from aifactory.controller.sim.fill import fill
+from aifactory.controller.sim.simulation import FailureEvent, Simulation
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,21 +17,21 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client import CollectorRegistry
 
-from controller.backends.base import GPUReading, TelemetrySnapshot
-from controller.backends.simulated import default_utilization
-from controller.exporter import FactoryCollector
-from controller.factory import factory_from_nodes
-from controller.observe import PlaneObserver, choose_telemetry
-from controller.power import profile_for
-from controller.simulation import Simulation
-from controller.spec import JobSpec
-from controller.state import Placement, WorkerSlot
-from controller.telemetry import (
+from aifactory.controller.backends.base import GPUReading, TelemetrySnapshot
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import Placement, WorkerSlot
+from aifactory.controller.inputs.factory import factory_from_nodes
+from aifactory.controller.observe.exporter import FactoryCollector
+from aifactory.controller.observe.snapshot import PlaneObserver, choose_telemetry
+from aifactory.controller.observe.telemetry import (
     EnergyAttributor,
     ModelTelemetry,
     NvmlTelemetry,
     TelemetryUnavailableError,
 )
+from aifactory.controller.power.model import profile_for
+from aifactory.controller.power.utilisation import default_utilization
+from aifactory.controller.sim.simulation import Simulation
 from tests.factories import grid, grid_nodes
 
 

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from controller.backends.simulated import default_utilization
-from controller.cli import main
-from controller.errors import SpecError
-from controller.factory import factory_from_nodes
-from controller.power import profile_for
-from controller.report import write_report
-from controller.simulation import Arrival, Simulation
-from controller.spec import JobSpec
-from controller.timeseries import TimeSeries, TimeSeriesSampler
+from aifactory.controller.cli.main import main
+from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.inputs.factory import factory_from_nodes
+from aifactory.controller.inputs.workload import Arrival
+from aifactory.controller.observe.report import write_report
+from aifactory.controller.power.model import profile_for
+from aifactory.controller.power.utilisation import default_utilization
+from aifactory.controller.sim.simulation import Simulation
+from aifactory.controller.sim.timeseries import TimeSeries, TimeSeriesSampler
 from tests.factories import grid_nodes
 
 A = JobSpec(name="a", workers=2, gpus_per_worker=8)

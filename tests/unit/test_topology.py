@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from controller.errors import InvariantError, SpecError
-from controller.state import ClusterState, Placement, WorkerSlot
-from controller.topology import (
+from aifactory.controller.core.errors import InvariantError, SpecError
+from aifactory.controller.core.state import ClusterState, Placement, WorkerSlot
+from aifactory.controller.core.topology import (
     BLOCK_LABEL,
     CLIQUE_LABEL,
     GPU_COUNT_LABEL,
@@ -65,7 +65,7 @@ def test_node_from_gpu_feature_discovery_labels() -> None:
     ],
 )
 def test_bad_levels_are_refused(levels: tuple[str, ...], message: str) -> None:
-    from controller.topology import LevelSpec
+    from aifactory.controller.core.topology import LevelSpec
 
     with pytest.raises(SpecError, match=message):
         Topology.build(grid_nodes(1, 1, 1), tuple(LevelSpec(n, f"x/{n}") for n in levels))

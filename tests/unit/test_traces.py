@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.datasets import shared_dir
-from controller.errors import InputFileError, SpecError
-from controller.spec import JobKind
-from controller.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo, Topology
-from controller.traces import (
+from aifactory.controller.core.errors import InputFileError, SpecError
+from aifactory.controller.core.spec import JobKind
+from aifactory.controller.core.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo, Topology
+from aifactory.controller.inputs.datasets import shared_dir
+from aifactory.controller.inputs.traces import (
     HOST_ID_LABEL,
     assign_racks,
     load_openb_nodes,

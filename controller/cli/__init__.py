@@ -1,0 +1,2 @@
+"""The aifactory command line: the composition root that wires inputs, runtime, sim, observe and
+operators."""

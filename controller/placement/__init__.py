@@ -1,0 +1,2 @@
+"""Where one gang goes: request resolution, topology-aware placement, reasons, fragmentation, and
+the baseline policies."""

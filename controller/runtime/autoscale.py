@@ -1,0 +1,126 @@
+"""How many replicas an InferenceService should run, from the requests its replicas hold.
+
+A pure function in the Kubernetes HPA manner: ``desired = ceil(in_flight / target)`` where
+``target`` is ``spec.autoscaling.targetInFlightRequests`` per replica, no change while the
+load per replica is within ``tolerance`` of the target, clamped to ``[minReplicas,
+maxReplicas]``, at most ``max_step_up`` replicas added at once, and scale-down held to the
+highest recent recommendation (HPA's stabilization window: the caller keeps the recent
+recommendations). Replicas are gangs named ``<service>-r<i>`` (``aifactory.controller.core.spec
+.replica_jobs``); ``replica_changes`` says which to submit and which to stop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.spec import JobKind, JobSpec
+
+__all__ = ["AutoscalePolicy", "ScaleDecision", "decide", "policy_from_manifest",
+           "replica_changes", "replica_index"]
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscalePolicy:
+    """Bounds and target of one service. ``target_in_flight`` is per replica (> 0)."""
+
+    min_replicas: int
+    max_replicas: int
+    target_in_flight: float
+    tolerance: float = 0.1
+    max_step_up: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
+            raise SpecError("spec.minReplicas/maxReplicas", "need 0 <= minReplicas <= "
+                            f"maxReplicas and maxReplicas >= 1, got {self.min_replicas}/"
+                            f"{self.max_replicas}")
+        if not self.target_in_flight > 0:
+            raise SpecError("spec.autoscaling.targetInFlightRequests",
+                            f"must be a number > 0, got {self.target_in_flight}")
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleDecision:
+    replicas: int
+    reason: str
+
+
+def decide(policy: AutoscalePolicy, current: int, in_flight: Sequence[int],
+           recent: Sequence[int] = ()) -> ScaleDecision:
+    """Replicas to run given ``current`` replicas and the in-flight count of each ready one.
+
+    ``recent`` are earlier recommendations inside the stabilization window: a scale-down
+    goes no lower than the highest of them."""
+    lo, hi = policy.min_replicas, policy.max_replicas
+    total = sum(max(0, n) for n in in_flight)
+    ready = len(in_flight)
+    if ready == 0:
+        want = min(hi, max(lo, current))
+        return ScaleDecision(want, f"no ready replica reports load: keep {want}")
+    per_replica = total / ready
+    ratio = per_replica / policy.target_in_flight
+    load = (f"{total} requests in flight over {ready} replicas, target "
+            f"{policy.target_in_flight:g} per replica")
+    if abs(ratio - 1.0) <= policy.tolerance:
+        want = min(hi, max(lo, current))
+        return ScaleDecision(want, f"{load}: within {policy.tolerance:.0%} of target, "
+                             f"keep {want}")
+    want = math.ceil(total / policy.target_in_flight - 1e-9)
+    if policy.max_step_up is not None and want > current:
+        want = min(want, current + policy.max_step_up)
+    if want < current and recent:
+        want = min(current, max(want, *recent))
+    want = min(hi, max(lo, want))
+    verb = "scale up" if want > current else "scale down" if want < current else "keep"
+    return ScaleDecision(want, f"{load}: {verb} {current} -> {want}")
+
+
+def replica_index(service: str, job_name: str) -> int | None:
+    """``i`` for a replica named ``<service>-r<i>``, else None."""
+    prefix = f"{service}-r"
+    tail = job_name[len(prefix):] if job_name.startswith(prefix) else ""
+    return int(tail) if tail.isdigit() else None
+
+
+def replica_changes(service: JobSpec, running: Sequence[str], desired: int
+                    ) -> tuple[list[JobSpec], list[str]]:
+    """Replica specs to submit (lowest free indices first) and replica names to stop
+    (highest indices first) to go from ``running`` (replica job names) to ``desired``.
+
+    ``service`` is the InferenceService spec (``group`` or ``name`` is the service name)."""
+    name = service.group or service.name
+    indexed = sorted((i, n) for n in running if (i := replica_index(name, n)) is not None)
+    have = len(indexed)
+    if desired > have:
+        used = {i for i, _ in indexed}
+        free = (i for i in range(desired + have + 1) if i not in used)
+        add = [replace(service, name=f"{name}-r{next(free)}", workers=1, group=name,
+                       group_size=desired) for _ in range(desired - have)]
+        return add, []
+    return [], [n for _, n in indexed[desired:][::-1]]
+
+
+def policy_from_manifest(doc: Mapping[str, Any]) -> AutoscalePolicy | None:
+    """The autoscaling policy of an InferenceService manifest (None without
+    ``spec.autoscaling.targetInFlightRequests`` or for other kinds)."""
+    if doc.get("kind") != JobKind.INFERENCE.value:
+        return None
+    spec = doc.get("spec")
+    if not isinstance(spec, Mapping):
+        return None
+    auto = spec.get("autoscaling")
+    if not isinstance(auto, Mapping) or auto.get("targetInFlightRequests") is None:
+        return None
+    target = auto["targetInFlightRequests"]
+    if isinstance(target, bool) or not isinstance(target, int | float):
+        raise SpecError("spec.autoscaling.targetInFlightRequests",
+                        f"must be a number > 0, got {target!r}")
+    lo = spec.get("minReplicas", 1)
+    hi = spec.get("maxReplicas", max(lo, 1) if isinstance(lo, int) else 1)
+    if not isinstance(lo, int) or not isinstance(hi, int):
+        raise SpecError("spec.minReplicas/maxReplicas", "must be integers")
+    return AutoscalePolicy(lo, hi, float(target))

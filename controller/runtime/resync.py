@@ -1,0 +1,198 @@
+"""Keeping the control plane's picture in step with a real cluster whose nodes come and go.
+
+The simulator changes its own inventory, so it knows when a node fails; on Ray (or any real
+backend) nodes die and join under the control plane. ``Reconciler.step()`` is
+``ControlPlane.step()`` plus that: GPUs of nodes that left the inventory are fenced (held by a
+``!failed/<node>`` placeholder, as the simulator does) so no gang is placed on a dead node,
+fences are lifted when the node returns, and a node never seen before rebuilds the control
+plane over the new inventory, carrying every job over (running ones adopted where they run).
+
+``adopt_running`` is the operator-restart half: gangs a backend finds still running (the Ray
+backend finds them by placement-group name) are adopted into a fresh control plane instead of
+being launched twice, and gangs of jobs that no longer exist are removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from aifactory.controller.backends.base import ClusterBackend
+from aifactory.controller.backends.ray.gang import placement_from_slots
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import Placement, WorkerSlot
+from aifactory.controller.core.topology import Topology
+from aifactory.controller.inputs.factory import FactorySpec
+from aifactory.controller.runtime.controlplane import ControlPlane
+from aifactory.controller.scheduling.cycle_io import CycleResult
+
+__all__ = [
+    "FENCE_PREFIX",
+    "AdoptionReport",
+    "FoundGang",
+    "GangAdopter",
+    "InventoryChange",
+    "Reconciler",
+    "adopt_running",
+    "rebuild",
+    "sync_inventory",
+]
+
+FENCE_PREFIX = "!failed/"
+
+
+class FoundGang(Protocol):
+    """A gang a backend found running: its job and (node, local GPUs, milli) per worker."""
+
+    @property
+    def job(self) -> str: ...
+
+    @property
+    def slots(self) -> tuple[tuple[str, tuple[int, ...], int], ...]: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+
+G = TypeVar("G", bound=FoundGang)
+
+
+class GangAdopter(Protocol[G]):
+    """A backend that can find running gangs, take them over, or remove them."""
+
+    def adoptable(self) -> Sequence[G]: ...
+
+    def adopt(self, spec: JobSpec, gang: G) -> None: ...
+
+    def discard(self, gang: G) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptionReport:
+    adopted: tuple[str, ...]
+    discarded: tuple[str, ...]
+
+
+def adopt_running(cp: ControlPlane, backend: GangAdopter[G],
+                  specs: Mapping[str, JobSpec]) -> AdoptionReport:
+    """Adopt every running gang whose job is in ``specs``; discard the others (and gangs on
+    nodes the control plane no longer has)."""
+    adopted: list[str] = []
+    discarded: list[str] = []
+    for gang in backend.adoptable():
+        spec = specs.get(gang.job)
+        placement = None if spec is None else placement_from_slots(
+            gang.job, gang.slots, cp.topo, cp.config.watts_per_gpu(spec), spec.cpu_milli,
+            spec.memory_mib)
+        if spec is None or placement is None:
+            backend.discard(gang)
+            discarded.append(gang.job)
+            continue
+        backend.adopt(spec, gang)
+        cp.adopt(spec, placement, started_at=gang.started_at)
+        adopted.append(gang.job)
+    return AdoptionReport(tuple(adopted), tuple(discarded))
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryChange:
+    """Nodes fenced off now, fences lifted now, and live nodes the topology lacks."""
+
+    down: tuple[str, ...]
+    up: tuple[str, ...]
+    unknown: tuple[str, ...]
+
+
+def sync_inventory(cp: ControlPlane, alive: Iterable[str]) -> InventoryChange:
+    """Fence every free GPU of nodes not in ``alive``; lift fences of nodes back in it.
+
+    GPUs a running gang holds on a dead node are fenced once that gang has failed and
+    released them (call this after ``cp.poll()``)."""
+    live = set(alive)
+    topo, state = cp.topo, cp.state
+    down: list[str] = []
+    up: list[str] = []
+    for n, node in enumerate(topo.nodes):
+        key = FENCE_PREFIX + node.name
+        fence = state.allocations.get(key)
+        if node.name in live:
+            if fence is not None:
+                state.release(key)
+                cp.metrics.fenced_gpus -= fence.gpu_equivalents
+                up.append(node.name)
+            continue
+        held = set(fence.slots[0].gpus) if fence is not None else set()
+        free = {g for g in topo.gpu_range(n) if state.gpu_used_milli[g] == 0}
+        if not free:
+            continue
+        if fence is not None:
+            state.release(key)
+            cp.metrics.fenced_gpus -= fence.gpu_equivalents
+        else:
+            down.append(node.name)
+        new = Placement(key, (WorkerSlot(n, tuple(sorted(held | free))),))
+        state.allocate(new)
+        cp.metrics.fenced_gpus += new.gpu_equivalents
+    unknown = tuple(sorted(live - set(topo.node_index)))
+    return InventoryChange(tuple(down), tuple(up), unknown)
+
+
+def _remap(placement: Placement, old: Topology, new: Topology) -> Placement | None:
+    slots = []
+    for slot in placement.slots:
+        start = old.gpu_start[slot.node]
+        slots.append((old.nodes[slot.node].name, tuple(g - start for g in slot.gpus),
+                      slot.milli))
+    first = placement.slots[0] if placement.slots else None
+    return placement_from_slots(placement.job, slots, new, placement.watts_per_gpu,
+                                first.cpu_milli if first else 0,
+                                first.memory_mib if first else 0)
+
+
+def rebuild(cp: ControlPlane, factory: FactorySpec) -> ControlPlane:
+    """A control plane over ``factory``'s (grown) inventory with the same backend, policy
+    and jobs: running gangs adopted where they run, queued jobs queued in the same order."""
+    new = ControlPlane(factory, cp.backend, cp.policy, clock=cp._now_fn,
+                       decision_clock=cp.decision_clock)
+    new.listeners = cp.listeners
+    for key, rec in sorted(cp.jobs.items(), key=lambda item: item[1].seq):
+        if rec.done:
+            continue
+        placement = _remap(rec.placement, cp.topo, new.topo) if rec.placement else None
+        if placement is not None:
+            fresh = new.adopt(rec.spec, placement, rec.started_at or new.now, rec.submitted_at,
+                              rec.restarts)
+        else:
+            fresh = new.enqueue(rec.spec, rec.runtime, rec.submitted_at)
+            fresh.restarts = rec.restarts
+        fresh.preemptions = rec.preemptions
+        fresh.first_start = rec.first_start
+        fresh.energy_joules = rec.energy_joules
+        fresh.history = rec.history
+        new.jobs[key] = fresh
+    return new
+
+
+class Reconciler:
+    """Steps a control plane against a backend whose inventory may change (``.cp`` is
+    replaced when the inventory grows). ``make_factory`` builds a factory over the current
+    inventory (the Ray backend's ``factory`` method, which also rebinds its topology)."""
+
+    def __init__(self, cp: ControlPlane, backend: ClusterBackend,
+                 make_factory: Callable[[], FactorySpec] | None = None) -> None:
+        self.cp = cp
+        self.backend = backend
+        self._make_factory = make_factory
+
+    def step(self, force: bool = True) -> CycleResult | None:
+        """Poll, follow the inventory, then a scheduling cycle: always with ``force``, else
+        only when something changed (a job came, went or moved, or a node left or came)."""
+        self.cp.poll()
+        alive = [n.name for n in self.backend.inventory()]
+        change = sync_inventory(self.cp, alive)
+        if change.unknown and self._make_factory is not None:
+            self.cp = rebuild(self.cp, self._make_factory())
+            sync_inventory(self.cp, alive)
+            force = True
+        return self.cp.cycle(force=force or bool(change.down or change.up))

@@ -1,0 +1,1 @@
+"""One scheduling cycle over an immutable snapshot: its inputs and outputs, preemption, quotas."""

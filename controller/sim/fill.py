@@ -1,0 +1,138 @@
+"""The "fill until full" experiment of FGD (USENIX ATC'23), for any policy.
+
+Jobs arrive in order with no departures. Each is placed if the policy finds room, and
+dropped otherwise (FGD counts it as failed). As in FGD's analysis scripts, the allocation
+rate is the GPU *requested* by placed jobs over the factory's GPUs (a 0.3-GPU pod counts
+0.3 even where a policy without GPU sharing gives it a whole GPU), "unallocated GPUs" is
+capacity minus that, and both are read when the arrived demand (GPUs requested by every
+job so far, placed or not) first reaches given fractions of capacity (90 %, 95 %, 100 % by
+default), and at the first job that does not fit.
+
+``fgd_order`` builds FGD's submission sequence for a seed: jobs sorted by name, shuffled,
+then resampled (or trimmed) until their demand is ``ratio`` x capacity (FGD uses 1.3).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.state import ClusterState, Placement
+from aifactory.controller.placement.base import PlacementPolicy
+from aifactory.controller.placement.request import PlacementRequest, Unplaced
+
+__all__ = ["FillPoint", "FillResult", "fgd_order", "fill"]
+
+
+@dataclass(frozen=True, slots=True)
+class FillPoint:
+    """The factory when arrived demand first reached ``demand_fraction`` of capacity."""
+
+    demand_fraction: float
+    allocation_rate: float
+    unallocated_gpus: float
+    jobs_failed: int
+    occupied_gpus: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class FillResult:
+    policy: str
+    gpus_total: int
+    jobs_arrived: int
+    jobs_placed: int
+    jobs_failed: int
+    allocation_rate_at_first_failure: float
+    unallocated_gpus_at_first_failure: float
+    final_allocation_rate: float
+    decision_seconds_p99: float
+    points: tuple[FillPoint, ...] = field(default=())
+    demand_reached: float = 0.0
+    decision_seconds_p50: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["points"] = [asdict(p) for p in self.points]
+        return out
+
+
+def fill(state: ClusterState, jobs: Sequence[JobSpec], policy: PlacementPolicy,
+         watts_per_gpu: Callable[[JobSpec], float] | None = None,
+         checkpoints: Sequence[float] = (0.9, 0.95, 1.0),
+         stop_at_demand: float = 1.0) -> FillResult:
+    """Place ``jobs`` in order on ``state`` (mutated) until demand reaches ``stop_at_demand``."""
+    from aifactory.controller.runtime.metrics import percentile
+
+    topo = state.topo
+    total = topo.total_gpus
+    demand = 0.0
+    allocated = 0.0  # GPUs requested by placed jobs (FGD's used_gpu_milli / 1000)
+    placed = failed = arrived = 0
+    first_failure: tuple[float, float] | None = None
+    points: list[FillPoint] = []
+    pending_marks = sorted(checkpoints)
+    times: list[float] = []
+    for spec in jobs:
+        if demand >= stop_at_demand * total - 1e-9:
+            break
+        arrived += 1
+        demand += spec.gpu_equivalents
+        watts = watts_per_gpu(spec) if (watts_per_gpu and policy.power_aware) else 0.0
+        req = PlacementRequest.resolve(spec, topo, watts)
+        got: Placement | Unplaced
+        if isinstance(req, Unplaced):
+            got = req
+        else:
+            t0 = time.perf_counter()
+            got = policy.place(state, req, None)
+            times.append(time.perf_counter() - t0)
+        if isinstance(got, Placement) and got.complete:
+            state.allocate(got)
+            placed += 1
+            allocated += spec.gpu_equivalents
+        else:
+            failed += 1
+            if first_failure is None:
+                first_failure = (allocated / total, total - allocated)
+        while pending_marks and demand >= pending_marks[0] * total - 1e-9:
+            points.append(FillPoint(pending_marks.pop(0), allocated / total,
+                                    total - allocated, failed,
+                                    state.allocated_gpu_equivalents))
+    if first_failure is None:
+        first_failure = (allocated / total, total - allocated)
+    return FillResult(
+        policy=policy.name, gpus_total=total, jobs_arrived=arrived, jobs_placed=placed,
+        jobs_failed=failed, allocation_rate_at_first_failure=first_failure[0],
+        unallocated_gpus_at_first_failure=first_failure[1],
+        final_allocation_rate=allocated / total, decision_seconds_p99=percentile(times, 99),
+        points=tuple(points), demand_reached=demand / total if total else 0.0,
+        decision_seconds_p50=percentile(times, 50))
+
+
+def fgd_order(jobs: Sequence[JobSpec], capacity_gpus: float, seed: int,
+              ratio: float = 1.3) -> list[JobSpec]:
+    """FGD's submission sequence for one seed (Python's RNG, not Go's: same procedure,
+    different draws). Resampled copies are renamed ``<name>-tuned-<i>``."""
+    rng = random.Random(seed)
+    ordered = sorted(jobs, key=lambda s: s.name)
+    out = list(ordered)
+    rng.shuffle(out)
+    target = ratio * capacity_gpus
+    total = sum(s.gpu_equivalents for s in out)
+    if not ordered or ratio <= 0:
+        return out
+    while total > target and out:
+        total -= out.pop(rng.randrange(len(out))).gpu_equivalents
+    i = 0
+    while total < target:
+        pick = ordered[rng.randrange(len(ordered))]
+        if total + pick.gpu_equivalents > target:
+            break
+        out.append(replace(pick, name=f"{pick.name}-tuned-{i}"))
+        total += pick.gpu_equivalents
+        i += 1
+    return out
