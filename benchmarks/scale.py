@@ -43,7 +43,7 @@ from aifactory.controller.power.estimates import watts_estimator
 from aifactory.controller.runtime.controlplane import build_state
 from aifactory.controller.runtime.metrics import percentile
 from aifactory.controller.scheduling.cycle import schedule
-from aifactory.controller.scheduling.cycle_io import QueuedJob, SchedulerConfig
+from aifactory.controller.scheduling.cycle_io import CycleMemory, QueuedJob, SchedulerConfig
 from benchmarks.common import (
     base_parser,
     machine,
@@ -91,9 +91,11 @@ def gang(gpus: int, name: str, required: str | None = None) -> JobSpec:
 class Background:
     """Jobs the policy itself placed to fill the factory, with churn between decisions."""
 
-    def __init__(self, state: ClusterState, pol: PlacementPolicy, seed: int) -> None:
+    def __init__(self, state: ClusterState, pol: PlacementPolicy, seed: int,
+                 memory: CycleMemory) -> None:
         self.state = state
         self.policy = pol
+        self.memory = memory  # shared with the cycles, as the control plane shares it
         self.rng = random.Random(seed)
         s = load_summary("Kalos")
         self.sizes = fit_sizes(s.mean_gpus, min(s.max_gpus, 256))
@@ -109,7 +111,8 @@ class Background:
         spec = gang(self.sizes.draw(self.rng), f"bg-{self.count}")
         req = PlacementRequest.resolve(spec, self.state.topo)
         assert isinstance(req, PlacementRequest)
-        got = self.policy.place(self.state, req, None)
+        self.policy.learn(self.memory.mix, req, self.state.host_tracked)
+        got = self.policy.place(self.state, req, None, self.memory.mix)
         if isinstance(got, Placement) and got.complete:
             self.state.allocate(got)
             self.jobs.append(got.job)
@@ -128,7 +131,8 @@ def latency(factory: FactorySpec, name: str, sizes: Sequence[int], reps: int,
     topo = factory.topology()
     pol = policy(name, 1)
     state = build_state(factory, topo)
-    bg = Background(state, pol, seed=1)
+    memory = CycleMemory()
+    bg = Background(state, pol, seed=1, memory=memory)
     config = SchedulerConfig(policy=pol, empty=build_state(factory, topo),
                              watts_per_gpu=watts_estimator(topo), queues=factory.queues)
     out = []
@@ -143,11 +147,12 @@ def latency(factory: FactorySpec, name: str, sizes: Sequence[int], reps: int,
             req = PlacementRequest.resolve(spec, topo, watts)
             assert isinstance(req, PlacementRequest)
             start = time.perf_counter()
-            got = pol.place(state, req, None)
+            pol.learn(memory.mix, req, state.host_tracked)
+            got = pol.place(state, req, None, memory.mix)
             place_s.append(time.perf_counter() - start)
             placed += isinstance(got, Placement) and got.complete
             start = time.perf_counter()
-            schedule(state, [QueuedJob(spec, 0.0, rep)], {}, 0.0, config)
+            schedule(state, [QueuedJob(spec, 0.0, rep)], {}, 0.0, config, memory=memory)
             cycle_s.append(time.perf_counter() - start)
             spent += place_s[-1] + cycle_s[-1]
             bg.churn()

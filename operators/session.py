@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aifactory.controller.backends.base import ClusterBackend
+from aifactory.controller.backends.base import AdoptsGangs, ClusterBackend
 from aifactory.controller.backends.simulated import SimulatedBackend
 from aifactory.controller.core.errors import AifactoryError
 from aifactory.controller.core.spec import JobSpec
@@ -36,7 +36,6 @@ from aifactory.controller.core.topology import NodeInfo, Topology
 from aifactory.controller.inputs.factory import FactorySpec
 from aifactory.controller.power.model import profile_for
 from aifactory.controller.power.utilisation import default_utilization, speed_under_cap
-from aifactory.controller.runtime.resync import GangAdopter
 
 __all__ = ["BACKENDS", "RAY_MODULE", "BackendError", "BackendSession", "RayOptions",
            "check_backend", "gang_adopter", "open_backend", "reattach"]
@@ -149,11 +148,9 @@ def _check_reachable(address: str, timeout_seconds: float = 10.0) -> None:
                            "(default 6379) open to the operator?") from exc
 
 
-def gang_adopter(backend: ClusterBackend) -> GangAdopter[Any] | None:
+def gang_adopter(backend: ClusterBackend) -> AdoptsGangs[Any] | None:
     """The backend, if it can find its running gangs again after a restart (Ray)."""
-    if all(callable(getattr(backend, m, None)) for m in ("adoptable", "adopt", "discard")):
-        return backend  # type: ignore[return-value]
-    return None
+    return backend if isinstance(backend, AdoptsGangs) else None
 
 
 def reattach(backend: ClusterBackend, spec: JobSpec, placement: Placement, started_at: float,

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from aifactory.controller.backends.base import AdoptsGangs, FoundGang
 from aifactory.controller.backends.ray.gang import placement_from_slots
 from aifactory.controller.core.errors import InvariantError, SpecError
 from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec, QueueSpec
@@ -40,7 +41,7 @@ from aifactory.controller.core.topology import Topology
 from aifactory.controller.inputs.factory import FactorySpec
 from aifactory.controller.runtime.clock import WallClock
 from aifactory.controller.runtime.controlplane import ControlPlane
-from aifactory.controller.runtime.resync import FoundGang, GangAdopter, Reconciler
+from aifactory.controller.runtime.resync import Reconciler
 from aifactory.operators.books import EngineOptions
 from aifactory.operators.engine import Engine
 from aifactory.operators.inventory import choose_factory
@@ -301,7 +302,7 @@ def _adopt(engine: Engine, obj: Tracked, gang: JobSpec, workers: list[Any],
     return True
 
 
-def _adopt_found(engine: Engine, adopter: GangAdopter[Any], obj: Tracked, gang: JobSpec,
+def _adopt_found(engine: Engine, adopter: AdoptsGangs[Any], obj: Tracked, gang: JobSpec,
                  found: FoundGang, status: Mapping[str, Any], recorded: bool,
                  report: RecoveryReport) -> bool:
     """Adopt a gang the backend found running, on the GPUs its workers hold. Its start is

@@ -1,9 +1,17 @@
 """The small interface every cluster backend implements, and the values it speaks in.
 
 Backends are swappable the way httpx swaps transports: the simulated factory
-(``aifactory.controller.backends.simulated``) and the Ray backend implement the same five calls —
+(``controller.backends.simulated``) and the Ray backend implement the same five calls —
 inventory, launch, stop, status, telemetry — and the scheduler never knows which one runs
 the work.
+
+What a backend can do beyond those five it states by implementing small capability
+Protocols, checked with ``isinstance`` (they are ``runtime_checkable``), never probed by
+attribute name: ``ForgetsJobs`` (drop a job's records and stop what still runs),
+``SavesWork`` (seconds of work a job's last checkpoint holds), ``MetersJobEnergy`` (joules
+per job, split from per-GPU counters) and ``AdoptsGangs`` (find the gangs it runs after a
+control-plane restart, take them over or remove them). A third backend implements the five
+calls and whichever capabilities it has.
 """
 
 from __future__ import annotations
@@ -11,15 +19,20 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar, runtime_checkable
 
 from aifactory.controller.core.spec import JobSpec
 from aifactory.controller.core.state import Placement
 from aifactory.controller.core.topology import NodeInfo
 
 __all__ = [
+    "AdoptsGangs",
     "ClusterBackend",
+    "ForgetsJobs",
+    "FoundGang",
     "GPUReading",
+    "MetersJobEnergy",
+    "SavesWork",
     "TelemetrySnapshot",
     "WorkloadPhase",
     "WorkloadStatus",
@@ -108,4 +121,71 @@ class ClusterBackend(Protocol):
 
     def telemetry(self) -> TelemetrySnapshot:
         """Power, energy and utilization of every GPU now."""
+        ...
+
+
+# ----------------------------------------------------------------- optional capabilities
+
+
+@runtime_checkable
+class ForgetsJobs(Protocol):
+    """A backend that keeps per-job records (status, energy, checkpoints) and can drop them:
+    the control plane calls it when a job is cancelled or its record is forgotten, so a
+    plane that runs for months holds only live and recent jobs."""
+
+    def forget(self, job: str) -> None:
+        """Stop the job if it still runs, and drop everything kept about it."""
+        ...
+
+
+@runtime_checkable
+class SavesWork(Protocol):
+    """A backend that knows how much work a job's last checkpoint holds."""
+
+    def saved_work(self, job: str) -> float:
+        """Seconds of work the job's last checkpoint holds (0 before the first)."""
+        ...
+
+
+@runtime_checkable
+class MetersJobEnergy(Protocol):
+    """A backend that attributes GPU energy to jobs by their GPU share."""
+
+    def job_energy_joules(self, job: str) -> float:
+        """Joules the job's GPUs drew for it, over every run the backend remembers."""
+        ...
+
+
+class FoundGang(Protocol):
+    """A gang a backend found running: its job and (node, local GPUs, milli) per worker."""
+
+    @property
+    def job(self) -> str: ...
+
+    @property
+    def slots(self) -> tuple[tuple[str, tuple[int, ...], int], ...]: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+
+G = TypeVar("G", bound=FoundGang)
+
+
+@runtime_checkable
+class AdoptsGangs(Protocol[G]):
+    """A backend whose work outlives the control plane (Ray's detached actors): after a
+    restart it lists the gangs it runs, takes over the ones the plane still wants and
+    removes the others."""
+
+    def adoptable(self) -> Sequence[G]:
+        """The gangs running now, as found."""
+        ...
+
+    def adopt(self, spec: JobSpec, gang: G) -> None:
+        """Manage ``gang`` as the job ``spec`` (status, stop, energy) from now on."""
+        ...
+
+    def discard(self, gang: G) -> None:
+        """Stop and remove a gang no job wants."""
         ...

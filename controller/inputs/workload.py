@@ -104,5 +104,5 @@ def default_workload() -> Path:
     here = Path(__file__).resolve().parents[2] / DEFAULT_WORKLOAD
     if here.is_dir():
         return here
-    raise InputFileError(here, f"no --workload given and no {DEFAULT_WORKLOAD}/ beside the "
+    raise InputFileError(str(here), f"no --workload given and no {DEFAULT_WORKLOAD}/ beside the "
                          "package; pass --workload DIR|POD_CSV")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
-from aifactory.controller.backends.base import GPUReading
+from aifactory.controller.backends.base import GPUReading, MetersJobEnergy
 from aifactory.controller.backends.simulated import SimulatedBackend
 from aifactory.controller.core.histogram import HistogramCounts
 from aifactory.controller.observe.telemetry import (
@@ -417,12 +417,12 @@ class PlaneObserver:
         now = plane.now
         cost = plane.factory.cost
         from_backend = isinstance(self.telemetry.source, BackendTelemetry)
-        backend_energy = getattr(plane.backend, "job_energy_joules", None)
+        backend = plane.backend
         out: list[JobSample] = []
         for key, rec in plane.jobs.items():
             if from_backend:
-                if backend_energy is not None:
-                    joules = backend_energy(key)
+                if isinstance(backend, MetersJobEnergy):
+                    joules = backend.job_energy_joules(key)
                 else:
                     status = plane.backend.status(key)
                     joules = status.energy_joules if status is not None else 0.0

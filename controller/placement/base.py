@@ -7,26 +7,50 @@ from typing import Protocol
 
 from aifactory.controller.core.state import ClusterState, Placement
 from aifactory.controller.core.topology import Domain
+from aifactory.controller.placement.fragmentation import WorkloadMix
 from aifactory.controller.placement.request import (
     PlacementRequest,
     Unplaced,
     node_workers,
 )
 
-__all__ = ["GroupCount", "PlacementPolicy", "eligible", "greedy", "nodes_with_room"]
+__all__ = ["GroupCount", "IgnoresWorkload", "PlacementPolicy", "eligible", "greedy",
+           "nodes_with_room"]
 
 GroupCount = Callable[[Domain], int]
 
 
 class PlacementPolicy(Protocol):
-    """Where one gang goes in a snapshot, or why not. Pure: never mutates the state."""
+    """Where one gang goes in a snapshot, or why not.
+
+    ``place`` is pure: it never mutates the state, the mix or the policy, so a trial call
+    (preemption, backfill reservations) changes nothing. A policy that scores placements
+    by the workload seen so far reads it from the ``WorkloadMix`` its caller owns, and says
+    what a request adds to it in ``learn``; the others ignore both. ``gang``: places all
+    workers or none; ``power_aware``: honours power budgets; ``locality_wait_seconds``:
+    how long a multi-node gang waits for one rack before it may spread (0: never waits)."""
 
     name: str
     gang: bool
     power_aware: bool
+    locality_wait_seconds: float
 
     def place(self, state: ClusterState, req: PlacementRequest,
-              group_count: GroupCount | None = None) -> Placement | Unplaced: ...
+              group_count: GroupCount | None = None,
+              mix: WorkloadMix | None = None) -> Placement | Unplaced: ...
+
+    def learn(self, mix: WorkloadMix, req: PlacementRequest, host_tracked: bool) -> None:
+        """Add ``req``'s job to ``mix`` (once per job) if this policy reads the mix."""
+        ...
+
+
+class IgnoresWorkload:
+    """For baselines: placement never reads the workload mix, so nothing is learned."""
+
+    __slots__ = ()
+
+    def learn(self, mix: WorkloadMix, req: PlacementRequest, host_tracked: bool) -> None:
+        return None
 
 
 def eligible(state: ClusterState, req: PlacementRequest, n: int) -> bool:

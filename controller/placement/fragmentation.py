@@ -88,6 +88,13 @@ class WorkloadMix:
     _total: int = 0
     _typical: tuple[_Typical, ...] = ()
     _typical_at: int = 0
+    _scorer: FragmentationScorer | None = field(default=None, repr=False, compare=False)
+
+    def scorer(self) -> FragmentationScorer:
+        """The fragmentation scorer for this mix (one per mix: its caches follow it)."""
+        if self._scorer is None:
+            self._scorer = FragmentationScorer(self)
+        return self._scorer
 
     def observe(self, job: str, shape: Shape, weight: int = 1) -> None:
         if job in self._seen or weight <= 0:

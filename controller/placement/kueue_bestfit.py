@@ -19,8 +19,9 @@ from itertools import accumulate
 from aifactory.controller.core.state import ClusterState, Placement
 from aifactory.controller.core.topology import Domain
 from aifactory.controller.core.units import MILLI_PER_GPU
-from aifactory.controller.placement.base import GroupCount
+from aifactory.controller.placement.base import GroupCount, IgnoresWorkload
 from aifactory.controller.placement.explain import explain_unplaced
+from aifactory.controller.placement.fragmentation import WorkloadMix
 from aifactory.controller.placement.request import (
     PlacementRequest,
     Unplaced,
@@ -30,15 +31,17 @@ from aifactory.controller.placement.request import (
 
 
 @dataclass(slots=True)
-class KueueBestFitPolicy:
+class KueueBestFitPolicy(IgnoresWorkload):
     """Kueue TAS BestFit (KEP-2724), re-implemented on our topology model."""
 
     name: str = "kueue-bestfit"
     gang: bool = True
     power_aware: bool = False
+    locality_wait_seconds: float = 0.0
 
     def place(self, state: ClusterState, req: PlacementRequest,
-              group_count: GroupCount | None = None) -> Placement | Unplaced:
+              group_count: GroupCount | None = None,
+              mix: WorkloadMix | None = None) -> Placement | Unplaced:
         if req.fractional:  # no GPU sharing in Kueue: a fraction takes a whole GPU
             req = replace(req, workers=1, gpus_per_worker=1, milli=MILLI_PER_GPU, spread_level=None,
                           spread_cap=1)

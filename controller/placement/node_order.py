@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from aifactory.controller.core.state import ClusterState, Placement
 from aifactory.controller.core.topology import Domain
 from aifactory.controller.core.units import MILLI_PER_GPU
-from aifactory.controller.placement.base import GroupCount, greedy, nodes_with_room
+from aifactory.controller.placement.base import GroupCount, IgnoresWorkload, greedy, nodes_with_room
 from aifactory.controller.placement.explain import explain_unplaced
+from aifactory.controller.placement.fragmentation import WorkloadMix
 from aifactory.controller.placement.request import (
     PlacementRequest,
     Unplaced,
@@ -24,7 +25,7 @@ __all__ = ["NodeOrderPolicy"]
 
 
 @dataclass(slots=True)
-class NodeOrderPolicy:
+class NodeOrderPolicy(IgnoresWorkload):
     """A non-topology policy defined by how it orders nodes and GPUs (first/best/random)."""
 
     name: str
@@ -32,6 +33,7 @@ class NodeOrderPolicy:
     seed: int = 0
     gang: bool = True
     power_aware: bool = False
+    locality_wait_seconds: float = 0.0
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -63,7 +65,8 @@ class NodeOrderPolicy:
         return doms[0]
 
     def place(self, state: ClusterState, req: PlacementRequest,
-              group_count: GroupCount | None = None) -> Placement | Unplaced:
+              group_count: GroupCount | None = None,
+              mix: WorkloadMix | None = None) -> Placement | Unplaced:
         if req.fractional:
             return self._place_fraction(state, req)
         dom = self._pick_domain(state, req)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from aifactory.controller.core.state import ClusterState, Placement
 from aifactory.controller.core.units import MILLI_PER_GPU
-from aifactory.controller.placement.base import GroupCount, nodes_with_room
+from aifactory.controller.placement.base import GroupCount, IgnoresWorkload, nodes_with_room
 from aifactory.controller.placement.explain import explain_unplaced
+from aifactory.controller.placement.fragmentation import WorkloadMix
 from aifactory.controller.placement.request import (
     PlacementRequest,
     Unplaced,
@@ -25,15 +26,17 @@ from aifactory.controller.placement.request import (
 
 
 @dataclass(slots=True)
-class PerPodPolicy:
+class PerPodPolicy(IgnoresWorkload):
     """kube-scheduler-like: LeastAllocated per worker, no gang; partial placements happen."""
 
     name: str = "per-pod"
     gang: bool = False
     power_aware: bool = False
+    locality_wait_seconds: float = 0.0
 
     def place(self, state: ClusterState, req: PlacementRequest,
-              group_count: GroupCount | None = None) -> Placement | Unplaced:
+              group_count: GroupCount | None = None,
+              mix: WorkloadMix | None = None) -> Placement | Unplaced:
         topo = state.topo
         g = req.gpus_per_worker
         if req.fractional:

@@ -19,7 +19,7 @@ changes) and returns a ``Placement`` or an ``Unplaced`` with a reason a person c
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from aifactory.controller.core.state import ClusterState, Placement
 from aifactory.controller.core.topology import Domain
@@ -300,35 +300,40 @@ def _place_fraction(state: ClusterState, req: PlacementRequest,
 
 @dataclass(slots=True)
 class TopologyAwarePolicy:
-    """Ours. With ``fragmentation_aware`` it learns the workload mix from the requests it
-    sees (each job once) and scores one-node placements by FGD's fragmentation measure
-    (``aifactory.controller.placement.fragmentation``); without, one-node work is plain BestFit."""
+    """Ours. With ``fragmentation_aware`` it scores one-node placements by FGD's
+    fragmentation measure (``controller.placement.fragmentation``) for the workload mix its
+    caller learns (``learn``, each job once) and passes in; without, one-node work is plain
+    BestFit. Given no mix, the request alone is taken as the workload (a first job)."""
 
     name: str = "aifactory"
     gang: bool = True
     power_aware: bool = True
     fragmentation_aware: bool = True
-    # Delay scheduling for locality (see scheduler._Cycle.locality): seconds a multi-node
-    # gang waits for one rack (or block) before it may span more; 0 turns it off. 600 s:
-    # on the Lingjun gang benchmark 300 s let gangs spread on the busiest seed (92.8 % in
-    # one rack) and the spread gangs then fragmented racks for the gangs behind them; 600 s
-    # kept >= 95 % in one rack on every seed with a lower p95 wait (benchmarks/README.md).
+    # Delay scheduling for locality (see scheduling.cycle._Cycle.locality): seconds a
+    # multi-node gang waits for one rack (or block) before it may span more; 0 turns it off.
+    # 600 s: on the Lingjun gang benchmark 300 s let gangs spread on the busiest seed
+    # (92.8 % in one rack) and the spread gangs then fragmented racks for the gangs behind
+    # them; 600 s kept >= 95 % in one rack on every seed with a lower p95 wait
+    # (benchmarks/README.md).
     locality_wait_seconds: float = 600.0
-    mix: WorkloadMix = field(default_factory=WorkloadMix)
-    scorer: FragmentationScorer = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self.scorer = FragmentationScorer(self.mix if self.fragmentation_aware
-                                          else WorkloadMix())
+    def learn(self, mix: WorkloadMix, req: PlacementRequest, host_tracked: bool) -> None:
+        if not self.fragmentation_aware:
+            return
+        # CPU and memory enter the shape only where nodes track them.
+        cpu, memory = (req.cpu_milli, req.memory_mib) if host_tracked else (0, 0)
+        if req.fractional:
+            mix.observe(req.job, (1, req.milli, req.models, cpu, memory))
+        else:
+            mix.observe(req.job, (req.gpus_per_worker, MILLI_PER_GPU, req.models, cpu, memory),
+                        req.workers)
 
     def place(self, state: ClusterState, req: PlacementRequest,
-              group_count: GroupCount | None = None) -> Placement | Unplaced:
-        if self.fragmentation_aware:
-            # CPU and memory enter the shape only where nodes track them.
-            cpu, memory = (req.cpu_milli, req.memory_mib) if state.host_tracked else (0, 0)
-            if req.fractional:
-                self.mix.observe(req.job, (1, req.milli, req.models, cpu, memory))
-            else:
-                self.mix.observe(req.job, (req.gpus_per_worker, MILLI_PER_GPU, req.models, cpu,
-                                           memory), req.workers)
-        return place_topology_aware(state, req, group_count, self.scorer)
+              group_count: GroupCount | None = None,
+              mix: WorkloadMix | None = None) -> Placement | Unplaced:
+        if not self.fragmentation_aware:
+            return place_topology_aware(state, req, group_count, _NEUTRAL)
+        if mix is None:
+            mix = WorkloadMix()
+            self.learn(mix, req, state.host_tracked)
+        return place_topology_aware(state, req, group_count, mix.scorer())

@@ -15,7 +15,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from aifactory.controller.backends.base import ClusterBackend, WorkloadPhase
+from aifactory.controller.backends.base import (
+    ClusterBackend,
+    ForgetsJobs,
+    SavesWork,
+    WorkloadPhase,
+)
 from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec, QueueSpec
 from aifactory.controller.core.state import BudgetIndex, ClusterState, Placement
 from aifactory.controller.core.topology import Topology
@@ -28,6 +33,7 @@ from aifactory.controller.power.model import profile_for
 from aifactory.controller.runtime.metrics import SimMetrics, SimResult
 from aifactory.controller.scheduling.cycle import schedule
 from aifactory.controller.scheduling.cycle_io import (
+    CycleMemory,
     CycleResult,
     QueuedJob,
     RunningJob,
@@ -114,6 +120,8 @@ class ControlPlane:
             backfill=backfill, preemption=preemption,
             power_caps=None if power_capping_min_speed is None else power_cap_options(
                 self.topo, power_capping_min_speed))
+        # What the scheduler keeps between cycles: the workload mix, memoised verdicts.
+        self.memory = CycleMemory()
         self.backend = backend
         self.jobs: dict[str, JobRecord] = {}
         # The queued and the running jobs, kept as they change so that a cycle costs
@@ -201,9 +209,8 @@ class ControlPlane:
         return True
 
     def _forget_elsewhere(self, key: str, stop: bool) -> None:
-        forget = getattr(self.backend, "forget", None)  # optional: stop and drop records
-        if forget is not None:
-            forget(key)
+        if isinstance(self.backend, ForgetsJobs):  # stops what runs and drops its records
+            self.backend.forget(key)
         elif stop:
             self.backend.stop(key)
         self.metrics.forget(key)
@@ -313,8 +320,8 @@ class ControlPlane:
         self._dirty = True
 
     def requeue(self, rec: JobRecord, why: str, restart: bool) -> None:
-        saver = getattr(self.backend, "saved_work", None)
-        rec.work_saved = saver(rec.spec.key) if saver is not None else rec.work_saved
+        if isinstance(self.backend, SavesWork):
+            rec.work_saved = self.backend.saved_work(rec.spec.key)
         rec.placement = None
         rec.started_at = None
         rec.power_cap_watts = None
@@ -359,7 +366,8 @@ class ControlPlane:
             self.metrics.observe(now)
             return None
         result = schedule(self.state, pending, self._running, now, self.config,
-                          self.decision_clock, queue_usage=self.queue_usage())
+                          self.decision_clock, queue_usage=self.queue_usage(),
+                          memory=self.memory)
         self.cycles += 1
         self.last_cycle = result
         self._apply(result, now)
@@ -447,5 +455,4 @@ class ControlPlane:
 
     def result(self) -> SimResult:
         never = sum(1 for r in self.jobs.values() if r.first_start is None)
-        return self.metrics.result(self.policy.name, self.now, self.backend,  # type: ignore[arg-type]
-                                   never)
+        return self.metrics.result(self.policy.name, self.now, never)

@@ -30,7 +30,7 @@ from aifactory.controller.power.utilisation import default_utilization
 from aifactory.controller.runtime.reservoir import Reservoir
 
 if TYPE_CHECKING:
-    from aifactory.controller.backends.simulated import SimulatedBackend
+    pass
 
 __all__ = ["SimMetrics", "SimResult", "percentile"]
 
@@ -231,8 +231,7 @@ class SimMetrics:
             held += max(0.0, now - since[0]) * since[1]
         return held
 
-    def result(self, policy: str, now: float, backend: SimulatedBackend,
-               never_placed: int) -> SimResult:
+    def result(self, policy: str, now: float, never_placed: int) -> SimResult:
         self.observe(now)
         span = max(now - self.start_t, 1e-9)
         total = self.topo.total_gpus

@@ -14,11 +14,10 @@ being launched twice, and gangs of jobs that no longer exist are removed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
 
-from aifactory.controller.backends.base import ClusterBackend
+from aifactory.controller.backends.base import AdoptsGangs, ClusterBackend, FoundGang, G
 from aifactory.controller.backends.ray.gang import placement_from_slots
 from aifactory.controller.core.spec import JobSpec
 from aifactory.controller.core.state import Placement, WorkerSlot
@@ -30,8 +29,8 @@ from aifactory.controller.scheduling.cycle_io import CycleResult
 __all__ = [
     "FENCE_PREFIX",
     "AdoptionReport",
+    "AdoptsGangs",
     "FoundGang",
-    "GangAdopter",
     "InventoryChange",
     "Reconciler",
     "adopt_running",
@@ -42,39 +41,13 @@ __all__ = [
 FENCE_PREFIX = "!failed/"
 
 
-class FoundGang(Protocol):
-    """A gang a backend found running: its job and (node, local GPUs, milli) per worker."""
-
-    @property
-    def job(self) -> str: ...
-
-    @property
-    def slots(self) -> tuple[tuple[str, tuple[int, ...], int], ...]: ...
-
-    @property
-    def started_at(self) -> float: ...
-
-
-G = TypeVar("G", bound=FoundGang)
-
-
-class GangAdopter(Protocol[G]):
-    """A backend that can find running gangs, take them over, or remove them."""
-
-    def adoptable(self) -> Sequence[G]: ...
-
-    def adopt(self, spec: JobSpec, gang: G) -> None: ...
-
-    def discard(self, gang: G) -> None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class AdoptionReport:
     adopted: tuple[str, ...]
     discarded: tuple[str, ...]
 
 
-def adopt_running(cp: ControlPlane, backend: GangAdopter[G],
+def adopt_running(cp: ControlPlane, backend: AdoptsGangs[G],
                   specs: Mapping[str, JobSpec]) -> AdoptionReport:
     """Adopt every running gang whose job is in ``specs``; discard the others (and gangs on
     nodes the control plane no longer has)."""

@@ -23,10 +23,12 @@ from dataclasses import replace
 from aifactory.controller.core.spec import JobSpec
 from aifactory.controller.core.state import ClusterState, Placement
 from aifactory.controller.core.topology import Domain
+from aifactory.controller.placement.base import GroupCount
 from aifactory.controller.placement.explain import static_check
 from aifactory.controller.placement.request import PlacementRequest, Unplaced
 from aifactory.controller.scheduling.cycle_io import (
     Admission,
+    CycleMemory,
     CycleResult,
     Preemption,
     QueuedJob,
@@ -36,27 +38,24 @@ from aifactory.controller.scheduling.cycle_io import (
 from aifactory.controller.scheduling.preemption import VictimIndex, cheapest_node_victims, may_fit
 from aifactory.controller.scheduling.quota import QuotaBook
 
-__all__ = [
-    "Admission",
-    "CycleResult",
-    "Preemption",
-    "QueuedJob",
-    "RunningJob",
-    "SchedulerConfig",
-    "schedule",
-]
+__all__ = ["schedule"]
+
 
 def schedule(state: ClusterState, pending: Sequence[QueuedJob],
              running: Sequence[RunningJob] | Mapping[str, RunningJob],
              now: float, config: SchedulerConfig,
              clock: Callable[[], float] | None = None,
-             queue_usage: Mapping[str, float] | None = None) -> CycleResult:
+             queue_usage: Mapping[str, float] | None = None,
+             memory: CycleMemory | None = None) -> CycleResult:
     """One scheduling cycle. ``state`` is not mutated.
 
     ``running`` may be given keyed by job (as the control plane keeps it), and
     ``queue_usage`` (GPUs held per queue by the running jobs) precomputed, so that a cycle
-    does not rescan every running job."""
-    cycle = _Cycle(state, running, now, config, clock, queue_usage)
+    does not rescan every running job. ``memory`` is what the caller keeps between its
+    cycles (the workload mix learned so far, memoised verdicts); the cycle adds each job
+    it nominates to the mix. Without it the cycle starts from an empty workload."""
+    cycle = _Cycle(state, running, now, config, clock, queue_usage,
+                   memory if memory is not None else CycleMemory())
     # Phase 1: heads.
     order = sorted(pending, key=lambda q: (-q.spec.priority, q.submitted_at, q.seq))
     for queued in order:
@@ -71,11 +70,12 @@ class _Cycle:
     def __init__(self, state: ClusterState,
                  running: Sequence[RunningJob] | Mapping[str, RunningJob], now: float,
                  config: SchedulerConfig, clock: Callable[[], float] | None,
-                 queue_usage: Mapping[str, float] | None = None) -> None:
+                 queue_usage: Mapping[str, float] | None, memory: CycleMemory) -> None:
         # Phase 2: snapshot.
         self.state = state.clone()
         self.now = now
         self.config = config
+        self.memory = memory
         self.clock = clock
         self.running = dict(running) if isinstance(running, Mapping) else {
             r.spec.key: r for r in running}
@@ -129,16 +129,12 @@ class _Cycle:
 
     def resolved(self, spec: JobSpec) -> tuple[PlacementRequest | Unplaced, Unplaced | None]:
         """The job's request and why it can never fit (None if it can), memoized by key."""
-        memo = self.config.memo
-        key = spec.key
-        hit = memo.get(key)
+        hit = self.memory.requests.get(spec.key)
         if hit is not None and hit[0] is spec:
             return hit[1], hit[2]
         req = self.request(spec)
         never = None if isinstance(req, Unplaced) else static_check(self.config.empty, req)
-        if len(memo) > 200_000:
-            memo.clear()
-        memo[key] = (spec, req, never)
+        self.memory.remember_request(spec, req, never)
         return req, never
 
     def nominate(self, queued: QueuedJob) -> None:
@@ -172,7 +168,7 @@ class _Cycle:
                 # It could start now across domains; it waits for one instead.
                 assert local.required_level is not None
                 name = self.state.topo.levels[local.required_level].name
-                limit = self.config.policy.locality_wait_seconds  # type: ignore[attr-defined]
+                limit = self.config.policy.locality_wait_seconds
                 self.wait(spec.key, f"{req.describe()} waits for one {name} (up to "
                           f"{limit:.0f} s after submission, then it may span {name}s): "
                           f"{got.reason}", "locality")
@@ -221,13 +217,13 @@ class _Cycle:
         a multi-node gang without a required level is, for that long after submission,
         placed only inside one domain of the lowest level that could ever hold it (one
         rack, else one block); None when the rule does not apply (any more)."""
-        limit = getattr(self.config.policy, "locality_wait_seconds", 0.0)
+        limit = self.config.policy.locality_wait_seconds
         if (limit <= 0 or req.fractional or req.workers <= 1 or req.required_level is not None
                 or self.now - queued.submitted_at >= limit):
             return None
         key = (req.workers, req.gpus_per_worker, req.models)
-        memo = self.config.level_memo
-        if key not in memo:
+        levels = self.memory.levels
+        if key not in levels:
             level = None
             empty = self.config.empty
             for lvl in range(empty.topo.node_level - 1, -1, -1):
@@ -235,8 +231,8 @@ class _Cycle:
                        for d in empty.topo.domains[lvl]):
                     level = lvl
                     break
-            memo[key] = level
-        level = memo[key]
+            self.memory.remember_level(key, level)
+        level = levels[key]
         if level is None or (level + 1 == self.state.topo.node_level
                              and req.total_gpus <= self.state.topo.max_node_gpus):
             return None
@@ -245,6 +241,14 @@ class _Cycle:
     def wait(self, key: str, reason: str, kind: str) -> None:
         self.waiting[key] = reason
         self.waiting_kind[key] = kind
+
+    def policy_place(self, state: ClusterState, req: PlacementRequest,
+                     group_count: GroupCount | None) -> Placement | Unplaced:
+        """The policy's placement of ``req`` on ``state`` (this cycle's or a trial copy),
+        with the job counted in the workload mix first (once per job)."""
+        policy = self.config.policy
+        policy.learn(self.memory.mix, req, state.host_tracked)
+        return policy.place(state, req, group_count, self.memory.mix)
 
     def place(self, req: PlacementRequest, spec: JobSpec) -> Placement | Unplaced:
         shape = (req.workers, req.gpus_per_worker, req.milli, req.models,
@@ -261,7 +265,7 @@ class _Cycle:
     def _place(self, req: PlacementRequest, spec: JobSpec) -> Placement | Unplaced:
         group_count = self.group_counter(spec)
         start = self.clock() if self.clock else 0.0
-        got = self.config.policy.place(self.state, req, group_count)
+        got = self.policy_place(self.state, req, group_count)
         if self.clock:
             self.timings.append(self.clock() - start)
         if isinstance(got, Placement) and not self.config.policy.power_aware:
@@ -355,7 +359,7 @@ class _Cycle:
             if trial.worker_capacity(trial.topo.root, req.gpus_per_worker,
                                      req.models) < req.workers:
                 continue
-            got = self.config.policy.place(trial, req, None)
+            got = self.policy_place(trial, req, None)
             if isinstance(got, Placement):
                 return frozenset(s.node for s in got.slots), start_at
         return None
@@ -403,7 +407,7 @@ class _Cycle:
             trial = self.state.clone()
             for v in one_node:
                 trial.release(v.spec.key)  # type: ignore[attr-defined]
-            got = self.config.policy.place(trial, req, None)
+            got = self.policy_place(trial, req, None)
             if not (isinstance(got, Placement) and got.complete):
                 return False
             if not self.config.policy.power_aware:
@@ -494,7 +498,7 @@ class _Cycle:
             chosen.append(v)
             if not may_fit(trial, req, dom):
                 continue
-            got = self.config.policy.place(trial, req, None)
+            got = self.policy_place(trial, req, None)
             if isinstance(got, Placement) and got.complete:
                 break
         else:
@@ -507,12 +511,12 @@ class _Cycle:
             if not may_fit(trial, req, dom):
                 trial.release(v.spec.key)
                 continue
-            got2 = self.config.policy.place(trial, req, None)
+            got2 = self.policy_place(trial, req, None)
             if isinstance(got2, Placement) and got2.complete:
                 chosen = [c for c in chosen if c is not v]
             else:
                 trial.release(v.spec.key)
-        final = self.config.policy.place(trial, req, None)
+        final = self.policy_place(trial, req, None)
         if not isinstance(final, Placement):
             return None
         if not self.config.policy.power_aware:

@@ -2,8 +2,8 @@
 
 Kept apart from the cycle itself so the cycle module stays readable: the queued and running
 jobs it sees, what it decides (admissions, preemptions, reasons to wait), and the
-configuration it runs under. All frozen values except ``SchedulerConfig``'s memo tables,
-which only cache pure results across cycles.
+configuration it runs under (all frozen values), and ``CycleMemory``, what the cycles
+keep between them, owned by their caller.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from aifactory.controller.core.spec import JobSpec, QueueSpec
 from aifactory.controller.core.state import ClusterState, Placement
 from aifactory.controller.placement.base import PlacementPolicy
+from aifactory.controller.placement.fragmentation import WorkloadMix
 from aifactory.controller.placement.request import PlacementRequest, Unplaced
 
 __all__ = [
     "INF",
+    "MEMO_ENTRIES",
     "Admission",
+    "CycleMemory",
     "CycleResult",
     "Preemption",
     "QueuedJob",
@@ -105,14 +108,44 @@ class SchedulerConfig:
     # jobs are nominated highest priority first, so the most important ones search first
     # and the rest try again next cycle.
     max_preemption_searches: int = 8
-    # A job's resolved request and never-fits verdict, by key (the spec object is kept and
-    # compared by identity): the same queued job is nominated every cycle.
-    memo: dict[str, tuple[JobSpec, PlacementRequest | Unplaced, Unplaced | None]] = field(
-        default_factory=dict, compare=False, repr=False)
     # Power-capped admission: for a job, the per-GPU caps it may run under, highest first,
     # each with its draw estimate above idle per GPU. A gang that waits only on power is
     # admitted under the highest cap that fits. None turns it off.
     power_caps: Callable[[JobSpec], Sequence[tuple[float, float]]] | None = None
-    # The lowest level with a domain that could hold a gang shape on the empty factory.
-    level_memo: dict[tuple[int, int, frozenset[int] | None], int | None] = field(
-        default_factory=dict, compare=False, repr=False)
+
+
+# Entries each memo of ``CycleMemory`` holds before it starts again: a bound on the memory of
+# a control plane that runs for months, far above any queue a cycle sees.
+MEMO_ENTRIES = 200_000
+
+
+@dataclass(slots=True)
+class CycleMemory:
+    """What the scheduler keeps between cycles, owned by whoever runs the cycles (the
+    control plane) and passed to each: nothing that changes a decision hides in the config
+    or the policy.
+
+    ``mix``: the workload the fragmentation score learns from (each job once, when it is
+    nominated). ``requests``: a job's resolved request and never-fits verdict by key (the
+    spec object kept and compared by identity: the same queued job is nominated every
+    cycle). ``levels``: the lowest level with a domain that could hold a gang shape on the
+    empty factory. The two memos are caches (dropped whole past ``MEMO_ENTRIES``); the mix
+    is state, and a fresh ``CycleMemory`` starts a workload from nothing."""
+
+    mix: WorkloadMix = field(default_factory=WorkloadMix)
+    requests: dict[str, tuple[JobSpec, PlacementRequest | Unplaced, Unplaced | None]] = field(
+        default_factory=dict, repr=False)
+    levels: dict[tuple[int, int, frozenset[int] | None], int | None] = field(
+        default_factory=dict, repr=False)
+
+    def remember_request(self, spec: JobSpec, req: PlacementRequest | Unplaced,
+                         never: Unplaced | None) -> None:
+        if len(self.requests) >= MEMO_ENTRIES:
+            self.requests.clear()
+        self.requests[spec.key] = (spec, req, never)
+
+    def remember_level(self, key: tuple[int, int, frozenset[int] | None],
+                       level: int | None) -> None:
+        if len(self.levels) >= MEMO_ENTRIES:
+            self.levels.clear()
+        self.levels[key] = level

@@ -23,6 +23,7 @@ from typing import Any
 from aifactory.controller.core.spec import JobSpec
 from aifactory.controller.core.state import ClusterState, Placement
 from aifactory.controller.placement.base import PlacementPolicy
+from aifactory.controller.placement.fragmentation import WorkloadMix
 from aifactory.controller.placement.request import PlacementRequest, Unplaced
 
 __all__ = ["FillPoint", "FillResult", "fgd_order", "fill"]
@@ -76,6 +77,7 @@ def fill(state: ClusterState, jobs: Sequence[JobSpec], policy: PlacementPolicy,
     points: list[FillPoint] = []
     pending_marks = sorted(checkpoints)
     times: list[float] = []
+    mix = WorkloadMix()  # the workload seen so far, for a policy that scores by it
     for spec in jobs:
         if demand >= stop_at_demand * total - 1e-9:
             break
@@ -87,8 +89,9 @@ def fill(state: ClusterState, jobs: Sequence[JobSpec], policy: PlacementPolicy,
         if isinstance(req, Unplaced):
             got = req
         else:
+            policy.learn(mix, req, state.host_tracked)
             t0 = time.perf_counter()
-            got = policy.place(state, req, None)
+            got = policy.place(state, req, None, mix)
             times.append(time.perf_counter() - t0)
         if isinstance(got, Placement) and got.complete:
             state.allocate(got)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aifactory.controller.backends.base import MetersJobEnergy
 from aifactory.controller.core.errors import SpecError
 from aifactory.controller.core.spec import JobSpec
 from aifactory.controller.power.utilisation import default_utilization
@@ -237,13 +238,14 @@ class TimeSeriesSampler:
         sim = self.sim
         if not self.times or self.times[-1] < sim.now:
             self._record(sim.now, self._measure())
-        energy_of = getattr(sim.backend, "job_energy_joules", None)
+        backend = sim.backend
         cost = sim.factory.cost
         now = sim.now
         totals: dict[str, list[float]] = {}
         by_namespace: dict[str, list[float]] = {}
         for key, rec in sim.jobs.items():
-            joules = max(rec.energy_joules, energy_of(key) if energy_of is not None else 0.0)
+            joules = max(rec.energy_joules, backend.job_energy_joules(key)
+                         if isinstance(backend, MetersJobEnergy) else 0.0)
             gpu_seconds = sim.metrics.gpu_seconds(key, now)
             for group, name in ((totals, rec.spec.queue), (by_namespace, rec.spec.namespace)):
                 t = group.setdefault(name, [0.0, 0.0, 0.0])
