@@ -40,7 +40,13 @@ from typing import Any
 
 from aifactory.controller.core.clock import Clock
 from aifactory.controller.core.errors import SpecError
-from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec, QueueSpec
+from aifactory.controller.core.spec import (
+    JobSpec,
+    PowerBudgetSpec,
+    QueueSpec,
+    replica_index,
+    replica_jobs,
+)
 from aifactory.controller.runtime.controlplane import ControlPlane, JobRecord
 from aifactory.controller.runtime.resync import Reconciler
 from aifactory.operators import publish
@@ -59,8 +65,6 @@ from aifactory.operators.translate import (
     job_spec_from_manifest,
     parse_time,
     queue_from_manifest,
-    replica_index,
-    replica_specs,
     service_base,
 )
 
@@ -287,7 +291,7 @@ class Engine:
         if obj.spec is not None and service_base(obj.spec) != service_base(service):
             for key in list(obj.keys):
                 self._cancel(obj, key)
-        wanted = replica_specs(service)
+        wanted = replica_jobs(service)
         wanted_keys = {spec.key for spec in wanted}
         for key in [k for k in obj.keys if k not in wanted_keys]:
             self._cancel(obj, key)

@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.placements import placement_span
+from aifactory.controller.core.spec import JobSpec, replica_index
 from aifactory.controller.core.state import Placement
 from aifactory.controller.core.topology import Topology
 from aifactory.controller.power.model import CostModel
@@ -24,9 +25,7 @@ from aifactory.operators.translate import (
     SERVICE_KIND,
     VERSION,
     format_time,
-    placement_span,
     placement_workers,
-    replica_index,
 )
 
 __all__ = ["StatusContext", "Tracked", "job_status", "service_status"]

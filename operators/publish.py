@@ -17,6 +17,7 @@ import functools
 import time
 from typing import Any
 
+from aifactory.controller.core.placements import describe_placement
 from aifactory.operators.books import EngineView
 from aifactory.operators.configstatus import config_statuses
 from aifactory.operators.objects import StatusContext, job_status, service_status
@@ -45,7 +46,8 @@ def run_energy(engine: EngineView, key: str) -> float:
 def status_context(engine: EngineView) -> StatusContext:
     """What status building reads, for one pass."""
     return StatusContext(engine.cp.topo, engine.cp.factory.cost, engine.cp.jobs,
-                         engine.clock.to_wall, engine.cp.describe_placement,
+                         engine.clock.to_wall,
+                         functools.partial(describe_placement, topo=engine.cp.topo),
                          functools.partial(run_energy, engine), format_time(time.time()))
 
 

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aifactory.controller.backends.base import AdoptsGangs, FoundGang
-from aifactory.controller.backends.ray.gang import placement_from_slots
 from aifactory.controller.core.errors import InvariantError, SpecError
-from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec, QueueSpec
+from aifactory.controller.core.placements import describe_placement, placement_from_node_slots
+from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec, QueueSpec, replica_jobs
 from aifactory.controller.core.state import Placement
 from aifactory.controller.core.topology import Topology
 from aifactory.controller.inputs.factory import FactorySpec
@@ -66,7 +66,6 @@ from aifactory.operators.translate import (
     parse_time,
     placement_from_status,
     queue_from_manifest,
-    replica_specs,
 )
 
 __all__ = ["OperatorOptions", "RecoveryReport", "build_engine", "recover", "wait_for_crds"]
@@ -250,7 +249,7 @@ def recover(engine: Engine, docs: Iterable[Mapping[str, Any]]) -> RecoveryReport
                                                            Phase.ADMITTED) else {}
         started_wall = parse_time(status.get("startedAt"))
         created = clock.from_wall(obj.created)
-        gangs = replica_specs(spec) if service else [spec]
+        gangs = replica_jobs(spec) if service else [spec]
         for i, gang in enumerate(gangs):
             workers = recorded.get(i if service else None)
             running = found.pop(gang.key, None)
@@ -308,9 +307,12 @@ def _adopt_found(engine: Engine, adopter: AdoptsGangs[Any], obj: Tracked, gang: 
     """Adopt a gang the backend found running, on the GPUs its workers hold. Its start is
     the one status recorded (the admission users saw), else the workers' own."""
     cp = engine.cp
-    placement = placement_from_slots(gang.key, found.slots, cp.topo,
-                                     cp.config.watts_per_gpu(gang), gang.cpu_milli,
-                                     gang.memory_mib)
+    try:
+        placement: Placement | None = placement_from_node_slots(
+            gang.key, found.slots, cp.topo, cp.config.watts_per_gpu(gang), gang.cpu_milli,
+            gang.memory_mib)
+    except SpecError:
+        placement = None
     started_wall = parse_time(status.get("startedAt")) if recorded else None
     started = found.started_at if started_wall is None else \
         engine.clock.from_wall(started_wall)
@@ -344,7 +346,7 @@ def _adopt_at(engine: Engine, obj: Tracked, gang: JobSpec, placement: Placement,
                    submitted_at=engine.clock.from_wall(obj.created),
                    restarts=int(status.get("restarts") or 0) if job else 0)
     rec.preemptions = int(status.get("preemptions") or 0) if job else 0
-    rec.where = cp.describe_placement(placement)
+    rec.where = describe_placement(placement, cp.topo)
     engine.owner[gang.key] = obj
     if gang.key not in obj.keys:
         obj.keys.append(gang.key)

@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.placements import node_slots, placement_from_node_slots
 from aifactory.controller.core.spec import (
     API_VERSION,
     JobKind,
@@ -30,7 +31,7 @@ from aifactory.controller.core.spec import (
     QueueSpec,
     job_from_manifest,
 )
-from aifactory.controller.core.state import Placement, WorkerSlot
+from aifactory.controller.core.state import Placement
 from aifactory.controller.core.topology import Topology
 from aifactory.controller.core.units import MILLI_PER_GPU
 from aifactory.controller.power.model import canonical_model
@@ -48,12 +49,9 @@ __all__ = [
     "job_spec_from_manifest",
     "parse_time",
     "placement_from_status",
-    "placement_span",
     "placement_workers",
     "plain",
     "queue_from_manifest",
-    "replica_index",
-    "replica_specs",
     "service_base",
 ]
 
@@ -69,7 +67,6 @@ PLURALS = {
     QUEUE_KIND: "gpuqueues",
     BUDGET_KIND: "powerbudgets",
 }
-REPLICA_SEPARATOR = ":r"
 
 
 def plain(value: Any) -> Any:
@@ -101,22 +98,6 @@ def job_spec_from_manifest(doc: Mapping[str, Any], kind: str) -> JobSpec:
 def service_base(service: JobSpec) -> JobSpec:
     """The service with its replica count blanked: equal bases mean only scaling changed."""
     return replace(service, workers=0, group_size=0)
-
-
-def replica_specs(service: JobSpec) -> list[JobSpec]:
-    """One single-worker gang per replica of an InferenceService (``workers`` = replicas)."""
-    group = f"{service.namespace}/{service.name}"
-    return [replace(service, name=f"{service.name}{REPLICA_SEPARATOR}{i}", workers=1,
-                    group=group, group_size=service.workers)
-            for i in range(service.workers)]
-
-
-def replica_index(key: str) -> int | None:
-    """``ns/svc:r3`` -> 3; None for a TrainingJob key."""
-    head, sep, tail = key.rpartition(REPLICA_SEPARATOR)
-    if not sep or not head or not tail.isdigit():
-        return None
-    return int(tail)
 
 
 # --------------------------------------------------------------------------- queues, budgets
@@ -191,12 +172,10 @@ def placement_workers(placement: Placement, topo: Topology,
                       replica: int | None = None) -> list[dict[str, Any]]:
     """``[{node, gpus (node-local indices), milli, replica}]`` for ``status.placement``."""
     out: list[dict[str, Any]] = []
-    for slot in placement.slots:
-        first = topo.gpu_start[slot.node]
-        worker: dict[str, Any] = {"node": topo.nodes[slot.node].name,
-                                  "gpus": [g - first for g in slot.gpus]}
-        if slot.milli != MILLI_PER_GPU:
-            worker["milli"] = slot.milli
+    for node, gpus, milli in node_slots(placement, topo):
+        worker: dict[str, Any] = {"node": node, "gpus": list(gpus)}
+        if milli != MILLI_PER_GPU:
+            worker["milli"] = milli
         if replica is not None:
             worker["replica"] = replica
         out.append(worker)
@@ -207,57 +186,13 @@ def placement_from_status(job: str, workers: Sequence[Mapping[str, Any]], topo: 
                           watts_per_gpu: float, cpu_milli: int = 0,
                           memory_mib: int = 0) -> Placement:
     """Rebuild a Placement from ``status.placement.workers`` (each worker holding the job's
-    ``cpu_milli`` and ``memory_mib``); SpecError if it cannot be."""
+    ``cpu_milli`` and ``memory_mib``); SpecError names the worker field if it cannot be."""
+    where = "status.placement.workers"
     if not workers:
-        raise SpecError("status.placement.workers", "is empty")
-    slots: list[WorkerSlot] = []
-    for i, worker in enumerate(workers):
-        path = f"status.placement.workers[{i}]"
-        node_name = worker.get("node")
-        node = topo.node_index.get(node_name) if isinstance(node_name, str) else None
-        if node is None:
-            raise SpecError(f"{path}.node", f"node {node_name!r} is not in the inventory")
-        local = worker.get("gpus")
-        count = topo.nodes[node].gpus
-        if (not isinstance(local, list) or not local
-                or not all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < count
-                           for g in local) or len(set(local)) != len(local)):
-            raise SpecError(f"{path}.gpus", f"must list distinct GPU indices below {count} "
-                            f"on node {node_name}, got {local!r}")
-        milli = worker.get("milli", MILLI_PER_GPU)
-        if not isinstance(milli, int) or isinstance(milli, bool) or not 0 < milli <= MILLI_PER_GPU:
-            raise SpecError(f"{path}.milli",
-                            f"must be an integer in 1..{MILLI_PER_GPU}, got {milli!r}")
-        first = topo.gpu_start[node]
-        slots.append(WorkerSlot(node, tuple(first + g for g in local), milli, cpu_milli,
-                                memory_mib))
-    return Placement(job, tuple(slots), watts_per_gpu)
-
-
-def placement_span(placements: Sequence[Placement], topo: Topology
-                   ) -> tuple[dict[str, int], str]:
-    """Domains touched per level, and the span in a few words: ``rack b0-r1``, ``2 racks``.
-
-    The words name the smallest single domain that holds everything, else the count of the
-    highest level's domains (``2 blocks``)."""
-    slots = [s for p in placements for s in p.slots]
-    if not slots:
-        return {}, ""
-    levels: dict[str, int] = {}
-    doms_by_level: list[set[int]] = []
-    for level, spec in enumerate(topo.levels):
-        doms = {topo.ancestor(s.node, level) for s in slots}
-        levels[spec.name] = len(doms)
-        doms_by_level.append(doms)
-    for level in range(topo.node_level, -1, -1):
-        doms = doms_by_level[level]
-        if len(doms) == 1:
-            # Prefer the lowest level with a single domain.
-            index = next(iter(doms))
-            return levels, f"{topo.levels[level].name} {topo.domains[level][index].name}"
-    # Nothing single below the root: count at the top level that still splits.
-    top = topo.levels[0].name
-    return levels, f"{levels[top]} {top}s"
+        raise SpecError(where, "is empty")
+    slots = [(w.get("node"), w.get("gpus"), w.get("milli", MILLI_PER_GPU)) for w in workers]
+    return placement_from_node_slots(job, slots, topo, watts_per_gpu, cpu_milli, memory_mib,
+                                     where=where)
 
 
 # --------------------------------------------------------------------------- times

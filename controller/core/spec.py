@@ -22,6 +22,7 @@ __all__ = [
     "API_GROUP",
     "API_VERSION",
     "DEFAULT_QUEUE",
+    "REPLICA_SEPARATOR",
     "JobKind",
     "JobSpec",
     "PowerBudgetSpec",
@@ -34,6 +35,7 @@ __all__ = [
 API_GROUP = "aifactory.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 DEFAULT_QUEUE = "default"
+REPLICA_SEPARATOR = ":r"
 
 
 class JobKind(enum.Enum):
@@ -384,10 +386,32 @@ def job_from_manifest(doc: Mapping[str, Any]) -> JobSpec:
     raise SpecError("kind", f"must be one of TrainingJob, InferenceService; got {kind!r}")
 
 
+def replica_name(service: str, index: int) -> str:
+    """The name of replica ``index`` of a service: ``<service>:r<index>``. The colon cannot
+    occur in a Kubernetes object name, so no TrainingJob is ever mistaken for a replica."""
+    return f"{service}{REPLICA_SEPARATOR}{index}"
+
+
+def replica_parts(name: str) -> tuple[str, int] | None:
+    """``svc:r3`` -> (``svc``, 3), and the same for a key (``ns/svc:r3`` -> (``ns/svc``, 3));
+    None for anything that is not a replica."""
+    head, sep, tail = name.rpartition(REPLICA_SEPARATOR)
+    if not sep or not head or not tail.isdigit():
+        return None
+    return head, int(tail)
+
+
+def replica_index(name: str) -> int | None:
+    """``ns/svc:r3`` (or ``svc:r3``) -> 3; None for a TrainingJob."""
+    parts = replica_parts(name)
+    return None if parts is None else parts[1]
+
+
 def replica_jobs(service: JobSpec) -> list[JobSpec]:
-    """One single-gang JobSpec per InferenceService replica, named ``<service>-r<i>``."""
+    """One single-worker gang per InferenceService replica (``workers`` = replicas), named
+    ``replica_name(service, i)`` and grouped under the service's key."""
     return [
-        replace(service, name=f"{service.name}-r{i}", workers=1, group=service.key,
+        replace(service, name=replica_name(service.name, i), workers=1, group=service.key,
                 group_size=service.workers)
         for i in range(service.workers)
     ]

@@ -5,8 +5,9 @@ A pure function in the Kubernetes HPA manner: ``desired = ceil(in_flight / targe
 load per replica is within ``tolerance`` of the target, clamped to ``[minReplicas,
 maxReplicas]``, at most ``max_step_up`` replicas added at once, and scale-down held to the
 highest recent recommendation (HPA's stabilization window: the caller keeps the recent
-recommendations). Replicas are gangs named ``<service>-r<i>`` (``aifactory.controller.core.spec
-.replica_jobs``); ``replica_changes`` says which to submit and which to stop.
+recommendations). Replicas are gangs named ``<service>:r<i>``
+(``controller.core.spec.replica_name``); ``replica_changes`` says which to submit and which
+to stop.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from aifactory.controller.core.errors import SpecError
-from aifactory.controller.core.spec import JobKind, JobSpec
+from aifactory.controller.core.spec import JobKind, JobSpec, replica_name, replica_parts
 
 __all__ = ["AutoscalePolicy", "ScaleDecision", "decide", "policy_from_manifest",
-           "replica_changes", "replica_index"]
+           "replica_changes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,26 +80,22 @@ def decide(policy: AutoscalePolicy, current: int, in_flight: Sequence[int],
     return ScaleDecision(want, f"{load}: {verb} {current} -> {want}")
 
 
-def replica_index(service: str, job_name: str) -> int | None:
-    """``i`` for a replica named ``<service>-r<i>``, else None."""
-    prefix = f"{service}-r"
-    tail = job_name[len(prefix):] if job_name.startswith(prefix) else ""
-    return int(tail) if tail.isdigit() else None
-
-
 def replica_changes(service: JobSpec, running: Sequence[str], desired: int
                     ) -> tuple[list[JobSpec], list[str]]:
     """Replica specs to submit (lowest free indices first) and replica names to stop
     (highest indices first) to go from ``running`` (replica job names) to ``desired``.
 
-    ``service`` is the InferenceService spec (``group`` or ``name`` is the service name)."""
-    name = service.group or service.name
-    indexed = sorted((i, n) for n in running if (i := replica_index(name, n)) is not None)
+    ``service`` is the InferenceService spec: replicas are named after its ``name`` and
+    grouped under its ``group`` (default: its key)."""
+    name = service.name
+    indexed = sorted((parts[1], n) for n in running
+                     if (parts := replica_parts(n)) is not None and parts[0] == name)
     have = len(indexed)
     if desired > have:
         used = {i for i, _ in indexed}
         free = (i for i in range(desired + have + 1) if i not in used)
-        add = [replace(service, name=f"{name}-r{next(free)}", workers=1, group=name,
+        group = service.group or service.key
+        add = [replace(service, name=replica_name(name, next(free)), workers=1, group=group,
                        group_size=desired) for _ in range(desired - have)]
         return add, []
     return [], [n for _, n in indexed[desired:][::-1]]

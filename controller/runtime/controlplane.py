@@ -21,6 +21,7 @@ from aifactory.controller.backends.base import (
     SavesWork,
     WorkloadPhase,
 )
+from aifactory.controller.core.placements import describe_placement
 from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec, QueueSpec
 from aifactory.controller.core.state import BudgetIndex, ClusterState, Placement
 from aifactory.controller.core.topology import Topology
@@ -410,7 +411,7 @@ class ControlPlane:
             if rec.first_start is None:
                 rec.first_start = now
                 self.metrics.job_started(rec.spec, now - rec.submitted_at, adm.placement)
-            rec.where = self.describe_placement(adm.placement)
+            rec.where = describe_placement(adm.placement, self.topo)
             rec.history.append(f"{now:.0f}s admitted: {rec.where}")
             self._launch(rec, adm.placement)
             self.metrics.job_running(self.running_spec(rec), adm.placement, now)
@@ -437,21 +438,6 @@ class ControlPlane:
                     self.metrics.unplaced_while_free.add(key)
             if changed:
                 self._emit("Waiting", rec, reason)
-
-    def describe_placement(self, placement: Placement) -> str:
-        """``16 GPUs on 2 nodes in rack b0-r1`` style summary of a placement."""
-        topo = self.topo
-        nodes = placement.nodes
-        where = f"node {topo.nodes[nodes[0]].name}" if len(nodes) == 1 else f"{len(nodes)} nodes"
-        parts = [f"{placement.gpu_equivalents:g} GPUs on {where}"]
-        for level in range(topo.node_level - 1, -1, -1):
-            doms = placement.domains_at(topo, level)
-            name = topo.levels[level].name
-            if len(doms) == 1:
-                parts.append(f"in {name} {topo.domains[level][doms[0]].name}")
-                break
-            parts.append(f"across {len(doms)} {name}s")
-        return " ".join(parts)
 
     def result(self) -> SimResult:
         never = sum(1 for r in self.jobs.values() if r.first_start is None)

@@ -14,11 +14,12 @@ being launched twice, and gangs of jobs that no longer exist are removed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from aifactory.controller.backends.base import AdoptsGangs, ClusterBackend, FoundGang, G
-from aifactory.controller.backends.ray.gang import placement_from_slots
+from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.placements import NodeSlot, placement_from_node_slots
 from aifactory.controller.core.spec import JobSpec
 from aifactory.controller.core.state import Placement, WorkerSlot
 from aifactory.controller.core.topology import Topology
@@ -55,7 +56,7 @@ def adopt_running(cp: ControlPlane, backend: AdoptsGangs[G],
     discarded: list[str] = []
     for gang in backend.adoptable():
         spec = specs.get(gang.job)
-        placement = None if spec is None else placement_from_slots(
+        placement = None if spec is None else _rebuilt(
             gang.job, gang.slots, cp.topo, cp.config.watts_per_gpu(spec), spec.cpu_milli,
             spec.memory_mib)
         if spec is None or placement is None:
@@ -118,9 +119,18 @@ def _remap(placement: Placement, old: Topology, new: Topology) -> Placement | No
         slots.append((old.nodes[slot.node].name, tuple(g - start for g in slot.gpus),
                       slot.milli))
     first = placement.slots[0] if placement.slots else None
-    return placement_from_slots(placement.job, slots, new, placement.watts_per_gpu,
-                                first.cpu_milli if first else 0,
-                                first.memory_mib if first else 0)
+    return _rebuilt(placement.job, slots, new, placement.watts_per_gpu,
+                    first.cpu_milli if first else 0, first.memory_mib if first else 0)
+
+
+def _rebuilt(job: str, slots: Sequence[NodeSlot], topo: Topology, watts_per_gpu: float,
+             cpu_milli: int, memory_mib: int) -> Placement | None:
+    """The placement on ``topo``, or None when a worker's node or GPUs are not there."""
+    try:
+        return placement_from_node_slots(job, slots, topo, watts_per_gpu, cpu_milli,
+                                         memory_mib)
+    except SpecError:
+        return None
 
 
 def rebuild(cp: ControlPlane, factory: FactorySpec) -> ControlPlane:

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 import pytest
 
 from aifactory.controller.core.errors import SpecError
-from aifactory.controller.core.spec import JobKind, JobSpec
+from aifactory.controller.core.spec import JobKind, JobSpec, replica_parts
 from aifactory.controller.runtime.autoscale import (
     AutoscalePolicy,
     decide,
     policy_from_manifest,
     replica_changes,
-    replica_index,
 )
 
 POLICY = AutoscalePolicy(min_replicas=2, max_replicas=8, target_in_flight=16)
@@ -61,12 +60,12 @@ SERVICE = JobSpec("chat", kind=JobKind.INFERENCE, namespace="serving", group="ch
 
 
 def test_replica_changes_add_lowest_free_and_remove_highest() -> None:
-    add, remove = replica_changes(SERVICE, ["chat-r0", "chat-r2"], 4)
-    assert [s.name for s in add] == ["chat-r1", "chat-r3"] and remove == []
+    add, remove = replica_changes(SERVICE, ["chat:r0", "chat:r2"], 4)
+    assert [s.name for s in add] == ["chat:r1", "chat:r3"] and remove == []
     assert all(s.workers == 1 and s.group == "chat" for s in add)
-    add, remove = replica_changes(SERVICE, ["chat-r0", "chat-r1", "chat-r5", "other"], 1)
-    assert add == [] and remove == ["chat-r5", "chat-r1"]
-    assert replica_index("chat", "chat-r12") == 12 and replica_index("chat", "chatty") is None
+    add, remove = replica_changes(SERVICE, ["chat:r0", "chat:r1", "chat:r5", "other"], 1)
+    assert add == [] and remove == ["chat:r5", "chat:r1"]
+    assert replica_parts("chat:r12") == ("chat", 12) and replica_parts("chatty") is None
 
 
 def test_policy_from_the_sample_manifest_shape() -> None:

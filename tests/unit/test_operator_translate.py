@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.placements import placement_span
+from aifactory.controller.core.spec import replica_index, replica_jobs
 from aifactory.controller.core.state import Placement, WorkerSlot
 from aifactory.operators.inventory import choose_factory, nodes_from_objects
 from aifactory.operators.status import Conditions
@@ -17,11 +19,8 @@ from aifactory.operators.translate import (
     job_spec_from_manifest,
     parse_time,
     placement_from_status,
-    placement_span,
     placement_workers,
     queue_from_manifest,
-    replica_index,
-    replica_specs,
 )
 from tests.factories import grid
 
@@ -51,7 +50,7 @@ def test_kind_must_match() -> None:
 def test_replicas_are_keyed_apart_from_training_jobs() -> None:
     service = job_spec_from_manifest(_job({"model": "m", "maxReplicas": 3, "replicas": 3},
                                           "InferenceService"), "InferenceService")
-    replicas = replica_specs(service)
+    replicas = replica_jobs(service)
     assert [r.key for r in replicas] == ["ns/j:r0", "ns/j:r1", "ns/j:r2"]
     assert {r.group for r in replicas} == {"ns/j"}
     assert {r.group_size for r in replicas} == {3}

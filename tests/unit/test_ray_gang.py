@@ -19,12 +19,12 @@ from aifactory.controller.backends.ray.gang import (
     gang_bundles,
     job_of_pg,
     pg_name,
-    placement_from_slots,
     ray_node,
     worker_actor_name,
     worker_plans,
 )
 from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.placements import placement_from_node_slots
 from aifactory.controller.core.spec import JobKind, JobSpec, Runtime
 from aifactory.controller.core.state import Placement, WorkerSlot
 from aifactory.controller.core.topology import BLOCK_LABEL, GPU_PRODUCT_LABEL, RACK_LABEL, Topology
@@ -145,10 +145,11 @@ def test_inference_replicas_get_the_serving_host() -> None:
     assert plan.serve_host == "127.0.0.1" and plan.kind == "InferenceService"
 
 
-def test_reported_slots_rebuild_the_placement_or_none_if_the_node_is_gone() -> None:
+def test_reported_slots_rebuild_the_placement_or_name_the_worker_whose_node_is_gone() -> None:
     p = placement((1, (8, 9)), (3, (30, 31)))
     bundles = gang_bundles(p, TOPO, IDS, 1.0)
     slots = [(b.node, b.local_gpus, b.milli) for b in bundles]
-    assert placement_from_slots("it/j", slots, TOPO) == p
+    assert placement_from_node_slots("it/j", slots, TOPO) == p
     smaller = Topology.build(TOPO.nodes[:2])
-    assert placement_from_slots("it/j", slots, smaller) is None
+    with pytest.raises(SpecError, match=r"workers\[1\]\.node"):
+        placement_from_node_slots("it/j", slots, smaller)

@@ -46,7 +46,6 @@ __all__ = [
     "gang_bundles",
     "job_of_pg",
     "pg_name",
-    "placement_from_slots",
     "ray_node",
     "worker_actor_name",
     "worker_plans",
@@ -164,23 +163,6 @@ def gang_bundles(placement: Placement, topo: Topology, node_ids: Mapping[str, st
                               node=node.name, local_gpus=tuple(g - start for g in slot.gpus),
                               milli=slot.milli))
     return bundles
-
-
-def placement_from_slots(job: str, slots: Sequence[tuple[str, tuple[int, ...], int]],
-                         topo: Topology, watts_per_gpu: float = 0.0, cpu_milli: int = 0,
-                         memory_mib: int = 0) -> Placement | None:
-    """Rebuild a placement from (node name, local GPU indices, milli) per worker, as the
-    workers of an adopted gang report them, each worker holding the job's ``cpu_milli``
-    and ``memory_mib``; None if a node is no longer in ``topo``."""
-    out: list[WorkerSlot] = []
-    for name, local, milli in slots:
-        n = topo.node_index.get(name)
-        if n is None or any(g >= topo.nodes[n].gpus for g in local):
-            return None
-        start = topo.gpu_start[n]
-        out.append(WorkerSlot(n, tuple(start + g for g in local), milli, cpu_milli,
-                              memory_mib))
-    return Placement(job, tuple(out), watts_per_gpu)
 
 
 # --------------------------------------------------------------------------- workers
