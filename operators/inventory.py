@@ -26,7 +26,6 @@ from aifactory.controller.core.topology import (
     nvlink_levels,
 )
 from aifactory.controller.inputs.factory import FactorySpec, factory_from_nodes, load_factory
-from aifactory.controller.power.model import canonical_model
 
 __all__ = ["GPU_RESOURCE", "INVENTORY_MODES", "choose_factory", "nodes_from_objects"]
 
@@ -56,7 +55,7 @@ def nodes_from_objects(items: Iterable[Mapping[str, Any]]) -> list[NodeInfo]:
         if gpus <= 0:
             continue
         product = labels.get(GPU_PRODUCT_LABEL, "")
-        model = canonical_model(product) or product or "unknown"
+        model = product or "unknown"  # NodeInfo canonicalises the spelling
         nodes.append(NodeInfo.from_labels(name, labels, gpus=gpus, gpu_model=model))
     return sorted(nodes, key=lambda n: n.name)
 

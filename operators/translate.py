@@ -34,7 +34,6 @@ from aifactory.controller.core.spec import (
 from aifactory.controller.core.state import Placement
 from aifactory.controller.core.topology import Topology
 from aifactory.controller.core.units import MILLI_PER_GPU
-from aifactory.controller.power.model import canonical_model
 
 __all__ = [
     "BUDGET_KIND",
@@ -78,21 +77,13 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _canonical_models(spec: JobSpec) -> JobSpec:
-    """``NVIDIA-H200`` and ``H200`` name the same GPUs; the inventory uses canonical names."""
-    if not spec.gpu_models:
-        return spec
-    models = tuple(canonical_model(m) or m for m in spec.gpu_models)
-    return replace(spec, gpu_models=models)
-
-
 def job_spec_from_manifest(doc: Mapping[str, Any], kind: str) -> JobSpec:
     """Parse a TrainingJob or InferenceService body; SpecError names the bad field."""
     if doc.get("kind") != kind:
         raise SpecError("kind", f"must be {kind!r}, got {doc.get('kind')!r}")
     body = {"apiVersion": doc.get("apiVersion", API_VERSION), "kind": kind,
             "metadata": doc.get("metadata"), "spec": doc.get("spec")}
-    return _canonical_models(job_from_manifest(body))
+    return job_from_manifest(body)
 
 
 def service_base(service: JobSpec) -> JobSpec:

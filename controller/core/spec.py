@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.gpus import gpu_model_name
 from aifactory.controller.core.units import MILLI_PER_GPU
 
 __all__ = [
@@ -93,6 +94,13 @@ class JobSpec:
     runtime: Runtime = field(default_factory=Runtime)
     cpu_milli: int = 0  # CPU milli-cores per worker (0: asks for none)
     memory_mib: int = 0  # memory MiB per worker (0: asks for none)
+
+    def __post_init__(self) -> None:
+        # One name per GPU model whatever the manifest wrote (NVIDIA-H200 -> H200), so a
+        # job matches its nodes in the simulator and the operator alike.
+        if self.gpu_models:
+            object.__setattr__(self, "gpu_models",
+                               tuple(gpu_model_name(m) for m in self.gpu_models))
 
     @property
     def key(self) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aifactory.controller.core.errors import SpecError
+from aifactory.controller.core.gpus import gpu_model_name
 
 __all__ = [
     "BLOCK_LABEL",
@@ -78,6 +79,10 @@ class NodeInfo:
     labels: tuple[tuple[str, str], ...] = ()
     cpu_milli: int = 0
     memory_mib: int = 0
+
+    def __post_init__(self) -> None:
+        # One name per GPU model whatever the inventory wrote (NVIDIA-H200 -> H200).
+        object.__setattr__(self, "gpu_model", gpu_model_name(self.gpu_model))
 
     def label(self, key: str) -> str | None:
         for k, v in self.labels:

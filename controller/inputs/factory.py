@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from aifactory.controller.core.errors import InputFileError, SpecError, SpecFileError
+from aifactory.controller.core.gpus import canonical_model, gpu_model_name, known_models
 from aifactory.controller.core.spec import (
     API_VERSION,
     DEFAULT_QUEUE,
@@ -57,7 +58,7 @@ from aifactory.controller.inputs.traces import (
     load_spot_nodes,
     load_topology_csv,
 )
-from aifactory.controller.power.model import CostModel, canonical_model, known_models, profile_for
+from aifactory.controller.power.model import CostModel, profile_for
 
 __all__ = [
     "BUILTIN_FACTORIES",
@@ -205,8 +206,8 @@ def _group_nodes(raw: Any, index: int, first_block: int) -> tuple[list[NodeInfo]
     group = _mapping(raw, path)
     _check_keys(group, path, _GROUP_FIELDS)
     written = _str(group, "gpuModel", path)
-    model = canonical_model(written)
-    if model is None:
+    model = gpu_model_name(written)
+    if canonical_model(written) is None:
         raise SpecError(f"{path}.gpuModel", f"unknown GPU model {written!r}; known models are "
                         f"{', '.join(known_models())}")
     gpus = _int(group, "gpusPerNode", path)

@@ -34,11 +34,12 @@ from typing import Any, Protocol
 
 from aifactory.controller.backends.base import ClusterBackend, GPUReading, TelemetrySnapshot
 from aifactory.controller.core.errors import AifactoryError
+from aifactory.controller.core.gpus import gpu_model_name
 from aifactory.controller.core.spec import JobSpec
 from aifactory.controller.core.state import Placement
 from aifactory.controller.core.topology import Topology
 from aifactory.controller.core.units import MILLI_PER_GPU
-from aifactory.controller.power.model import GPUPowerProfile, canonical_model, profile_for
+from aifactory.controller.power.model import GPUPowerProfile, profile_for
 from aifactory.controller.power.utilisation import DEFAULT_MEMORY_GIB, GIB, default_utilization
 
 __all__ = [
@@ -242,7 +243,7 @@ class NvmlTelemetry:
         handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
         raw = self._call(self.nvml.nvmlDeviceGetName, handle, default="unknown")
         name = raw.decode() if isinstance(raw, bytes) else str(raw)
-        model = canonical_model(name.removeprefix("NVIDIA ")) or canonical_model(name) or name
+        model = gpu_model_name(name)
         return _NvmlGPU(handle, model)
 
     def _call(self, fn: Callable[..., Any], *args: Any, default: Any = math.nan) -> Any:

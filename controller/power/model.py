@@ -25,24 +25,21 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from aifactory.controller.core.errors import InvariantError, SpecError
+from aifactory.controller.core.gpus import GENERIC_MODEL, canonical_model, known_models
 
 __all__ = [
-    "GENERIC_MODEL",
     "H200",
     "JOULES_PER_KWH",
     "CostModel",
     "EnergyIntegrator",
     "GPUPowerProfile",
-    "canonical_model",
     "joules_to_kwh",
-    "known_models",
     "kwh_to_joules",
     "profile_for",
 ]
 
 JOULES_PER_KWH = 3_600_000.0
 SECONDS_PER_HOUR = 3600.0
-GENERIC_MODEL = "GENERIC"
 
 
 def joules_to_kwh(joules: float) -> float:
@@ -160,51 +157,6 @@ _PROFILES: dict[str, GPUPowerProfile] = {p.model: p for p in (
     _scaled("V100M32", 300.0),       # V100 SXM2 32GB
     _scaled(GENERIC_MODEL, 300.0),   # undisclosed or unknown models
 )}
-
-# Other spellings of the same hardware: Kubernetes GPU feature discovery product labels
-# (nvidia.com/gpu.product), nvidia-smi names, trace names. Matched after _normalise().
-_ALIASES: dict[str, str] = {
-    "NVIDIA-H200": "H200", "NVIDIA-H200-141GB-HBM3E": "H200", "H200-SXM": "H200",
-    "H200-SXM-141GB": "H200",
-    "NVIDIA-H100-80GB-HBM3": "H100", "NVIDIA-H100": "H100", "H100-SXM": "H100",
-    "H100-SXM5-80GB": "H100",
-    "NVIDIA-H800": "H800", "NVIDIA-H800-80GB-HBM3": "H800",
-    "NVIDIA-B200": "B200",
-    "NVIDIA-A100-SXM4-80GB": "A100", "A100-SXM4-80GB": "A100", "A100-80GB": "A100",
-    "NVIDIA-A100-80GB": "A100",
-    "NVIDIA-A800-SXM4-80GB": "A800", "A800-SXM4-80GB": "A800",
-    "NVIDIA-L40S": "L40S",
-    "NVIDIA-A10": "A10",
-    "TESLA-T4": "T4", "NVIDIA-T4": "T4",
-    "TESLA-P100-PCIE-16GB": "P100", "TESLA-P100": "P100",
-    "TESLA-V100-SXM2-16GB": "V100M16", "TESLA-V100-SXM2-32GB": "V100M32",
-    # Undisclosed models of the openb (G1-G3) and spot-GPU (GPU-series-*) traces.
-    "G1": GENERIC_MODEL, "G2": GENERIC_MODEL, "G3": GENERIC_MODEL,
-    "GPU-SERIES-1": GENERIC_MODEL, "GPU-SERIES-2": GENERIC_MODEL,
-}
-
-
-def _normalise(model: str) -> str:
-    return "-".join(model.strip().upper().replace("_", " ").split())
-
-
-_LOOKUP: dict[str, str] = {
-    **{_normalise(name): name for name in _PROFILES},
-    **{_normalise(alias): target for alias, target in _ALIASES.items()},
-}
-
-
-def known_models(include_aliases: bool = False) -> tuple[str, ...]:
-    """Canonical model names with a profile (and, if asked, every accepted spelling)."""
-    names = set(_PROFILES)
-    if include_aliases:
-        names |= set(_ALIASES)
-    return tuple(sorted(names))
-
-
-def canonical_model(model: str) -> str | None:
-    """The canonical name for ``model`` (``NVIDIA-H200`` -> ``H200``), or None if unknown."""
-    return _LOOKUP.get(_normalise(model))
 
 
 def profile_for(model: str, strict: bool = False) -> GPUPowerProfile:

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aifactory.controller.core.errors import InputFileError, InvariantError, SpecError
+from aifactory.controller.core.gpus import GENERIC_MODEL, known_models
 from aifactory.controller.inputs.datasets import SHARED_ENV, shared_dir, shared_path
 from aifactory.controller.power.fit import (
     PowerSample,
@@ -20,13 +21,11 @@ from aifactory.controller.power.fit import (
     no_context_idle_watts,
 )
 from aifactory.controller.power.model import (
-    GENERIC_MODEL,
     H200,
     CostModel,
     EnergyIntegrator,
     GPUPowerProfile,
     joules_to_kwh,
-    known_models,
     kwh_to_joules,
     profile_for,
 )
