@@ -63,7 +63,8 @@ def _positive(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aifactory operator", description=__doc__,
+    p = argparse.ArgumentParser(prog="aifactory operator",
+                                description=(__doc__ or "").replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=BACKENDS, default="sim",
                    help="where placed work runs (default: sim)")

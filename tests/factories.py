@@ -1,9 +1,15 @@
-"""Small hand-built factories for tests, with their topology drawn in the test modules."""
+"""What many tests build: small hand-made factories (their topology drawn in the test
+modules), a scheduling cycle applied as the control plane applies it, a scheduler config,
+running jobs, and a backend that only records what it is asked to launch."""
 
 from __future__ import annotations
 
-from aifactory.controller.core.spec import JobSpec
-from aifactory.controller.core.state import ClusterState
+from collections.abc import Sequence
+from typing import Any
+
+from aifactory.controller.backends.base import TelemetrySnapshot
+from aifactory.controller.core.spec import JobSpec, QueueSpec
+from aifactory.controller.core.state import ClusterState, Placement, WorkerSlot
 from aifactory.controller.core.topology import (
     BLOCK_LABEL,
     RACK_LABEL,
@@ -11,6 +17,8 @@ from aifactory.controller.core.topology import (
     NodeInfo,
     Topology,
 )
+from aifactory.controller.placement.base import PlacementPolicy
+from aifactory.controller.placement.registry import make_policy
 from aifactory.controller.scheduling.cycle import schedule
 from aifactory.controller.scheduling.cycle_io import (
     CycleResult,
@@ -55,3 +63,53 @@ def run_cycle(state: ClusterState, spec: JobSpec, running: dict[str, RunningJob]
             state.allocate(adm.placement)  # raises if anything would be overcommitted
         running[adm.job] = RunningJob(spec, adm.placement, now, now)
     return result
+
+
+# --------------------------------------------------------------------------- scheduling
+
+
+def scheduler_config(topo: Topology, policy: PlacementPolicy | None = None,
+                     queues: tuple[QueueSpec, ...] = (), **kw: Any) -> SchedulerConfig:
+    """A cycle's configuration on ``topo`` with our policy, no power estimate and
+    ``queues``; ``kw`` sets any other field."""
+    return SchedulerConfig(policy=policy or make_policy("aifactory"), empty=ClusterState(topo),
+                           watts_per_gpu=lambda s: 0.0, queues=queues, **kw)
+
+
+def running_job(state: ClusterState, spec: JobSpec, node: str, gpus: int,
+                started: float = 0.0, checkpoint: float = 0.0,
+                watts: float = 0.0) -> RunningJob:
+    """``spec`` running on ``gpus`` free GPUs of ``node`` (allocated in ``state``)."""
+    n = state.topo.node_index[node]
+    placement = Placement(spec.key, (WorkerSlot(n, state.free_gpu_indices(n, gpus)),), watts)
+    state.allocate(placement)
+    return RunningJob(spec, placement, started, checkpoint)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class RecordingBackend:
+    """A cluster backend that runs nothing: its inventory is ``nodes`` (a list a test may
+    grow, as Ray's grows when a node joins), and it records the jobs launched on it. It is
+    not the simulated backend, as Ray's is not."""
+
+    def __init__(self, nodes: Sequence[NodeInfo] = (),
+                 launched: list[str] | None = None) -> None:
+        self.nodes = list(nodes)
+        self.launched = [] if launched is None else launched
+
+    def inventory(self) -> list[NodeInfo]:
+        return list(self.nodes)
+
+    def launch(self, spec: JobSpec, placement: Placement, *, work_done: float = 0.0) -> None:
+        self.launched.append(spec.key)
+
+    def stop(self, job: str) -> None:
+        pass
+
+    def status(self, job: str) -> None:
+        return None
+
+    def telemetry(self) -> TelemetrySnapshot:
+        return TelemetrySnapshot(0.0, "model", ())  # as a backend on the power model reports

@@ -22,7 +22,9 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aifactory", description=__doc__)
+    # The module docstring is the help text, without its reStructuredText literal marks.
+    parser = argparse.ArgumentParser(prog="aifactory",
+                                     description=(__doc__ or "").replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run jobs on a simulated factory")
     sim.add_argument("--cluster", default="small",

@@ -2,7 +2,8 @@
 
 The full runs (``python -m benchmarks.<scenario>``, numbers in ``benchmarks/README.md``)
 take from minutes to an hour and are not part of the suite. These need the public traces
-in ``../shared`` and are skipped where a checkout has none.
+in ``../shared``: skipped where a checkout has none, failed under
+AIFACTORY_REQUIRE_INTEGRATION=1 (``tests.shared_data``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from aifactory.controller.inputs.datasets import shared_dir
 from benchmarks import fragmentation, gangs, power, replay, scale
 from benchmarks.common import POLICIES
+from tests.shared_data import needs_shared
 
-pytestmark = pytest.mark.skipif(shared_dir() is None, reason="no ../shared traces here")
+pytestmark = needs_shared
 
 
 def smoke(module: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -12,12 +12,10 @@ import yaml
 
 from aifactory.controller.core.errors import InputFileError, SpecError, SpecFileError
 from aifactory.controller.core.topology import BLOCK_LABEL, CLIQUE_LABEL, RACK_LABEL
-from aifactory.controller.inputs.datasets import shared_dir
 from aifactory.controller.inputs.factory import BUILTIN_FACTORIES, load_factory, parse_factory
+from tests.shared_data import SHARED, needs_shared
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = shared_dir()
-needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared (traces) not present")
 
 #   A two-group factory, as the YAML below draws it:
 #

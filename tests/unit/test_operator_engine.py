@@ -22,7 +22,7 @@ from aifactory.controller.runtime.controlplane import ControlPlane
 from aifactory.operators.books import EngineOptions
 from aifactory.operators.engine import Engine
 from aifactory.operators.startup import recover
-from tests.factories import grid_nodes
+from tests.factories import RecordingBackend, grid_nodes
 
 NODES = grid_nodes(1, 1, 2)
 
@@ -376,35 +376,12 @@ def test_restart_adopts_what_the_backend_finds_running_and_removes_the_rest() ->
 
 
 def test_the_engine_follows_a_plane_rebuilt_over_a_grown_inventory() -> None:
-    from aifactory.controller.backends.base import TelemetrySnapshot
     from aifactory.controller.core.topology import NodeInfo
     from aifactory.operators.session import BackendSession
     from aifactory.operators.startup import OperatorOptions, _assemble
 
-    class Growing:
-        """A backend whose inventory grows under the operator (a Ray node joins)."""
-
-        def __init__(self) -> None:
-            self.nodes = list(NODES)
-            self.launched: list[str] = []
-
-        def inventory(self) -> list[NodeInfo]:
-            return list(self.nodes)
-
-        def launch(self, spec: Any, placement: Any, *, work_done: float = 0.0) -> None:
-            self.launched.append(spec.key)
-
-        def stop(self, job: str) -> None:
-            pass
-
-        def status(self, job: str) -> None:
-            return None
-
-        def telemetry(self) -> TelemetrySnapshot:
-            return TelemetrySnapshot(0.0, "none", ())
-
     clock = ManualClock()
-    backend = Growing()
+    backend = RecordingBackend(NODES)  # its inventory grows below, as when a Ray node joins
     factory = factory_from_nodes("t", NODES)
     session = BackendSession(backend, factory, factory.topology(),
                              rebuild_factory=lambda: factory_from_nodes("t", backend.nodes))

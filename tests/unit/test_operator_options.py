@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from aifactory.controller.backends.base import TelemetrySnapshot
 from aifactory.controller.backends.simulated import SimulatedBackend
 from aifactory.controller.core.errors import SpecError
 from aifactory.controller.inputs.factory import factory_from_nodes
@@ -20,7 +19,7 @@ from aifactory.controller.runtime.controlplane import ControlPlane
 from aifactory.operators.main import options_from, parser
 from aifactory.operators.metrics_server import choose
 from aifactory.operators.session import BackendError, _check_reachable
-from tests.factories import grid_nodes
+from tests.factories import RecordingBackend, grid_nodes
 
 NODES = grid_nodes(1, 1, 2)
 
@@ -94,25 +93,6 @@ def test_an_unreachable_ray_address_fails_fast_with_what_to_check(
     assert tried == [("head", 6379)]
 
 
-class OtherBackend:
-    """A backend that is not the simulated one (as Ray's is not)."""
-
-    def inventory(self) -> list[object]:
-        return []
-
-    def launch(self, spec: object, placement: object, *, work_done: float = 0.0) -> None:
-        pass
-
-    def stop(self, job: str) -> None:
-        pass
-
-    def status(self, job: str) -> None:
-        return None
-
-    def telemetry(self) -> TelemetrySnapshot:
-        return TelemetrySnapshot(0.0, "model", ())
-
-
 def _plane(backend: object | None = None) -> ControlPlane:
     factory = replace(factory_from_nodes("t", NODES), queues=())
     topo = factory.topology()
@@ -144,7 +124,7 @@ SOURCES = [
 
 @pytest.mark.parametrize("case", SOURCES, ids=lambda c: c.id)
 def test_telemetry_flag_picks_the_source(case: Source) -> None:
-    cp = _plane(None if case.simulated else OtherBackend())
+    cp = _plane(None if case.simulated else RecordingBackend())
     choice = choose(cp, case.flag)
     assert isinstance(choice.source, case.kind)
     assert (choice.source.name, choice.requested) == (case.name, case.flag)
@@ -157,11 +137,11 @@ def test_nvml_that_cannot_run_falls_back_to_the_model_and_says_so() -> None:
 
 
 def test_backend_telemetry_is_named_after_what_the_backend_reports() -> None:
-    source = BackendTelemetry(OtherBackend(), "backend")  # type: ignore[arg-type]
+    source = BackendTelemetry(RecordingBackend(), "backend")  # type: ignore[arg-type]
     source.read()
     assert source.name == "model"
 
 
 def test_sim_telemetry_on_another_backend_is_an_error() -> None:
     with pytest.raises(SpecError, match="sim reads the simulated backend"):
-        choose(_plane(OtherBackend()), "sim")
+        choose(_plane(RecordingBackend()), "sim")

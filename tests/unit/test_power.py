@@ -29,9 +29,7 @@ from aifactory.controller.power.model import (
     kwh_to_joules,
     profile_for,
 )
-
-SHARED = shared_dir()
-needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared (measurements) not present")
+from tests.shared_data import SHARED, needs_shared
 
 # --------------------------------------------------------------------------- the H200 fit
 

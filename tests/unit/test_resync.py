@@ -9,40 +9,16 @@
 
 from __future__ import annotations
 
-from aifactory.controller.backends.base import TelemetrySnapshot
 from aifactory.controller.backends.simulated import SimulatedBackend
 from aifactory.controller.core.clock import VirtualClock
 from aifactory.controller.core.spec import JobSpec
-from aifactory.controller.core.state import Placement
 from aifactory.controller.core.topology import NodeInfo
 from aifactory.controller.inputs.factory import factory_from_nodes
 from aifactory.controller.runtime.controlplane import ControlPlane, JobPhase
 from aifactory.controller.runtime.resync import FENCE_PREFIX, rebuild, sync_inventory
-from tests.factories import grid_nodes
+from tests.factories import RecordingBackend, grid_nodes
 
 NODES = grid_nodes(1, 2, 2)
-
-
-class Recorder:
-    """A backend that only records launches (for the rebuilt plane)."""
-
-    def __init__(self, launched: list[str]) -> None:
-        self.launched = launched
-
-    def inventory(self) -> list[NodeInfo]:
-        return []
-
-    def launch(self, spec: JobSpec, placement: Placement, *, work_done: float = 0.0) -> None:
-        self.launched.append(spec.key)
-
-    def stop(self, job: str) -> None:
-        pass
-
-    def status(self, job: str) -> None:
-        return None
-
-    def telemetry(self) -> TelemetrySnapshot:
-        return TelemetrySnapshot(0.0, "none", ())
 
 
 def plane(nodes: list[NodeInfo], clock: VirtualClock | None = None) -> ControlPlane:
@@ -94,7 +70,8 @@ def test_a_new_node_rebuilds_the_plane_and_keeps_running_jobs_in_place() -> None
     grown = [*NODES, NodeInfo("n-new", 8, "H200")]
     assert sync_inventory(cp, [n.name for n in grown]).unknown == ("n-new",)
     launched: list[str] = []
-    cp.backend = Recorder(launched)  # the simulated backend cannot grow; Ray's rebinds
+    # The simulated backend cannot grow; Ray's rebinds.
+    cp.backend = RecordingBackend(launched=launched)
     new = rebuild(cp, factory_from_nodes("t", grown))
     rec = new.jobs["default/run"]
     assert rec.phase == JobPhase.RUNNING

@@ -8,34 +8,23 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
 from aifactory.controller.core.spec import JobSpec, QueueSpec
-from aifactory.controller.core.state import ClusterState, Placement, WorkerSlot
-from aifactory.controller.placement.registry import make_policy
+from aifactory.controller.core.state import ClusterState
 from aifactory.controller.scheduling.cycle import schedule
 from aifactory.controller.scheduling.cycle_io import (
     CycleResult,
     QueuedJob,
     RunningJob,
-    SchedulerConfig,
 )
-from tests.factories import grid
+from tests.factories import grid, running_job, scheduler_config
 
 TOPO = grid(1, 2, 2)
-
-
-def config(queues: tuple[QueueSpec, ...] = (), **kw: object) -> SchedulerConfig:
-    return SchedulerConfig(policy=make_policy("aifactory"), empty=ClusterState(TOPO),
-                           watts_per_gpu=lambda s: 0.0, queues=queues, **kw)  # type: ignore[arg-type]
-
-
-def run(state: ClusterState, spec: JobSpec, node: str, gpus: int, started: float = 0.0,
-        checkpoint: float = 0.0) -> RunningJob:
-    n = TOPO.node_index[node]
-    placement = Placement(spec.key, (WorkerSlot(n, state.free_gpu_indices(n, gpus)),))
-    state.allocate(placement)
-    return RunningJob(spec, placement, started, checkpoint)
+config = partial(scheduler_config, TOPO)  # our policy on TOPO, no power estimate
+run = running_job
 
 
 def queued(*specs: JobSpec) -> list[QueuedJob]:
@@ -123,7 +112,7 @@ QUEUES = (QueueSpec("research", 16, cohort="lab"), QueueSpec("prod", 16, cohort=
 def test_borrowing_idle_quota_from_the_cohort() -> None:
     state = ClusterState(TOPO)
     jobs = queued(JobSpec("big", workers=3, gpus_per_worker=8, queue="research"))
-    result = schedule(state, jobs, [], 0.0, config(QUEUES))
+    result = schedule(state, jobs, [], 0.0, config(queues=QUEUES))
     assert admitted(result) == ["default/big"]
     assert result.admitted[0].borrowing
 
@@ -133,7 +122,7 @@ def test_quota_without_cohort_waits_with_reason() -> None:
     jobs = queued(JobSpec("a", gpus_per_worker=8, queue="solo"),
                   JobSpec("b", gpus_per_worker=4, queue="solo"),
                   JobSpec("c", gpus_per_worker=4, queue="nope"))
-    result = schedule(state, jobs, [], 0.0, config(QUEUES))
+    result = schedule(state, jobs, [], 0.0, config(queues=QUEUES))
     assert admitted(result) == ["default/a"]
     assert result.waiting["default/b"] == ("queue solo is at its quota: 8 of 8 GPUs in use, "
                                            "the job needs 4")
@@ -147,7 +136,7 @@ def test_owner_reclaims_borrowed_quota_by_preemption() -> None:
                     node, 8) for i, node in enumerate(("n-b0-r0-00", "n-b0-r0-01",
                                                        "n-b0-r1-00", "n-b0-r1-01"))]
     result = schedule(state, queued(JobSpec("p", gpus_per_worker=8, queue="prod")),
-                      borrowed, 10.0, config(QUEUES))
+                      borrowed, 10.0, config(queues=QUEUES))
     assert admitted(result) == ["default/p"]
     assert len(result.preempted) == 1
     assert "reclaims its queue's nominal quota" in result.preempted[0].reason

@@ -10,34 +10,23 @@ admission, power-blocked jobs not reserving nodes, one-node victim search, searc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
 
 from aifactory.controller.core.spec import JobSpec
-from aifactory.controller.core.state import BudgetIndex, ClusterState, Placement, WorkerSlot
+from aifactory.controller.core.state import BudgetIndex, ClusterState, Placement
 from aifactory.controller.placement.registry import make_policy
 from aifactory.controller.placement.request import PlacementRequest
 from aifactory.controller.placement.topology_aware import TopologyAwarePolicy
 from aifactory.controller.scheduling.cycle import schedule
-from aifactory.controller.scheduling.cycle_io import QueuedJob, RunningJob, SchedulerConfig
+from aifactory.controller.scheduling.cycle_io import QueuedJob, SchedulerConfig
 from aifactory.controller.scheduling.preemption import VictimIndex, cheapest_node_victims
-from tests.factories import grid
+from tests.factories import grid, running_job, scheduler_config
 
 TOPO = grid(1, 2, 2)
-
-
-def config(policy: object = None, **kw: object) -> SchedulerConfig:
-    return SchedulerConfig(policy=policy or make_policy("aifactory"),  # type: ignore[arg-type]
-                           empty=ClusterState(TOPO), watts_per_gpu=lambda s: 0.0,
-                           **kw)  # type: ignore[arg-type]
-
-
-def run(state: ClusterState, spec: JobSpec, node: str, gpus: int, checkpoint: float = 0.0,
-        watts: float = 0.0) -> RunningJob:
-    n = TOPO.node_index[node]
-    placement = Placement(spec.key, (WorkerSlot(n, state.free_gpu_indices(n, gpus)),), watts)
-    state.allocate(placement)
-    return RunningJob(spec, placement, 0.0, checkpoint)
+config = partial(scheduler_config, TOPO)  # our policy on TOPO, no power estimate
+run = running_job
 
 
 def racks_of(placement: Placement) -> set[str]:

@@ -12,7 +12,6 @@ import pytest
 from aifactory.controller.core.errors import InputFileError, SpecError
 from aifactory.controller.core.spec import JobKind
 from aifactory.controller.core.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo, Topology
-from aifactory.controller.inputs.datasets import shared_dir
 from aifactory.controller.inputs.traces import (
     HOST_ID_LABEL,
     assign_racks,
@@ -23,9 +22,8 @@ from aifactory.controller.inputs.traces import (
     overlay_topology,
     read_openb_pods,
 )
+from tests.shared_data import SHARED, needs_shared
 
-SHARED = shared_dir()
-needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared (traces) not present")
 OPENB = "alibaba-clusterdata-gpu-v2023"
 TOPO = ("alibaba-lingjun-dataset-2023", "topo.csv")
 
