@@ -11,19 +11,22 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-LINK := PYTHONWARNINGS=ignore $(BIN)/pip install -q --no-deps --no-build-isolation -e . \
+# setuptools prints a screen of advice (a UserWarning) on every editable install with a
+# package-dir mapping; the install itself is what matters here.
+PIP := PYTHONWARNINGS=ignore::UserWarning $(BIN)/pip
+LINK := $(PIP) install -q --no-deps --no-build-isolation -e . \
 	--config-settings editable_mode=strict
 
 .PHONY: demo test unit lint integration clean link
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip 'setuptools>=77'
-	$(BIN)/pip install -q -e .
+	$(PIP) install -q --upgrade pip 'setuptools>=77'
+	$(PIP) install -q -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
-	$(BIN)/pip install -q -e '.[operator,ray,report,nvml,test,lint]'
+	$(PIP) install -q -e '.[operator,ray,report,nvml,test,lint]'
 	touch $@
 
 link: $(VENV)/.dev

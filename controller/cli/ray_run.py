@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from aifactory.controller.backends.ray.local import DEMO_NODES
+from aifactory.controller.backends.ray.demo import DEMO_NODES
 from aifactory.controller.core.errors import AifactoryError
 from aifactory.controller.core.spec import JobKind, JobSpec, Runtime
 

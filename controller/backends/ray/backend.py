@@ -543,7 +543,8 @@ def make_ray_backend(address: str | None = None, *,
     address = None if local else address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         return RayBackend(address=address, **options)
-    from aifactory.controller.backends.ray.local import DEMO_NODES, LocalRayCluster
+    from aifactory.controller.backends.ray.demo import DEMO_NODES
+    from aifactory.controller.backends.ray.local import LocalRayCluster
 
     options.setdefault("serve_host", "127.0.0.1")  # everything is on this machine
     cluster = LocalRayCluster(list(local_nodes) if local_nodes else list(DEMO_NODES)).start()

@@ -1,4 +1,8 @@
-"""Built-in worker programs for demos on a Ray cluster without real training code.
+"""The demo cluster and built-in worker programs for demos on Ray without real training code.
+
+``DEMO_NODES`` is the local Ray cluster ``aifactory run`` starts without an address:
+4 nodes x 8 simulated H200 in 2 racks of one block (this module imports no Ray, so the CLI
+can name it without Ray installed).
 
 ``aifactory run --backend ray`` runs the sample manifests' gangs with these instead of the
 ``aifactory_examples`` modules the manifests name (they are not part of this package):
@@ -16,9 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_SECONDS_ENV", "serve", "train"]
+from aifactory.controller.core.topology import BLOCK_LABEL, GPU_PRODUCT_LABEL, RACK_LABEL, NodeInfo
+
+__all__ = ["DEMO_NODES", "DEMO_SECONDS_ENV", "serve", "train"]
 
 DEMO_SECONDS_ENV = "AIFACTORY_DEMO_SECONDS"
+
+# The local demo cluster: 4 nodes x 8 H200 in 2 racks of one block.
+DEMO_NODES = tuple(
+    NodeInfo(f"h200-b0-r{r}-n{i:02d}", 8, "H200",
+             ((BLOCK_LABEL, "b0"), (GPU_PRODUCT_LABEL, "H200"), (RACK_LABEL, f"b0-r{r}")))
+    for r in range(2) for i in range(2))
 
 
 def train(ctx: Any) -> None:

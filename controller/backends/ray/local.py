@@ -23,7 +23,7 @@ from ray.cluster_utils import Cluster
 from aifactory.controller.backends.ray.gang import NODE_NAME_LABEL, RAY_NAMESPACE
 from aifactory.controller.core.topology import BLOCK_LABEL, GPU_PRODUCT_LABEL, RACK_LABEL, NodeInfo
 
-__all__ = ["DEMO_NODES", "LocalRayCluster", "ray_labels"]
+__all__ = ["LocalRayCluster", "ray_labels"]
 
 _LABEL_KEYS = (BLOCK_LABEL, RACK_LABEL)
 FAST_HEALTH_CHECKS = {
@@ -33,11 +33,6 @@ FAST_HEALTH_CHECKS = {
 }
 
 
-# The local demo cluster: 4 nodes x 8 H200 in 2 racks of one block.
-DEMO_NODES = tuple(
-    NodeInfo(f"h200-b0-r{r}-n{i:02d}", 8, "H200",
-             ((BLOCK_LABEL, "b0"), (GPU_PRODUCT_LABEL, "H200"), (RACK_LABEL, f"b0-r{r}")))
-    for r in range(2) for i in range(2))
 
 
 
