@@ -39,6 +39,7 @@ lint: link
 	$(BIN)/ruff check .
 	$(BIN)/mypy -p aifactory.controller -p aifactory.operators
 	$(BIN)/lint-imports
+	$(BIN)/python hack/check_import_cycles.py
 
 unit: link
 	$(BIN)/python -m pytest tests/unit -q
