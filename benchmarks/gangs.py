@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aifactory.controller.inputs.factory import FactorySpec
-from aifactory.controller.runtime.metrics import percentile
+from aifactory.controller.runtime.measurements import percentile
 from aifactory.controller.sim.simulation import Simulation
 from benchmarks.common import (
     NO_LOCALITY,

@@ -43,7 +43,7 @@ from aifactory.controller.core.spec import (
 from aifactory.controller.inputs.factory import FactorySpec
 from aifactory.controller.placement.topology_aware import TopologyAwarePolicy
 from aifactory.controller.power.estimates import watts_estimator
-from aifactory.controller.runtime.metrics import percentile
+from aifactory.controller.runtime.measurements import percentile
 from aifactory.controller.sim.simulation import Simulation
 from benchmarks.common import (
     Stat,

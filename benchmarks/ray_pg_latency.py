@@ -33,7 +33,7 @@ from aifactory.controller.backends.ray.local import LocalRayCluster
 from aifactory.controller.core.spec import JobSpec, Runtime
 from aifactory.controller.core.topology import BLOCK_LABEL, RACK_LABEL, NodeInfo
 from aifactory.controller.runtime.controlplane import ControlPlane
-from aifactory.controller.runtime.metrics import percentile
+from aifactory.controller.runtime.measurements import percentile
 
 NODES = [NodeInfo(f"n-r{r}-{i}", 8, "H200", ((BLOCK_LABEL, "b0"), (RACK_LABEL, f"r{r}")))
          for r in range(2) for i in range(2)]

@@ -41,7 +41,7 @@ from aifactory.controller.placement.base import PlacementPolicy
 from aifactory.controller.placement.request import PlacementRequest
 from aifactory.controller.power.estimates import watts_estimator
 from aifactory.controller.runtime.controlplane import build_state
-from aifactory.controller.runtime.metrics import percentile
+from aifactory.controller.runtime.measurements import percentile
 from aifactory.controller.scheduling.cycle import schedule
 from aifactory.controller.scheduling.cycle_io import CycleMemory, QueuedJob, SchedulerConfig
 from benchmarks.common import (

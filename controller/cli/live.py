@@ -22,7 +22,7 @@ from aifactory.controller.core.errors import SpecError
 if TYPE_CHECKING:
     from aifactory.controller.inputs.factory import FactorySpec
     from aifactory.controller.inputs.workload import Arrival
-    from aifactory.controller.runtime.metrics import SimResult
+    from aifactory.controller.runtime.measurements import SimResult
     from aifactory.controller.sim.simulation import Simulation
     from aifactory.controller.sim.timeseries import TimeSeriesSampler
 

@@ -31,7 +31,7 @@ from aifactory.controller.placement.registry import make_policy
 from aifactory.controller.placement.request import PlacementRequest, Unplaced
 from aifactory.controller.power.estimates import power_cap_options, watts_estimator
 from aifactory.controller.power.model import profile_for
-from aifactory.controller.runtime.metrics import SimMetrics, SimResult
+from aifactory.controller.runtime.measurements import SimMetrics, SimResult
 from aifactory.controller.scheduling.cycle import schedule
 from aifactory.controller.scheduling.cycle_io import (
     CycleMemory,

@@ -66,7 +66,7 @@ def fill(state: ClusterState, jobs: Sequence[JobSpec], policy: PlacementPolicy,
          checkpoints: Sequence[float] = (0.9, 0.95, 1.0),
          stop_at_demand: float = 1.0) -> FillResult:
     """Place ``jobs`` in order on ``state`` (mutated) until demand reaches ``stop_at_demand``."""
-    from aifactory.controller.runtime.metrics import percentile
+    from aifactory.controller.runtime.measurements import percentile
 
     topo = state.topo
     total = topo.total_gpus

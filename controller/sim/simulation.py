@@ -23,7 +23,7 @@ from aifactory.controller.inputs.factory import FactorySpec
 from aifactory.controller.inputs.workload import Arrival
 from aifactory.controller.placement.base import PlacementPolicy
 from aifactory.controller.runtime.controlplane import ControlPlane, JobRecord
-from aifactory.controller.runtime.metrics import SimResult
+from aifactory.controller.runtime.measurements import SimResult
 from aifactory.controller.scheduling.cycle_io import CycleResult
 
 __all__ = ["FailureEvent", "Simulation"]

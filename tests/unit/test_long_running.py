@@ -19,7 +19,7 @@ from aifactory.controller.backends.simulated import SimulatedBackend
 from aifactory.controller.core.spec import JobSpec
 from aifactory.controller.inputs.factory import factory_from_nodes
 from aifactory.controller.runtime.controlplane import ControlPlane, JobPhase
-from aifactory.controller.runtime.metrics import SimMetrics, percentile
+from aifactory.controller.runtime.measurements import SimMetrics, percentile
 from aifactory.controller.runtime.reservoir import Reservoir
 from aifactory.controller.runtime.resync import Reconciler
 from tests.factories import grid_nodes

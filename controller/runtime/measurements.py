@@ -1,4 +1,4 @@
-"""What a simulation measures, the same way for every policy.
+"""What a control plane measures as it runs, the same way for every policy and backend.
 
 Time-weighted GPU allocation (the GPUs *requested* by running jobs over the factory's GPUs,
 as FGD defines the allocation rate: a 0.3-GPU share counts 0.3 even where a policy without
