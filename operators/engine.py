@@ -35,7 +35,8 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from aifactory.controller.core.clock import Clock
@@ -56,6 +57,7 @@ from aifactory.operators.kube import KubeClient
 from aifactory.operators.objects import StatusContext, Tracked
 from aifactory.operators.outbox import Outbox
 from aifactory.operators.status import Conditions, Phase
+from aifactory.operators.tenancy import NamespaceGrant, priority_refusal
 from aifactory.operators.transitions import end_run, on_core_event
 from aifactory.operators.translate import (
     QUEUE_KIND,
@@ -89,6 +91,9 @@ class Engine:
         self.objects: dict[tuple[str, str, str], Tracked] = {}
         self.owner: dict[str, Tracked] = {}
         self.configs: dict[tuple[str, str], ConfigEntry] = {}
+        # Each namespace's queue grant (start-up loads them); None: not checked here (the
+        # operator may not read Namespaces; the API server's admission policies still hold).
+        self.namespaces: dict[str, NamespaceGrant] | None = None
         self.stats: dict[str, float] = collections.defaultdict(float)
         self.outbox = Outbox(kube, self.stats, options.writers)
         self.kube = kube
@@ -115,6 +120,10 @@ class Engine:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._request("delete", (kind, namespace, name, uid, done))
         await asyncio.wait_for(done, self.opts.delete_timeout_seconds)
+
+    def apply_namespace(self, body: dict[str, Any], deleted: bool) -> None:
+        """A Namespace appeared, changed its annotations (its queue grant) or went away."""
+        self._request("namespace", (body, deleted))
 
     def apply_config(self, kind: str, body: dict[str, Any], deleted: bool) -> None:
         """A GPUQueue or PowerBudget appeared, changed or went away."""
@@ -224,6 +233,8 @@ class Engine:
                 done.set_result(None)
         elif verb == "config":
             self._apply_config(*args)
+        elif verb == "namespace":
+            self.load_namespace(*args)
 
     def track(self, kind: str, body: dict[str, Any]) -> Tracked:
         """The Tracked for a body, new if the object is new (or was re-created)."""
@@ -257,6 +268,10 @@ class Engine:
         except SpecError as exc:
             self.fail_invalid(obj, str(exc))
             return
+        spec, refusal = self.tenancy(body, spec)
+        if refusal is not None:
+            self.fail_invalid(obj, refusal, reason="NotPermitted")
+            return
         obj.invalid = None
         if kind == SERVICE_KIND:
             self._reconcile_service(obj, spec)
@@ -267,17 +282,46 @@ class Engine:
             self.note(obj, "Warning", "SpecChangeIgnored", "the spec of a TrainingJob is "
                       "immutable once submitted; delete and re-create it to change it")
 
-    def fail_invalid(self, obj: Tracked, why: str) -> None:
-        """A spec the schema let through but the core refuses: Failed, with the reason."""
+    def fail_invalid(self, obj: Tracked, why: str, reason: str = "InvalidSpec") -> None:
+        """A spec the schema let through but the core refuses (``InvalidSpec``), or one its
+        namespace may not run (``NotPermitted``): Failed, with the reason, never placed."""
         for key in list(obj.keys):
             self._cancel(obj, key)
         obj.invalid = why
         now = format_time(time.time())
-        obj.conditions.set("Failed", True, "InvalidSpec", why, generation=obj.generation,
-                           now=now)
-        obj.conditions.clear("Queued", "InvalidSpec", why, generation=obj.generation, now=now)
-        self.note(obj, "Warning", "InvalidSpec", why)
+        obj.conditions.set("Failed", True, reason, why, generation=obj.generation, now=now)
+        obj.conditions.clear("Queued", reason, why, generation=obj.generation, now=now)
+        self.note(obj, "Warning", reason, why)
         self.books.dirty.add(obj)
+
+    def tenancy(self, body: Mapping[str, Any], spec: JobSpec) -> tuple[JobSpec, str | None]:
+        """The spec in the queue its namespace sends it to (its own, else the namespace's
+        default), and why the namespace may not run it there (``operators.tenancy``), or
+        None. Without the right to read Namespaces (``namespaces`` None) only the queue's
+        priority cap is checked; the API server's admission policies still hold."""
+        named = (body.get("spec") or {}).get("queue")
+        named = named if isinstance(named, str) and named else None
+        refusal: str | None = None
+        if self.namespaces is not None:
+            grant = self.namespaces.get(spec.namespace) or NamespaceGrant(spec.namespace)
+            queue = grant.queue_for(named)
+            refusal = grant.queue_refusal(queue)
+        else:
+            queue = named or spec.queue
+        if queue != spec.queue:
+            spec = replace(spec, queue=queue)
+        queues = {q.name: q for q in self.cp.factory.queues}
+        return spec, refusal or priority_refusal(spec.priority, queues.get(queue))
+
+    def load_namespace(self, body: Mapping[str, Any], deleted: bool = False) -> None:
+        """Record (or forget) a namespace's queue grant."""
+        if self.namespaces is None:
+            return
+        grant = NamespaceGrant.from_namespace(body)
+        if deleted:
+            self.namespaces.pop(grant.namespace, None)
+        else:
+            self.namespaces[grant.namespace] = grant
 
     def submit(self, obj: Tracked, spec: JobSpec, at: float | None = None) -> JobRecord:
         self.owner[spec.key] = obj

@@ -8,6 +8,8 @@ has released the GPUs; only then does kopf remove the finalizer ``aifactory.io/f
 
 GPUQueues and PowerBudgets are configuration, not work: they use kopf's low-level event
 handler (no finalizer, no annotations written), and their deletion simply removes them.
+Namespaces are watched the same way, for the queue grants their annotations hold
+(``aifactory.operators.tenancy``).
 """
 
 from __future__ import annotations
@@ -119,6 +121,15 @@ def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
         _register_job(registry, app, kind)
     for kind in (QUEUE_KIND, BUDGET_KIND):
         _register_config(registry, app, kind)
+
+    @kopf.on.event("v1", "namespaces", registry=registry, id="namespaces-event")
+    async def on_namespace(event: kopf.RawEvent, **_: Any) -> None:
+        """A namespace's queue grant (its annotations) appeared, changed or went."""
+        body = event.get("object")
+        engine = app.engine
+        if isinstance(body, dict) and engine is not None and engine.namespaces is not None:
+            engine.apply_namespace(plain(body), deleted=event.get("type") == "DELETED")
+
     return registry
 
 
@@ -126,7 +137,15 @@ def _register_job(registry: kopf.OperatorRegistry, app: OperatorApp, kind: str) 
     plural = PLURALS[kind]
 
     async def apply(body: kopf.Body, **_: Any) -> None:
-        app.running_engine().apply_job(kind, plain(body))
+        engine = app.running_engine()
+        namespace = str(body.get("metadata", {}).get("namespace"))
+        if engine.namespaces is not None and namespace not in engine.namespaces \
+                and app.kube is not None:
+            # The job's Namespace event may still be on its way: read its grant first.
+            found = await app.kube.get_namespace(namespace)
+            if found is not None:
+                engine.apply_namespace(found, deleted=False)
+        engine.apply_job(kind, plain(body))
 
     async def delete(body: kopf.Body, **_: Any) -> None:
         meta = body.get("metadata", {})

@@ -167,6 +167,20 @@ class KubeClient:
                 return items
             params = {"limit": "500", "continue": token}
 
+    async def list_namespaces(self) -> list[dict[str, Any]]:
+        doc = await self.request("GET", "/api/v1/namespaces")
+        return list(doc.get("items", []))
+
+    async def get_namespace(self, name: str) -> dict[str, Any] | None:
+        """The Namespace, or None if there is none by that name."""
+        try:
+            doc = await self.request("GET", f"/api/v1/namespaces/{name}")
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(doc)
+
     async def list_nodes(self) -> list[dict[str, Any]]:
         doc = await self.request("GET", "/api/v1/nodes")
         return list(doc.get("items", []))

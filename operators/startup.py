@@ -45,7 +45,7 @@ from aifactory.controller.runtime.resync import Reconciler
 from aifactory.operators.books import EngineOptions
 from aifactory.operators.engine import Engine
 from aifactory.operators.inventory import choose_factory
-from aifactory.operators.kube import KubeClient
+from aifactory.operators.kube import KubeClient, KubeError
 from aifactory.operators.objects import Tracked
 from aifactory.operators.session import (
     BackendSession,
@@ -143,6 +143,7 @@ async def build_engine(kube: KubeClient, options: OperatorOptions) -> tuple[Engi
     """Everything up to a recovered, not yet started, engine."""
     await wait_for_crds(kube)
     listing = {kind: await kube.list_objects(kind) for kind in KINDS}
+    namespaces = await _namespaces(kube)
     clock = WallClock(options.sim_speed)
     if options.backend == "sim":
         node_objects = [] if options.inventory == "factory" else await kube.list_nodes()
@@ -154,7 +155,7 @@ async def build_engine(kube: KubeClient, options: OperatorOptions) -> tuple[Engi
         assert session.factory is not None and session.topology is not None
         factory, topo = session.factory, session.topology
     try:
-        return _assemble(kube, options, listing, clock, session, factory, topo)
+        return _assemble(kube, options, listing, clock, session, factory, topo, namespaces)
     except BaseException:
         session.close()
         raise
@@ -162,7 +163,9 @@ async def build_engine(kube: KubeClient, options: OperatorOptions) -> tuple[Engi
 
 def _assemble(kube: KubeClient, options: OperatorOptions,
               listing: Mapping[str, list[Any]], clock: WallClock, session: BackendSession,
-              factory: FactorySpec, topo: Topology) -> tuple[Engine, RecoveryReport]:
+              factory: FactorySpec, topo: Topology,
+              namespaces: list[dict[str, Any]] | None = None,
+              ) -> tuple[Engine, RecoveryReport]:
     backend = session.backend
     queues = _configs(listing[QUEUE_KIND], QUEUE_KIND)
     budgets = _configs(listing[BUDGET_KIND], BUDGET_KIND)
@@ -189,6 +192,10 @@ def _assemble(kube: KubeClient, options: OperatorOptions,
     for kind, entries in ((QUEUE_KIND, queues), (BUDGET_KIND, budgets)):
         for item, spec, invalid in entries:
             engine.load_config(kind, dict(item), spec, invalid)
+    if namespaces is not None:
+        engine.namespaces = {}
+        for item in namespaces:
+            engine.load_namespace(item)
     log.info("inventory: %s from %s; %d queues, %d power budgets", topo.describe(),
              factory.source or factory.name, len(factory.queues), len(factory.power_budgets))
     report = recover(engine, listing[TRAINING_KIND] + listing[SERVICE_KIND])
@@ -217,6 +224,19 @@ def _recorded(status: Mapping[str, Any], service: bool) -> dict[int | None, list
     return out
 
 
+async def _namespaces(kube: KubeClient) -> list[dict[str, Any]] | None:
+    """Every Namespace (their queue grants), or None without the right to list them."""
+    try:
+        return await kube.list_namespaces()
+    except KubeError as exc:
+        if exc.status != 403:
+            raise
+        log.warning("may not list Namespaces (%s): queue grants are left to the API "
+                    "server's admission policies; give the operator get/list/watch on "
+                    "namespaces to check them here too", exc)
+        return None
+
+
 def recover(engine: Engine, docs: Iterable[Mapping[str, Any]]) -> RecoveryReport:
     """Adopt the running, requeue the waiting, leave the finished (see module docstring)."""
     report = RecoveryReport()
@@ -239,6 +259,11 @@ def recover(engine: Engine, docs: Iterable[Mapping[str, Any]]) -> RecoveryReport
             spec = job_spec_from_manifest(body, kind)
         except SpecError as exc:
             engine.fail_invalid(obj, str(exc))
+            report.invalid += 1
+            continue
+        spec, refusal = engine.tenancy(body, spec)
+        if refusal is not None and phase not in (Phase.RUNNING, Phase.ADMITTED):
+            engine.fail_invalid(obj, refusal, reason="NotPermitted")  # never placed
             report.invalid += 1
             continue
         obj.spec = spec

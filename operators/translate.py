@@ -132,9 +132,14 @@ def queue_from_manifest(doc: Mapping[str, Any]) -> QueueSpec:
     if cohort is not None and (not isinstance(cohort, str) or not cohort):
         raise SpecError("spec.cohort", f"must be a cohort name, got {cohort!r}")
     weight = _number(spec, "weight", positive=True)
+    max_priority = spec.get("maxPriority")
+    if max_priority is not None and (not isinstance(max_priority, int)
+                                     or isinstance(max_priority, bool)):
+        raise SpecError("spec.maxPriority", f"must be an integer, got {max_priority!r}")
     return QueueSpec(name=_name(doc), nominal_gpus=nominal,
                      borrowing_limit_gpus=_number(spec, "borrowingLimitGPUs"),
-                     cohort=cohort, weight=1.0 if weight is None else weight)
+                     cohort=cohort, weight=1.0 if weight is None else weight,
+                     max_priority=max_priority)
 
 
 def budget_from_manifest(doc: Mapping[str, Any]) -> PowerBudgetSpec:

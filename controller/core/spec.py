@@ -133,6 +133,7 @@ class QueueSpec:
 
     ``borrowing_limit_gpus`` None means the queue may borrow any idle quota of its cohort;
     0 forbids borrowing. Usage above nominal is reclaimable by preemption.
+    ``max_priority``: the highest priority its jobs may ask (None: no cap).
     """
 
     name: str
@@ -140,6 +141,7 @@ class QueueSpec:
     borrowing_limit_gpus: float | None = None
     cohort: str | None = None
     weight: float = 1.0
+    max_priority: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

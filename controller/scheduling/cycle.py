@@ -442,9 +442,10 @@ class _Cycle:
         return True
 
     def candidates(self, spec: JobSpec, reclaim: bool) -> list[RunningJob]:
-        """Running jobs ``spec`` may preempt: lower priority (in its queue, or borrowing),
-        or, to reclaim nominal quota, borrowing jobs of its cohort. Cached per cycle until
-        the running set or borrowing changes."""
+        """Running jobs ``spec`` may preempt: lower priority in its own queue (any job when
+        no queues are configured), or, to reclaim nominal quota, borrowing jobs of its
+        cohort. Across queues the queues' quotas decide, never the priority numbers that
+        tenants choose. Cached per cycle until the running set or borrowing changes."""
         key = (spec.priority, spec.queue, reclaim)
         got = self._candidates.get(key)
         if got is not None:
@@ -457,8 +458,7 @@ class _Cycle:
             if job not in allocations:
                 continue
             if (other.priority < spec.priority and (
-                    not quota.enabled or other.queue == spec.queue
-                    or quota.borrowing(other.queue))) or (
+                    not quota.enabled or other.queue == spec.queue)) or (
                     reclaim and other.queue != spec.queue
                     and quota.same_cohort(other.queue, spec.queue)
                     and quota.borrowing(other.queue)):

@@ -46,14 +46,33 @@ OPERATOR_ACCOUNT = "aifactory-operator"
 
 
 def install_manifests(env: KubeTestEnv) -> None:
-    """CRDs, RBAC and the Deployment from ``manifests/``, as a user installs them."""
+    """CRDs, RBAC, admission policies and the Deployment from ``manifests/``, as a user
+    installs them; returns once the admission policies are in force."""
     env.kubectl("apply", "-k", str(REPO_ROOT / "manifests"))
     env.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                 *(f"crd/{plural}.aifactory.io" for plural in CRDS))
+    # The API server loads policies in the background: wait until one refuses a job in a
+    # namespace granted no queue.
+    probe = "aifactory-admission-probe"
+    env.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": probe}})
+
+    def refused() -> bool:
+        tried = env.kubectl("apply", "--dry-run=server", "-f", "-", check=False,
+                            input=yaml.safe_dump(training_job("probe", probe)))
+        return tried.returncode != 0 and "may not use queue" in tried.stderr
+
+    wait_for(refused, 60, "the admission policies to take effect", interval=0.2)
 
 
-def ensure_namespace(env: KubeTestEnv, name: str) -> None:
-    env.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+def ensure_namespace(env: KubeTestEnv, name: str, queues: str = "*",
+                     default_queue: str | None = None) -> None:
+    """A namespace granted ``queues`` (the ``aifactory.io/queues`` annotation a cluster
+    admin sets; ``*`` grants every queue), and optionally a default queue."""
+    annotations = {"aifactory.io/queues": queues}
+    if default_queue is not None:
+        annotations["aifactory.io/default-queue"] = default_queue
+    env.apply({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": name, "annotations": annotations}})
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str,

@@ -9,13 +9,15 @@ the field).
 from __future__ import annotations
 
 import json
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.integration.k8s_env import REPO_ROOT, KubeTestEnv
-from tests.integration.operator_env import ensure_namespace, training_job
+from tests.integration.operator_env import ensure_namespace, training_job, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -79,15 +81,41 @@ def test_every_sample_applies(aifactory_installed: KubeTestEnv) -> None:
                             *([f"-n={ns}"] if ns else []), "--ignore-not-found", check=False)
 
 
+@pytest.fixture(scope="module")
+def corpus_namespace(aifactory_installed: KubeTestEnv) -> Iterator[str]:
+    """``invalid-corpus``, granted the queues default and corpus-capped (maxPriority 10);
+    the GPUQueue goes afterwards (other modules run with no GPUQueue)."""
+    env = aifactory_installed
+    ensure_namespace(env, "invalid-corpus", queues="default, corpus-capped")
+    env.apply({"apiVersion": "aifactory.io/v1alpha1", "kind": "GPUQueue",
+               "metadata": {"name": "corpus-capped"},
+               "spec": {"nominalGPUs": 8, "maxPriority": 10}})
+    yield "invalid-corpus"
+    env.kubectl("delete", "gpuqueue", "corpus-capped", "--ignore-not-found", check=False)
+
+
 @pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
 def test_invalid_manifest_is_rejected_naming_the_field(
-        aifactory_installed: KubeTestEnv, path: Path) -> None:
-    ensure_namespace(aifactory_installed, "invalid-corpus")
-    result = aifactory_installed.kubectl("apply", "--dry-run=server", "-f", str(path),
-                                         check=False)
-    assert result.returncode != 0, f"{path.name} was accepted:\n{result.stdout}"
-    for expected in _expectations(path):
-        assert expected in result.stderr, f"{path.name}: {expected!r} not in:\n{result.stderr}"
+        aifactory_installed: KubeTestEnv, corpus_namespace: str, path: Path) -> None:
+    expectations = _expectations(path)
+
+    def refused() -> subprocess.CompletedProcess[str] | None:
+        # The admission policies see a new Namespace or GPUQueue a moment after it is made.
+        result = aifactory_installed.kubectl("apply", "--dry-run=server", "-f", str(path),
+                                             check=False)
+        if result.returncode != 0 and all(e in result.stderr for e in expectations):
+            return result
+        return None
+
+    try:
+        wait_for(refused, 30, f"{path.name} to be refused", interval=0.2)
+    except AssertionError:
+        result = aifactory_installed.kubectl("apply", "--dry-run=server", "-f", str(path),
+                                             check=False)
+        assert result.returncode != 0, f"{path.name} was accepted:\n{result.stdout}"
+        for expected in expectations:
+            assert expected in result.stderr, \
+                f"{path.name}: {expected!r} not in:\n{result.stderr}"
 
 
 def test_trainingjob_spec_is_immutable(aifactory_installed: KubeTestEnv) -> None:
