@@ -117,9 +117,14 @@ def _placement_fields(obj: Tracked, ctx: StatusContext,
     }
 
 
+def _queue(obj: Tracked) -> dict[str, Any]:
+    """The queue the job is charged to: its own, or its namespace's default."""
+    return {"queue": obj.spec.queue} if obj.spec is not None else {}
+
+
 def job_status(obj: Tracked, ctx: StatusContext) -> dict[str, Any]:
     """Status of a TrainingJob from its one core record."""
-    base: dict[str, Any] = {"observedGeneration": obj.generation}
+    base: dict[str, Any] = {"observedGeneration": obj.generation, **_queue(obj)}
     if obj.invalid is not None or not obj.keys:
         return {**base, "phase": Phase.FAILED, "message": obj.invalid or "not submitted",
                 "conditions": obj.conditions.as_list(), "placement": None, "span": None,
@@ -158,7 +163,7 @@ def job_status(obj: Tracked, ctx: StatusContext) -> dict[str, Any]:
 
 def service_status(obj: Tracked, ctx: StatusContext) -> dict[str, Any]:
     """Status of an InferenceService from its replicas' records; conditions are derived."""
-    base: dict[str, Any] = {"observedGeneration": obj.generation}
+    base: dict[str, Any] = {"observedGeneration": obj.generation, **_queue(obj)}
     gen, now = obj.generation, ctx.now
     conds = obj.conditions
     if obj.invalid is not None:

@@ -213,6 +213,9 @@ def test_a_tenants_job_runs_in_its_queue_and_cannot_touch_the_other_team(
         wait_for(lambda: phase("tenancy-a", "mine") == "Running"
                  and phase("tenancy-b", "theirs") == "Running", 60,
                  "both teams' jobs to run")
+        queue = env.kubectl("get", "trainingjob", "mine", "-n=tenancy-a", "-o",
+                            "jsonpath={.status.queue}").stdout
+        assert queue == "tenancy-a"  # named none: the namespace's queue, shown in status
         got = json.loads(env.kubectl("get", "trainingjobs", "-A", "-o", "json").stdout)
         names = {(j["metadata"]["namespace"], j["metadata"]["name"]) for j in got["items"]}
         assert ("tenancy-a", "sneaky") not in names and ("tenancy-a", "inflated") not in names
