@@ -80,7 +80,8 @@ class Engine:
 
     def __init__(self, cp: ControlPlane, kube: KubeClient, clock: Clock,
                  options: EngineOptions | None = None,
-                 reconciler: Reconciler | None = None) -> None:
+                 reconciler: Reconciler | None = None,
+                 may_write: Callable[[], bool] | None = None) -> None:
         self.cp = cp
         self.reconciler = reconciler
         self.lock = threading.Lock()  # held while the plane changes; scrapes take it to read
@@ -95,7 +96,7 @@ class Engine:
         # operator may not read Namespaces; the API server's admission policies still hold).
         self.namespaces: dict[str, NamespaceGrant] | None = None
         self.stats: dict[str, float] = collections.defaultdict(float)
-        self.outbox = Outbox(kube, self.stats, options.writers)
+        self.outbox = Outbox(kube, self.stats, options.writers, may_write)
         self.kube = kube
         self.books = StatusBooks()
         self.last_gpu_power: list[float] = []

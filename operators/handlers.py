@@ -15,6 +15,7 @@ Namespaces are watched the same way, for the queue grants their annotations hold
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ class OperatorApp:
     kube: KubeClient | None = None
     engine: Engine | None = None
     report: RecoveryReport | None = None
+    may_write: Callable[[], bool] | None = None  # the leader election's fence
 
     def running_engine(self) -> Engine:
         if self.engine is None:
@@ -92,7 +94,7 @@ def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
         if app.kube is None:
             app.kube = KubeClient(load_configuration(app.kubeconfig))
         try:
-            engine, report = await build_engine(app.kube, app.options)
+            engine, report = await build_engine(app.kube, app.options, app.may_write)
         except AifactoryError as exc:
             await app.kube.close()
             raise kopf.PermanentError(str(exc)) from exc

@@ -29,9 +29,12 @@ start-up recovery finished); the factory's and the operator's Prometheus metrics
 from __future__ import annotations
 
 import argparse
+import http.server
 import logging
 import os
+import socket
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +44,7 @@ from aifactory.controller.observe.exporter import DEFAULT_METRICS_PORT
 from aifactory.controller.placement.registry import POLICY_NAMES
 from aifactory.operators.books import EngineOptions
 from aifactory.operators.inventory import INVENTORY_MODES
+from aifactory.operators.leader import LeaderElector, LeaseTimings
 from aifactory.operators.metrics_server import TELEMETRY_CHOICES
 from aifactory.operators.session import BACKENDS, BackendError, RayOptions, check_backend
 from aifactory.operators.startup import OperatorOptions
@@ -105,6 +109,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help="port of Prometheus /metrics (the factory exporter and the operator's "
                         f"counters); 0 disables (default {DEFAULT_METRICS_PORT})")
+    p.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                   help="hold a coordination.k8s.io Lease before placing anything, so only "
+                        "one of several replicas acts (default on)")
+    p.add_argument("--lease-namespace",
+                   default=os.environ.get("POD_NAMESPACE") or "aifactory-system",
+                   help="namespace of the Lease (default: $POD_NAMESPACE, else "
+                        "aifactory-system)")
+    p.add_argument("--lease-name", default="aifactory-operator",
+                   help="name of the Lease (default aifactory-operator)")
+    p.add_argument("--leader-identity",
+                   default=os.environ.get("POD_NAME") or socket.gethostname(),
+                   help="this replica's identity in the Lease (default: $POD_NAME, else the "
+                        "host name); a restarted pod keeps it and takes its Lease back at once")
+    p.add_argument("--lease-seconds", type=_positive, default=10.0,
+                   help="a standby takes over this long after the leader's last renewal; "
+                        "the leader stops writing after 0.7 of it without renewing "
+                        "(default 10)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
 
@@ -183,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from aifactory.operators.handlers import OperatorApp, build_registry
 
     app = OperatorApp(options, kubeconfig=args.kubeconfig)
+    if args.leader_elect:
+        elector = _campaign(args)
+        app.may_write = elector.is_leader
     registry = build_registry(app)
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     try:
@@ -195,6 +219,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aifactory operator: error: start-up failed: {cause}", file=sys.stderr)
         return 1
     return 0
+
+
+def _campaign(args: argparse.Namespace) -> LeaderElector:
+    """Wait, as a standby serving health, until this replica holds the Lease. Losing it
+    later ends the process at once (the pod restarts as a standby): the fence has already
+    stopped its writes by then."""
+    lease = args.lease_seconds
+    timings = LeaseTimings(lease, renew_deadline_seconds=0.7 * lease,
+                           retry_seconds=0.2 * lease)
+    elector = LeaderElector(args.lease_namespace, args.lease_name, args.leader_identity,
+                            timings, kubeconfig=args.kubeconfig)
+
+    def lost() -> None:
+        logging.getLogger(__name__).critical(
+            "lost the leader lease %s/%s; exiting so a standby takes over",
+            args.lease_namespace, args.lease_name)
+        logging.shutdown()
+        os._exit(3)
+
+    standby = _serve_standby_health(args.health_port)
+    elector.start(lost)
+    logging.getLogger(__name__).info("waiting for the leader lease %s/%s as %s",
+                                     args.lease_namespace, args.lease_name,
+                                     args.leader_identity)
+    try:
+        elector.leading.wait()
+    finally:
+        if standby is not None:
+            standby.shutdown()
+            standby.server_close()
+    return elector
+
+
+def _serve_standby_health(port: int) -> http.server.ThreadingHTTPServer | None:
+    """``/healthz`` while waiting for the Lease: a standby is alive and ready to take over."""
+    if not port:
+        return None
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path.rstrip("/") == "/healthz"
+            body = b'{"standby": true}' if ok else b"not found"
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Type", "application/json" if ok else "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Health)
+    threading.Thread(target=server.serve_forever, name="aifactory-standby-health",
+                     daemon=True).start()
+    return server
 
 
 if __name__ == "__main__":

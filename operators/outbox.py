@@ -14,7 +14,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aifactory.operators.kube import KubeClient, KubeError, ObjectRef
@@ -29,10 +29,14 @@ StatusKey = tuple[str, str, str]  # kind, namespace ("" if cluster-scoped), name
 class Outbox:
     """Pending status patches and Events, and the tasks that send them."""
 
-    def __init__(self, kube: KubeClient, stats: dict[str, float], writers: int = 6) -> None:
+    def __init__(self, kube: KubeClient, stats: dict[str, float], writers: int = 6,
+                 may_write: Callable[[], bool] | None = None) -> None:
         self.kube = kube
         self.stats = stats
         self.writers = writers
+        # The leader-election fence: status (placements) is written only while it says
+        # True; a replica that lost its lease writes nothing and is about to exit.
+        self.may_write = may_write or (lambda: True)
         self._status: dict[StatusKey, Mapping[str, Any]] = {}
         self._ready: asyncio.Queue[StatusKey] = asyncio.Queue()
         self._in_flight: set[StatusKey] = set()
@@ -86,6 +90,9 @@ class Outbox:
             key = await self._ready.get()
             status = self._status.pop(key, None)
             if status is None:
+                continue
+            if not self.may_write():
+                self.stats["fenced_writes"] += 1
                 continue
             self._in_flight.add(key)
             kind, namespace, name = key

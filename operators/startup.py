@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -138,9 +138,11 @@ def _configs(items: Iterable[Mapping[str, Any]], kind: str
     return out
 
 
-async def build_engine(kube: KubeClient, options: OperatorOptions) -> tuple[Engine,
-                                                                            RecoveryReport]:
-    """Everything up to a recovered, not yet started, engine."""
+async def build_engine(kube: KubeClient, options: OperatorOptions,
+                       may_write: Callable[[], bool] | None = None,
+                       ) -> tuple[Engine, RecoveryReport]:
+    """Everything up to a recovered, not yet started, engine. ``may_write`` is the leader
+    election's fence (status is written only while it says True)."""
     await wait_for_crds(kube)
     listing = {kind: await kube.list_objects(kind) for kind in KINDS}
     namespaces = await _namespaces(kube)
@@ -155,7 +157,8 @@ async def build_engine(kube: KubeClient, options: OperatorOptions) -> tuple[Engi
         assert session.factory is not None and session.topology is not None
         factory, topo = session.factory, session.topology
     try:
-        return _assemble(kube, options, listing, clock, session, factory, topo, namespaces)
+        return _assemble(kube, options, listing, clock, session, factory, topo, namespaces,
+                         may_write)
     except BaseException:
         session.close()
         raise
@@ -165,6 +168,7 @@ def _assemble(kube: KubeClient, options: OperatorOptions,
               listing: Mapping[str, list[Any]], clock: WallClock, session: BackendSession,
               factory: FactorySpec, topo: Topology,
               namespaces: list[dict[str, Any]] | None = None,
+              may_write: Callable[[], bool] | None = None,
               ) -> tuple[Engine, RecoveryReport]:
     backend = session.backend
     queues = _configs(listing[QUEUE_KIND], QUEUE_KIND)
@@ -187,7 +191,7 @@ def _assemble(kube: KubeClient, options: OperatorOptions,
                            power_budgets=have.power_budgets)
 
         reconciler = Reconciler(cp, backend, grown)
-    engine = Engine(cp, kube, clock, options.engine, reconciler)
+    engine = Engine(cp, kube, clock, options.engine, reconciler, may_write)
     engine.on_stop.append(session.close)
     for kind, entries in ((QUEUE_KIND, queues), (BUDGET_KIND, budgets)):
         for item, spec, invalid in entries:

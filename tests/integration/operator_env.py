@@ -108,7 +108,9 @@ class OperatorProcess:
     def log_path(self) -> Path:
         return self.workdir / f"operator-{self.starts}.log"
 
-    def start(self, ready_timeout: float = 60.0) -> None:
+    def start(self, ready_timeout: float = 60.0, leading: bool = True) -> None:
+        """Start it and wait until it leads and its engine runs (``leading``), or only until
+        it answers ``/healthz`` (a standby waiting for the leader Lease does)."""
         self.starts += 1
         self.health_port, self.metrics_port = free_port(), free_port()
         argv = [sys.executable, "-m", "aifactory.controller.cli.main", "operator",
@@ -123,18 +125,28 @@ class OperatorProcess:
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True,
                                          preexec_fn=_die_with_parent)
-        wait_for(self._ready, ready_timeout, "the operator's /healthz", interval=0.1)
+        wait_for(self.leading if leading else self._healthy, ready_timeout,
+                 "the operator's /healthz" + (" as the leader" if leading else ""),
+                 interval=0.1)
 
-    def _ready(self) -> bool:
+    def _health(self) -> str | None:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"the operator exited with {self.proc.returncode}:\n"
                                  f"{self.log_tail()}")
         try:
             url = f"http://127.0.0.1:{self.health_port}/healthz"
             with urllib.request.urlopen(url, timeout=2) as response:
-                return bool(response.status == 200)
+                return response.read().decode() if response.status == 200 else None
         except OSError:
-            return False
+            return None
+
+    def _healthy(self) -> bool:
+        return self._health() is not None
+
+    def leading(self) -> bool:
+        """Its engine runs: /healthz answers, and not as a standby."""
+        body = self._health()
+        return body is not None and '"standby"' not in body
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -207,6 +219,11 @@ class Watch:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.deleted: set[tuple[str, str]] = set()
         self.changed = threading.Condition(self.lock)
+        # Checked against every object after every event (not only at the end): each says
+        # what is wrong, or None. What they say is kept in ``violations``.
+        self.invariants: list[Callable[[dict[tuple[str, str], dict[str, Any]]], str | None]] = []
+        self.violations: list[str] = []
+        self.events = 0
         self._conn: http.client.HTTPSConnection | None = None
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -247,6 +264,11 @@ class Watch:
                 phase = (obj.get("status") or {}).get("phase")
                 if phase:
                     self.first.setdefault(key, {}).setdefault(phase, now)
+            self.events += 1
+            for check in self.invariants:
+                wrong = check(self.objects)
+                if wrong is not None:
+                    self.violations.append(wrong)
             self.changed.notify_all()
 
     def phase(self, namespace: str, name: str) -> str | None:
