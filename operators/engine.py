@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from aifactory.controller.backends.base import FailsNodes
 from aifactory.controller.core.clock import Clock
 from aifactory.controller.core.errors import SpecError
 from aifactory.controller.core.spec import (
@@ -49,11 +50,12 @@ from aifactory.controller.core.spec import (
     replica_jobs,
 )
 from aifactory.controller.runtime.controlplane import ControlPlane, JobRecord
-from aifactory.controller.runtime.resync import Reconciler
+from aifactory.controller.runtime.resync import Reconciler, sync_inventory
 from aifactory.operators import publish
 from aifactory.operators.books import EngineOptions, StatusBooks
 from aifactory.operators.configstatus import ConfigEntry
 from aifactory.operators.kube import KubeClient
+from aifactory.operators.nodes import NodeBook
 from aifactory.operators.objects import StatusContext, Tracked
 from aifactory.operators.outbox import Outbox
 from aifactory.operators.status import Conditions, Phase
@@ -92,6 +94,11 @@ class Engine:
         self.objects: dict[tuple[str, str, str], Tracked] = {}
         self.owner: dict[str, Tracked] = {}
         self.configs: dict[tuple[str, str], ConfigEntry] = {}
+        # Node health from Node objects (operators.nodes); None: not followed (an inventory
+        # from a factory spec, or a backend that sees its nodes die itself, as Ray does).
+        self.node_book: NodeBook | None = None
+        self._failed_nodes: dict[str, str] = {}
+        self._cordoned: set[str] = set()
         # Each namespace's queue grant (start-up loads them); None: not checked here (the
         # operator may not read Namespaces; the API server's admission policies still hold).
         self.namespaces: dict[str, NamespaceGrant] | None = None
@@ -121,6 +128,10 @@ class Engine:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._request("delete", (kind, namespace, name, uid, done))
         await asyncio.wait_for(done, self.opts.delete_timeout_seconds)
+
+    def apply_node(self, body: dict[str, Any], deleted: bool) -> None:
+        """A Node appeared, changed (Ready, taints, cordon, allocatable GPUs) or went."""
+        self._request("node", (body, deleted))
 
     def apply_namespace(self, body: dict[str, Any], deleted: bool) -> None:
         """A Namespace appeared, changed its annotations (its queue grant) or went away."""
@@ -202,8 +213,13 @@ class Engine:
         if force:
             self._last_forced = mono
         if self.reconciler is None:
+            moved = self._follow_nodes()
             self.cp.poll()
-            self.cp.cycle(force=force)
+            if self.node_book is not None:
+                sync_inventory(self.cp, [n.name for n in self.cp.topo.nodes
+                                         if n.name not in self._failed_nodes
+                                         and n.name not in self._cordoned])
+            self.cp.cycle(force=force or moved)
         else:
             self.reconciler.step(force=force)
             if self.reconciler.cp is not self.cp:
@@ -236,6 +252,9 @@ class Engine:
             self._apply_config(*args)
         elif verb == "namespace":
             self.load_namespace(*args)
+        elif verb == "node" and self.node_book is not None:
+            body, deleted = args
+            self.node_book.observe(body, deleted, time.monotonic())
 
     def track(self, kind: str, body: dict[str, Any]) -> Tracked:
         """The Tracked for a body, new if the object is new (or was re-created)."""
@@ -432,6 +451,40 @@ class Engine:
         if self.objects.get(obj.ident) is obj:
             del self.objects[obj.ident]
         self.books.drop(obj)
+
+    def _follow_nodes(self) -> bool:
+        """Fail the gangs on nodes that failed (they restart from their last checkpoint),
+        take back nodes that recovered, note cordons; True if anything changed."""
+        book = self.node_book
+        if book is None:
+            return False
+        failed, cordoned = book.verdicts(((n.name, n.gpus) for n in self.cp.topo.nodes),
+                                         time.monotonic())
+        backend = self.cp.backend
+        changed = False
+        for name, why in failed.items():
+            if name in self._failed_nodes:
+                continue
+            hit: list[str] = []
+            if isinstance(backend, FailsNodes):
+                gone = not book.nodes[name].present
+                hit = backend.fail_node(name, why, removed=gone)
+            self.stats["node_failures"] += 1
+            log.warning("%s: %d gang(s) there restart from their last checkpoint, and it "
+                        "takes no new work", why, len(hit))
+            changed = True
+        for name in self._failed_nodes:
+            if name not in failed:
+                if isinstance(backend, FailsNodes):
+                    backend.repair_node(name)
+                log.info("node %s is healthy again and takes work", name)
+                changed = True
+        for name in sorted(cordoned ^ self._cordoned):
+            log.info("node %s %s", name, "is cordoned: it keeps what runs there and takes "
+                     "no new work" if name in cordoned else "is uncordoned")
+            changed = True
+        self._failed_nodes, self._cordoned = failed, cordoned
+        return changed
 
     def _replace_plane(self, cp: ControlPlane) -> None:
         """The reconciler rebuilt the plane over a grown inventory (same jobs, new node

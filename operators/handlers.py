@@ -132,6 +132,14 @@ def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
         if isinstance(body, dict) and engine is not None and engine.namespaces is not None:
             engine.apply_namespace(plain(body), deleted=event.get("type") == "DELETED")
 
+    @kopf.on.event("v1", "nodes", registry=registry, id="nodes-event")
+    async def on_node(event: kopf.RawEvent, **_: Any) -> None:
+        """A Node's health (Ready, taints, cordon, allocatable GPUs) changed, or it went."""
+        body = event.get("object")
+        engine = app.engine
+        if isinstance(body, dict) and engine is not None and engine.node_book is not None:
+            engine.apply_node(plain(body), deleted=event.get("type") == "DELETED")
+
     return registry
 
 

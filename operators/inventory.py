@@ -5,7 +5,8 @@ the device plugin's count) or, on clusters without GPUs such as kind, when it ca
 feature discovery label ``nvidia.com/gpu.count`` (simulated GPUs on labelled nodes). The GPU
 model comes from ``nvidia.com/gpu.product``; racks and blocks from ``aifactory.io/rack`` and
 ``aifactory.io/block`` (a node without them is a rack of its own). Cordoned nodes
-(``spec.unschedulable``) are left out.
+(``spec.unschedulable``) are part of the inventory: a cordon means no new work, not the end
+of what runs there (``operators.nodes`` keeps new work off them).
 
 ``--inventory auto`` (the default) uses the Nodes when any is a GPU node, else the factory
 spec given by ``--cluster`` (a built-in name or a SimulatedFactory YAML).
@@ -47,8 +48,8 @@ def nodes_from_objects(items: Iterable[Mapping[str, Any]]) -> list[NodeInfo]:
     for item in items:
         meta = item.get("metadata") or {}
         name = meta.get("name")
-        if not isinstance(name, str) or (item.get("spec") or {}).get("unschedulable"):
-            continue
+        if not isinstance(name, str):
+            continue  # a cordoned node stays: it keeps what runs there (operators.nodes)
         labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
         allocatable = ((item.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE)
         gpus = _count(allocatable) or _count(labels.get(GPU_COUNT_LABEL))

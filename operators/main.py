@@ -109,6 +109,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help="port of Prometheus /metrics (the factory exporter and the operator's "
                         f"counters); 0 disables (default {DEFAULT_METRICS_PORT})")
+    p.add_argument("--node-grace-seconds", type=_positive, default=40.0,
+                   help="with Node objects as the inventory, a node not Ready for this long "
+                        "fails the gangs there (they restart from their last checkpoint); "
+                        "a shorter blip changes nothing (default 40)")
     p.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
                    help="hold a coordination.k8s.io Lease before placing anything, so only "
                         "one of several replicas acts (default on)")
@@ -177,7 +181,8 @@ def options_from(args: argparse.Namespace) -> OperatorOptions:
                            inventory=args.inventory, sim_speed=args.sim_speed,
                            policy=args.policy, ray=ray, engine=engine,
                            metrics_port=args.metrics_port, telemetry=args.telemetry,
-                           per_gpu_metrics=not args.node_metrics)
+                           per_gpu_metrics=not args.node_metrics,
+                           node_grace_seconds=args.node_grace_seconds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

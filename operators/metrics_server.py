@@ -65,6 +65,11 @@ COUNTERS = (
      "Events dropped because the backlog was full."),
     ("loop_errors", "aifactory_operator_engine_errors",
      "Engine passes that raised (logged; the operator continues)."),
+    ("node_failures", "aifactory_operator_node_failures",
+     "GPU nodes found failed from their Node objects (deleted, NoExecute-tainted, GPUs lost, "
+     "or NotReady past the grace period)."),
+    ("fenced_writes", "aifactory_operator_fenced_writes",
+     "Status writes not sent because this replica no longer held the leader Lease."),
 )
 
 

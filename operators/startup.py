@@ -46,6 +46,7 @@ from aifactory.operators.books import EngineOptions
 from aifactory.operators.engine import Engine
 from aifactory.operators.inventory import choose_factory
 from aifactory.operators.kube import KubeClient, KubeError
+from aifactory.operators.nodes import NodeBook
 from aifactory.operators.objects import Tracked
 from aifactory.operators.session import (
     BackendSession,
@@ -88,6 +89,7 @@ class OperatorOptions:
     metrics_port: int = 9402  # 0: no metrics server
     telemetry: str = "auto"
     per_gpu_metrics: bool = True
+    node_grace_seconds: float = 40.0  # NotReady this long fails a node's gangs
 
 
 @dataclass(slots=True)
@@ -147,6 +149,7 @@ async def build_engine(kube: KubeClient, options: OperatorOptions,
     listing = {kind: await kube.list_objects(kind) for kind in KINDS}
     namespaces = await _namespaces(kube)
     clock = WallClock(options.sim_speed)
+    node_objects: list[dict[str, Any]] = []
     if options.backend == "sim":
         node_objects = [] if options.inventory == "factory" else await kube.list_nodes()
         factory = choose_factory(options.inventory, node_objects, options.cluster)
@@ -157,8 +160,15 @@ async def build_engine(kube: KubeClient, options: OperatorOptions,
         assert session.factory is not None and session.topology is not None
         factory, topo = session.factory, session.topology
     try:
-        return _assemble(kube, options, listing, clock, session, factory, topo, namespaces,
-                         may_write)
+        engine, report = _assemble(kube, options, listing, clock, session, factory, topo,
+                                   namespaces, may_write)
+        if options.backend == "sim" and factory.source == "Node objects":
+            # The inventory is the cluster's Nodes: follow their health from now on.
+            engine.node_book = NodeBook(options.node_grace_seconds)
+            now = time.monotonic()
+            for item in node_objects:
+                engine.node_book.observe(item, False, now)
+        return engine, report
     except BaseException:
         session.close()
         raise

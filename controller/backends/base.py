@@ -28,6 +28,7 @@ from aifactory.controller.core.topology import NodeInfo
 __all__ = [
     "AdoptsGangs",
     "ClusterBackend",
+    "FailsNodes",
     "ForgetsJobs",
     "FoundGang",
     "GPUReading",
@@ -153,6 +154,23 @@ class MetersJobEnergy(Protocol):
 
     def job_energy_joules(self, job: str) -> float:
         """Joules the job's GPUs drew for it, over every run the backend remembers."""
+        ...
+
+
+@runtime_checkable
+class FailsNodes(Protocol):
+    """A backend whose nodes the control plane declares failed and repaired: the simulated
+    factory, which learns of a node's failure from outside (the operator from Node
+    objects). A real backend learns of dead nodes itself (Ray's raylets)."""
+
+    def fail_node(self, name: str, message: str = "", removed: bool = False) -> list[str]:
+        """The node fails: its gangs fail (retryable, with ``message``) and it leaves the
+        inventory; ``removed``: it is gone for good, and no longer reported. Returns the
+        jobs that failed."""
+        ...
+
+    def repair_node(self, name: str) -> None:
+        """The node is back: it rejoins the inventory with idle GPUs."""
         ...
 
 

@@ -111,6 +111,7 @@ class SimulatedBackend:
         self.default_runtime_seconds = default_runtime_seconds
         self._node_index = {n.name: i for i, n in enumerate(self._nodes)}
         self._down: set[int] = set()
+        self._removed: set[int] = set()  # deleted nodes: not reported any more
         self._gpus: list[_GPU] = []
         self._node_first_gpu: list[int] = []
         start = clock()
@@ -195,6 +196,8 @@ class SimulatedBackend:
             self._maybe_finish(work, now)
         readings: list[GPUReading] = []
         for g, gpu in enumerate(self._gpus):
+            if gpu.node in self._removed:
+                continue
             self._settle(g, now)
             node = self._nodes[gpu.node]
             util = self._gpu_utilization(gpu)
@@ -227,10 +230,13 @@ class SimulatedBackend:
                 done.append(key)
         return done
 
-    def fail_node(self, name: str, message: str = "") -> list[str]:
-        """A node dies: its jobs fail (retryable), it leaves the inventory. Returns the jobs."""
+    def fail_node(self, name: str, message: str = "", removed: bool = False) -> list[str]:
+        """A node dies: its jobs fail (retryable), it leaves the inventory (and, when
+        ``removed``, its telemetry). Returns the jobs."""
         n = self._node_index[name]
         self._down.add(n)
+        if removed:
+            self._removed.add(n)
         hit = self._fail_gpus(set(range(self._node_first_gpu[n],
                                          self._node_first_gpu[n] + self._nodes[n].gpus)),
                               message or f"node {name} failed")
@@ -244,6 +250,7 @@ class SimulatedBackend:
     def repair_node(self, name: str) -> None:
         n = self._node_index[name]
         self._down.discard(n)
+        self._removed.discard(n)
         now = self._clock()
         for g in range(self._node_first_gpu[n], self._node_first_gpu[n] + self._nodes[n].gpus):
             self._settle(g, now)

@@ -167,8 +167,10 @@ def test_gpu_nodes_come_from_allocatable_or_the_count_label() -> None:
         _node("cordoned", rack, allocatable="8", unschedulable=True),
         _node("broken", {**rack, "nvidia.com/gpu.count": "eight"}),
     ])
-    assert [(n.name, n.gpus, n.gpu_model) for n in nodes] == [("kind", 4, "H200"),
-                                                              ("real", 8, "H200")]
+    # A cordoned node stays in the inventory (its running work is kept; nothing new lands
+    # there: operators.nodes).
+    assert [(n.name, n.gpus, n.gpu_model) for n in nodes] == [
+        ("cordoned", 8, "H200"), ("kind", 4, "H200"), ("real", 8, "H200")]
 
 
 def test_auto_inventory_falls_back_to_the_factory_spec() -> None:
