@@ -39,7 +39,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from aifactory.controller.backends.base import FailsNodes
 from aifactory.controller.core.clock import Clock
 from aifactory.controller.core.errors import SpecError
 from aifactory.controller.core.spec import (
@@ -50,7 +49,7 @@ from aifactory.controller.core.spec import (
     replica_jobs,
 )
 from aifactory.controller.runtime.controlplane import ControlPlane, JobRecord
-from aifactory.controller.runtime.resync import Reconciler, sync_inventory
+from aifactory.controller.runtime.resync import Reconciler
 from aifactory.operators import publish
 from aifactory.operators.books import EngineOptions, StatusBooks
 from aifactory.operators.configstatus import ConfigEntry
@@ -97,8 +96,6 @@ class Engine:
         # Node health from Node objects (operators.nodes); None: not followed (an inventory
         # from a factory spec, or a backend that sees its nodes die itself, as Ray does).
         self.node_book: NodeBook | None = None
-        self._failed_nodes: dict[str, str] = {}
-        self._cordoned: set[str] = set()
         # Each namespace's queue grant (start-up loads them); None: not checked here (the
         # operator may not read Namespaces; the API server's admission policies still hold).
         self.namespaces: dict[str, NamespaceGrant] | None = None
@@ -213,12 +210,11 @@ class Engine:
         if force:
             self._last_forced = mono
         if self.reconciler is None:
-            moved = self._follow_nodes()
+            book = self.node_book
+            moved = book.follow(self.cp, self.stats) if book is not None else False
             self.cp.poll()
-            if self.node_book is not None:
-                sync_inventory(self.cp, [n.name for n in self.cp.topo.nodes
-                                         if n.name not in self._failed_nodes
-                                         and n.name not in self._cordoned])
+            if book is not None:
+                book.fence(self.cp)
             self.cp.cycle(force=force or moved)
         else:
             self.reconciler.step(force=force)
@@ -451,40 +447,6 @@ class Engine:
         if self.objects.get(obj.ident) is obj:
             del self.objects[obj.ident]
         self.books.drop(obj)
-
-    def _follow_nodes(self) -> bool:
-        """Fail the gangs on nodes that failed (they restart from their last checkpoint),
-        take back nodes that recovered, note cordons; True if anything changed."""
-        book = self.node_book
-        if book is None:
-            return False
-        failed, cordoned = book.verdicts(((n.name, n.gpus) for n in self.cp.topo.nodes),
-                                         time.monotonic())
-        backend = self.cp.backend
-        changed = False
-        for name, why in failed.items():
-            if name in self._failed_nodes:
-                continue
-            hit: list[str] = []
-            if isinstance(backend, FailsNodes):
-                gone = not book.nodes[name].present
-                hit = backend.fail_node(name, why, removed=gone)
-            self.stats["node_failures"] += 1
-            log.warning("%s: %d gang(s) there restart from their last checkpoint, and it "
-                        "takes no new work", why, len(hit))
-            changed = True
-        for name in self._failed_nodes:
-            if name not in failed:
-                if isinstance(backend, FailsNodes):
-                    backend.repair_node(name)
-                log.info("node %s is healthy again and takes work", name)
-                changed = True
-        for name in sorted(cordoned ^ self._cordoned):
-            log.info("node %s %s", name, "is cordoned: it keeps what runs there and takes "
-                     "no new work" if name in cordoned else "is uncordoned")
-            changed = True
-        self._failed_nodes, self._cordoned = failed, cordoned
-        return changed
 
     def _replace_plane(self, cp: ControlPlane) -> None:
         """The reconciler rebuilt the plane over a grown inventory (same jobs, new node

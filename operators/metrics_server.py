@@ -68,6 +68,8 @@ COUNTERS = (
     ("node_failures", "aifactory_operator_node_failures",
      "GPU nodes found failed from their Node objects (deleted, NoExecute-tainted, GPUs lost, "
      "or NotReady past the grace period)."),
+    ("hot_swaps", "aifactory_operator_hot_swaps",
+     "Gangs repaired by moving only the workers on failed nodes to spare nodes."),
     ("fenced_writes", "aifactory_operator_fenced_writes",
      "Status writes not sent because this replica no longer held the leader Lease."),
 )

@@ -12,21 +12,32 @@ The operator watches Nodes (RBAC get/list/watch) and keeps, per node of its inve
     kube-controller-manager's node-monitor grace): a shorter blip changes nothing;
 - **cordoned** (``spec.unschedulable``): no new work, and what runs there keeps running.
 
-A node that is healthy again takes work again. Each change is logged, counted in
-``aifactory_operator_node_failures_total``, and the affected jobs get an Event (their restart
-names the node and why). A node object without a Ready condition (as a test cluster without
+A gang that lost workers on failed nodes is repaired when spares exist: only the lost
+workers move, inside the domain its constraints allow (``controller.runtime.repair``), and it
+restarts from its checkpoint; otherwise it is requeued from its checkpoint with the reason. A
+node that is healthy again takes work again. Each change is logged, counted
+(``aifactory_operator_node_failures_total``, ``_hot_swaps_total``), and the affected jobs get
+an Event naming the node and why. A node object without a Ready condition (as a test cluster without
 kubelets has) counts as ready.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aifactory.controller.backends.base import FailsNodes
+from aifactory.controller.runtime.controlplane import ControlPlane
+from aifactory.controller.runtime.repair import hot_swap
+from aifactory.controller.runtime.resync import sync_inventory
+
 __all__ = ["NodeBook", "NodeHealth"]
 
 GPU_RESOURCE = "nvidia.com/gpu"
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -70,6 +81,8 @@ class NodeBook:
 
     grace_seconds: float = 40.0
     nodes: dict[str, NodeHealth] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # as last acted on: node -> why
+    cordoned: set[str] = field(default_factory=set)
 
     def observe(self, body: Mapping[str, Any], deleted: bool, now: float) -> None:
         """A Node event (or a Node of the start-up listing)."""
@@ -114,3 +127,65 @@ class NodeBook:
             elif health.cordoned:
                 cordoned.add(name)
         return failed, cordoned
+
+    # ----------------------------------------------------------------- acting on it
+
+    def follow(self, cp: ControlPlane, stats: dict[str, float],
+               now: float | None = None) -> bool:
+        """Act on what changed since the last call: fail the workers on newly failed nodes
+        (hot swapping them, see ``_repair``), take back recovered nodes, note cordons.
+        True if anything changed."""
+        failed, cordoned = self.verdicts(((n.name, n.gpus) for n in cp.topo.nodes),
+                                         time.monotonic() if now is None else now)
+        backend = cp.backend
+        changed = False
+        hit: dict[str, str] = {}  # job -> why (the first failed node it was on)
+        for name, why in failed.items():
+            if name in self.failed:
+                continue
+            jobs: list[str] = []
+            if isinstance(backend, FailsNodes):
+                jobs = backend.fail_node(name, why, removed=not self.nodes[name].present)
+            for job in jobs:
+                hit.setdefault(job, why)
+            stats["node_failures"] += 1
+            log.warning("%s: %d gang(s) there lose workers, and it takes no new work", why,
+                        len(jobs))
+            changed = True
+        if hit:
+            self._repair(cp, stats, hit, failed, cordoned)
+        for name in self.failed:
+            if name not in failed:
+                if isinstance(backend, FailsNodes):
+                    backend.repair_node(name)
+                log.info("node %s is healthy again and takes work", name)
+                changed = True
+        for name in sorted(cordoned ^ self.cordoned):
+            log.info("node %s %s", name, "is cordoned: it keeps what runs there and takes "
+                     "no new work" if name in cordoned else "is uncordoned")
+            changed = True
+        self.failed, self.cordoned = failed, cordoned
+        return changed
+
+    def fence(self, cp: ControlPlane) -> None:
+        """Keep new work off failed and cordoned nodes (after the plane polled its backend,
+        so GPUs freed there are fenced too); lift the fences of nodes that recovered."""
+        sync_inventory(cp, [n.name for n in cp.topo.nodes
+                            if n.name not in self.failed and n.name not in self.cordoned])
+
+    @staticmethod
+    def _repair(cp: ControlPlane, stats: dict[str, float], hit: Mapping[str, str],
+                failed: Mapping[str, str], cordoned: set[str]) -> None:
+        """Gangs that lost workers on failed nodes: hot swap the lost workers to spares in
+        the domain their constraints allow, every failed node at once; a gang with no spare
+        is requeued from its checkpoint with the reason."""
+        index = cp.topo.node_index
+        lost = frozenset(index[n] for n in failed if n in index)
+        blocked = lost | frozenset(index[n] for n in cordoned if n in index)
+        for job, why in sorted(hit.items()):
+            refused = hot_swap(cp, job, lost, blocked, why)
+            rec = cp.jobs.get(job)
+            if refused is None:
+                stats["hot_swaps"] += 1
+            elif rec is not None and rec.placement is not None and not rec.done:
+                cp.fail_running(rec, f"{why}; {refused}; requeued from its checkpoint")

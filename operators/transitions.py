@@ -1,7 +1,8 @@
 """What each core event means for an object: conditions, Events, and energy bookkeeping.
 
 The control plane calls its listeners with ``(reason, record, message)`` for Queued,
-Waiting, Admitted, Preempted, Restarting, Succeeded and Failed. Here each becomes the
+Waiting, Admitted, Preempted, Restarting, Repaired (a hot swap), Succeeded and
+Failed. Here each becomes the
 TrainingJob's conditions (an InferenceService derives its conditions from all its replicas
 when its status is built), one Kubernetes Event, and, when a run ends, its energy and
 GPU-seconds banked on the object (the record and the backend's workload are forgotten
@@ -75,6 +76,14 @@ def on_core_event(engine: EngineView, reason: str, rec: JobRecord, message: str)
         clear("Preempted", "Readmitted")
         engine.note(obj, "Normal", "Admitted", f"{label}placed: {message}")
         engine.admitted(obj, key)
+    elif reason == "Repaired":  # hot swap: some workers moved, the run restarts there
+        end_run(engine, obj, key, now)
+        assert rec.placement is not None
+        obj.last_placement[key] = rec.placement
+        obj.accounted_at[key] = now
+        engine.books.power_needed = True
+        cond("Running", True, "Repaired")
+        engine.note(obj, "Warning", "Repaired", f"{label}{message}")
     elif reason in ("Preempted", "Restarting"):
         end_run(engine, obj, key, now)
         if reason == "Preempted":

@@ -320,6 +320,30 @@ class ControlPlane:
         self.backend.stop(key)
         self._dirty = True
 
+    def relocate(self, rec: JobRecord, placement: Placement, why: str) -> None:
+        """Restart a running gang from its last checkpoint on ``placement`` (a repair that
+        moved some of its workers): counted as a restart, reported as ``Repaired``."""
+        key = rec.spec.key
+        now = self.now
+        if isinstance(self.backend, SavesWork):
+            rec.work_saved = self.backend.saved_work(key)
+        self.backend.stop(key)
+        self.metrics.job_stopped(rec.spec, now)
+        self.state.release(key)
+        self.state.allocate(placement)
+        rec.placement = placement
+        rec.started_at = rec.last_checkpoint_at = now
+        rec.restarts += 1
+        rec.generation += 1
+        self.metrics.restarts += 1
+        self._now_running(rec)
+        rec.where = describe_placement(placement, self.topo)
+        rec.history.append(f"{now:.0f}s repaired: {why}")
+        self._launch(rec, placement)
+        self.metrics.job_running(self.running_spec(rec), placement, now)
+        self._dirty = True
+        self._emit("Repaired", rec, why)
+
     def requeue(self, rec: JobRecord, why: str, restart: bool) -> None:
         if isinstance(self.backend, SavesWork):
             rec.work_saved = self.backend.saved_work(rec.spec.key)

@@ -146,9 +146,9 @@ def test_failed_nodes_fail_their_gangs_and_cordoned_nodes_keep_theirs(
                  "the waiting gangs to run on the recovered nodes")
         placed = {_node_of(watch, n) for n in four if watch.phase(NS, n) == "Running"}
         assert placed <= set(NAMES) - {where["deleted"], where["cordoned"], where["blip"]}
-        metrics = operator.metrics()
-        assert "aifactory_operator_node_failures_total 3.0" in metrics
-        assert f'node="{where["deleted"]}"' not in metrics  # a deleted node's series went
+        wait_for(lambda: "aifactory_operator_node_failures_total 3.0" in operator.metrics(),
+                 15, "the node failures to be counted")
+        assert f'node="{where["deleted"]}"' not in operator.metrics()  # its series went
         assert watch.violations == [], watch.violations[:3]
         print(f"\ninvariant checked on {watch.events} watch events: 0 violations")
     finally:

@@ -1,0 +1,119 @@
+"""Hot swap on a real API server: a gang that loses a node moves only that worker.
+
+    block b0
+    ├── rack swap-r0: swap-r0-a, swap-r0-b, swap-r0-c   (8 GPUs each)
+    └── rack swap-r1: swap-r1-a, swap-r1-b
+
+Two rack-required gangs of 2 x 8: the tightest rack first (swap-r1, full), then swap-r0,
+which keeps one spare node. A failed node under the swap-r0 gang is repaired in place: its
+worker moves to the spare, the other worker keeps its node, the run restarts from its
+checkpoint. A failed node under the swap-r1 gang finds no spare in its rack: the gang is
+requeued from its checkpoint with that reason, and never leaves its required rack.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.k8s_env import KubeTestEnv
+from tests.integration.operator_env import (
+    OperatorProcess,
+    Watch,
+    delete_all,
+    ensure_namespace,
+    training_job,
+    wait_for,
+)
+from tests.integration.test_operator_ha import no_gpu_held_twice
+
+pytestmark = pytest.mark.integration
+
+NS = "hot-swap"
+NAMES = ["swap-r0-a", "swap-r0-b", "swap-r0-c", "swap-r1-a", "swap-r1-b"]
+
+
+def _node(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {
+                "aifactory.io/rack": name.rsplit("-", 1)[0], "aifactory.io/block": "b0",
+                "nvidia.com/gpu.product": "NVIDIA-H200"}},
+            "status": {"capacity": {"nvidia.com/gpu": "8"},
+                       "allocatable": {"nvidia.com/gpu": "8"}}}
+
+
+@pytest.fixture(scope="module")
+def operator(aifactory_installed: KubeTestEnv, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[OperatorProcess]:
+    env = aifactory_installed
+    others = [n for n in json.loads(env.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+              if n["metadata"]["name"] not in NAMES]
+    assert not others, "this module's Nodes must be the only ones (the inventory)"
+    env.apply([_node(n) for n in NAMES])
+    ensure_namespace(env, NS)
+    proc = OperatorProcess(env, tmp_path_factory.mktemp("swap"),
+                           ["--inventory=nodes", "--status-interval=1"])
+    proc.start()
+    try:
+        yield proc
+    finally:
+        delete_all(env, NS)
+        wait_for(lambda: not json.loads(env.kubectl(
+            "get", "trainingjobs", f"-n={NS}", "-o", "json").stdout)["items"], 60,
+            "the jobs to be released", interval=0.3)
+        proc.stop()
+        env.kubectl("delete", "node", *NAMES, "--ignore-not-found", check=False)
+
+
+def _nodes(watch: Watch, name: str) -> list[str]:
+    workers = (watch.status(NS, name).get("placement") or {}).get("workers") or []
+    return [str(w["node"]) for w in workers]
+
+
+def _events(env: KubeTestEnv, name: str) -> list[str]:
+    out = env.kubectl("get", "events", f"-n={NS}", "-o", "json",
+                      f"--field-selector=involvedObject.name={name}").stdout
+    return [f"{e['reason']}: {e['message']}" for e in json.loads(out)["items"]]
+
+
+def test_a_lost_worker_moves_to_a_spare_in_its_rack_or_the_gang_requeues(
+        aifactory_installed: KubeTestEnv, operator: OperatorProcess) -> None:
+    env = aifactory_installed
+    watch = Watch(env, "trainingjobs")
+    watch.invariants.append(no_gpu_held_twice)
+    try:
+        for name in ("tight", "roomy"):
+            env.apply(training_job(name, NS, workers=2, gpus_per_worker=8,
+                                   topology={"required": "rack"},
+                                   checkpointIntervalSeconds=60,
+                                   expectedRuntimeSeconds=3600))
+            watch.wait_phase(NS, name, ["Running"], timeout=30)
+        assert sorted(_nodes(watch, "tight")) == ["swap-r1-a", "swap-r1-b"]
+        roomy = _nodes(watch, "roomy")
+        assert {n.rsplit("-", 1)[0] for n in roomy} == {"swap-r0"}
+        failing, surviving = roomy
+
+        env.kubectl("taint", "node", failing, "nvidia.com/gpu.health=unhealthy:NoExecute")
+        wait_for(lambda: watch.status(NS, "roomy").get("restarts") == 1
+                 and failing not in _nodes(watch, "roomy"), 30, "the hot swap")
+        after = _nodes(watch, "roomy")
+        assert surviving in after and len(after) == 2  # the survivor kept its node
+        assert {n.rsplit("-", 1)[0] for n in after} == {"swap-r0"}
+        assert watch.phase(NS, "roomy") == "Running"
+        assert any(e.startswith("Repaired:") and "hot swap moved 1 worker(s)" in e
+                   for e in _events(env, "roomy")), _events(env, "roomy")
+
+        env.kubectl("delete", "node", "swap-r1-a")
+        wait_for(lambda: watch.status(NS, "tight").get("restarts") == 1, 30,
+                 "the gang without a spare to be requeued")
+        assert any("no spare for 1 worker(s) in rack swap-r1" in e
+                   for e in _events(env, "tight")), _events(env, "tight")
+        assert watch.phase(NS, "tight") == "Queued"  # its rack cannot hold it now
+        wait_for(lambda: "aifactory_operator_hot_swaps_total 1.0" in operator.metrics(), 15,
+                 "the hot swap to be counted (the snapshot refreshes every second)")
+        assert watch.violations == [], watch.violations[:3]
+    finally:
+        watch.close()
