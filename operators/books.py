@@ -11,7 +11,7 @@ imports the engine nor touches its internals.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +21,64 @@ from aifactory.operators.configstatus import ConfigEntry
 from aifactory.operators.objects import Tracked
 from aifactory.operators.outbox import Outbox
 
-__all__ = ["EngineOptions", "EngineView", "StatusBooks"]
+__all__ = ["Claims", "EngineOptions", "EngineView", "StatusBooks", "StatusKey", "claimed_slots"]
+
+StatusKey = tuple[str, str, str]  # kind, namespace, name
+Slot = tuple[str, int]  # node name, node-local GPU index
+HOLDING = ("Running", "Admitted")
+
+
+def claimed_slots(status: Mapping[str, Any]) -> dict[Slot, int]:
+    """The GPU slots (with the thousandths of each) a status shows its object holding: the
+    placement of a Running (or Admitted) object; nothing for any other phase."""
+    if status.get("phase") not in HOLDING:
+        return {}
+    out: dict[Slot, int] = {}
+    for worker in (status.get("placement") or {}).get("workers") or []:
+        milli = int(worker.get("milli", 1000))
+        for gpu in worker.get("gpus") or []:
+            slot = (str(worker.get("node")), int(gpu))
+            out[slot] = out.get(slot, 0) + milli
+    return out
+
+
+@dataclass(slots=True)
+class Claims:
+    """What the API server shows held: the GPU slots of every object whose last *written*
+    status holds them. A status that would show an object holding a slot another object's
+    written status still holds waits until that other write lands (its release is
+    persisted first), so no LIST ever shows one GPU held by two Running jobs, and a
+    replica that recovers from what it lists never finds two claims to choose between."""
+
+    by_slot: dict[Slot, dict[StatusKey, int]] = field(default_factory=dict)
+    by_object: dict[StatusKey, dict[Slot, int]] = field(default_factory=dict)
+
+    def blocked_by(self, key: StatusKey, status: Mapping[str, Any]) -> StatusKey | None:
+        """Another object whose written status still holds a slot ``status`` would take."""
+        for slot, milli in claimed_slots(status).items():
+            others = self.by_slot.get(slot) or {}
+            held = sum(m for k, m in others.items() if k != key)
+            if held and held + milli > 1000:
+                return next(k for k in others if k != key)
+        return None
+
+    def written(self, key: StatusKey, status: Mapping[str, Any]) -> None:
+        """``status`` of ``key`` landed in the API server."""
+        self.gone(key)
+        slots = claimed_slots(status)
+        if slots:
+            self.by_object[key] = slots
+            for slot, milli in slots.items():
+                self.by_slot.setdefault(slot, {})[key] = milli
+
+    def gone(self, key: StatusKey) -> None:
+        """``key`` holds nothing any more (its object was deleted)."""
+        for slot in self.by_object.pop(key, {}):
+            holders = self.by_slot.get(slot)
+            if holders is not None:
+                holders.pop(key, None)
+                if not holders:
+                    del self.by_slot[slot]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +108,7 @@ class StatusBooks:
         default_factory=collections.deque)
     config_dirty: bool = False
     power_needed: bool = False
+    claims: Claims = field(default_factory=Claims)
 
     def drop(self, obj: Tracked) -> None:
         """The object is gone: nothing of it is written any more."""

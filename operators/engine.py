@@ -100,9 +100,10 @@ class Engine:
         # operator may not read Namespaces; the API server's admission policies still hold).
         self.namespaces: dict[str, NamespaceGrant] | None = None
         self.stats: dict[str, float] = collections.defaultdict(float)
-        self.outbox = Outbox(kube, self.stats, options.writers, may_write)
-        self.kube = kube
         self.books = StatusBooks()
+        self.outbox = Outbox(kube, self.stats, options.writers, may_write,
+                             self._written)
+        self.kube = kube
         self.last_gpu_power: list[float] = []
         self.snapshot: dict[str, Any] = {}
         self.on_admitted: list[Callable[[Tracked, str], None]] = []
@@ -376,6 +377,7 @@ class Engine:
             self._cancel(obj, key)
         self.objects.pop(obj.ident, None)
         self.books.drop(obj)
+        self.books.claims.gone(obj.ident)
 
     def load_config(self, kind: str, body: dict[str, Any],
                     spec: QueueSpec | PowerBudgetSpec | None, invalid: str | None) -> None:
@@ -447,6 +449,14 @@ class Engine:
         if self.objects.get(obj.ident) is obj:
             del self.objects[obj.ident]
         self.books.drop(obj)
+
+    def _written(self, key: tuple[str, str, str], status: Mapping[str, Any] | None) -> None:
+        """A status write landed (None: the object is gone): what the API server shows held
+        changed. Called on the event loop by the outbox."""
+        if status is None:
+            self.books.claims.gone(key)
+        else:
+            self.books.claims.written(key, status)
 
     def _replace_plane(self, cp: ControlPlane) -> None:
         """The reconciler rebuilt the plane over a grown inventory (same jobs, new node

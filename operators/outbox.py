@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = ["MAX_EVENT_BACKLOG", "Outbox", "StatusKey"]
 
 log = logging.getLogger(__name__)
 MAX_EVENT_BACKLOG = 5000
+WRITE_DELAY_ENV = "AIFACTORY_TEST_STATUS_WRITE_DELAY_SECONDS"
 StatusKey = tuple[str, str, str]  # kind, namespace ("" if cluster-scoped), name
 
 
@@ -30,13 +32,21 @@ class Outbox:
     """Pending status patches and Events, and the tasks that send them."""
 
     def __init__(self, kube: KubeClient, stats: dict[str, float], writers: int = 6,
-                 may_write: Callable[[], bool] | None = None) -> None:
+                 may_write: Callable[[], bool] | None = None,
+                 on_written: Callable[[StatusKey, Mapping[str, Any] | None], None] | None
+                 = None) -> None:
         self.kube = kube
         self.stats = stats
         self.writers = writers
         # The leader-election fence: status (placements) is written only while it says
         # True; a replica that lost its lease writes nothing and is about to exit.
         self.may_write = may_write or (lambda: True)
+        # Told of every status that landed (None: the object is gone), for the claims.
+        self.on_written = on_written or (lambda key, status: None)
+        # Fault injection for tests: every status write waits this long first, so the
+        # operator's picture runs ahead of the API server's (a crash in that lag must lose
+        # nothing). Never set in production.
+        self.write_delay_seconds = float(os.environ.get(WRITE_DELAY_ENV) or 0.0)
         self._status: dict[StatusKey, Mapping[str, Any]] = {}
         self._ready: asyncio.Queue[StatusKey] = asyncio.Queue()
         self._in_flight: set[StatusKey] = set()
@@ -68,6 +78,10 @@ class Outbox:
         """The status waiting to be written for ``key`` (None if none waits)."""
         return self._status.get(key)
 
+    def queued_statuses(self) -> list[tuple[StatusKey, Mapping[str, Any]]]:
+        """Every status waiting to be written."""
+        return list(self._status.items())
+
     def queued_events(self) -> list[tuple[ObjectRef, str, str, str]]:
         """Events not yet posted, oldest first."""
         return list(self._events)
@@ -97,14 +111,19 @@ class Outbox:
             self._in_flight.add(key)
             kind, namespace, name = key
             try:
+                if self.write_delay_seconds:
+                    await asyncio.sleep(self.write_delay_seconds)
                 await self.kube.patch_status(kind, namespace or None, name, status)
                 self.stats["status_patches"] += 1
+                self.on_written(key, status)
             except KubeError as exc:
                 self.stats["status_patch_errors"] += 1
                 if exc.status in (0, 409, 429) or exc.status >= 500:
                     self._status.setdefault(key, status)  # retry unless superseded
                     await asyncio.sleep(1.0)
-                elif exc.status != 404:  # 404: deleted meanwhile
+                elif exc.status == 404:  # deleted meanwhile: it holds nothing
+                    self.on_written(key, None)
+                else:
                     log.error("status of %s %s/%s rejected: %s", kind, namespace, name, exc)
             finally:
                 self._in_flight.discard(key)

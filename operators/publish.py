@@ -18,9 +18,9 @@ import time
 from typing import Any
 
 from aifactory.controller.core.placements import describe_placement
-from aifactory.operators.books import EngineView
+from aifactory.operators.books import EngineView, StatusKey
 from aifactory.operators.configstatus import config_statuses
-from aifactory.operators.objects import StatusContext, job_status, service_status
+from aifactory.operators.objects import StatusContext, Tracked, job_status, service_status
 from aifactory.operators.status import Phase
 from aifactory.operators.translate import format_time
 
@@ -62,6 +62,8 @@ def publish(engine: EngineView, refresh: bool) -> None:
         engine.books.deferred.clear()
     if engine.books.dirty:
         ctx = status_context(engine)
+        waiting: list[Tracked] = []
+        blockers: dict[StatusKey, StatusKey] = {}  # a waiting write -> whose claim stops it
         for obj in engine.books.dirty:
             if obj.terminal or engine.objects.get(obj.ident) is not obj:
                 continue
@@ -72,13 +74,21 @@ def publish(engine: EngineView, refresh: bool) -> None:
             if not refresh and shape == obj.written_shape:
                 engine.books.deferred.add(obj)  # only words or meters changed: at refresh
                 continue
+            key = (obj.kind, obj.namespace, obj.name)
+            blocker = engine.books.claims.blocked_by(key, status)
+            if blocker is not None and not _in_cycle(blockers, blocker, key):
+                waiting.append(obj)  # another's release is not persisted yet: next pass
+                blockers[key] = blocker
+                engine.stats["status_writes_ordered"] += 1
+                continue
             obj.written, obj.written_shape = status, shape
-            engine.outbox.put_status((obj.kind, obj.namespace, obj.name), status)
+            engine.outbox.put_status(key, status)
             if not obj.is_service and obj.keys and status.get("phase") in Phase.TERMINAL:
                 obj.terminal = True  # final: forgotten after the retention
                 engine.books.finished.append((time.monotonic() +
                                        engine.opts.finished_retention_seconds, obj))
         engine.books.dirty.clear()
+        engine.books.dirty.update(waiting)
     if refresh or engine.books.config_dirty:
         for config, status in config_statuses(engine.cp, engine.configs.values(),
                                               engine.last_gpu_power):
@@ -86,6 +96,20 @@ def publish(engine: EngineView, refresh: bool) -> None:
                 config.written = status
                 engine.outbox.put_status((config.kind, "", config.name), status)
         engine.books.config_dirty = False
+
+
+def _in_cycle(blockers: dict[StatusKey, StatusKey], start: StatusKey,
+              key: StatusKey) -> bool:
+    """Whether the chain of waiting writes from ``start`` leads back to ``key``: two gangs
+    moving into each other's old GPUs (only an adoption after a restart does that) would
+    otherwise wait for each other for ever; one of them is written first."""
+    seen: set[StatusKey] = set()
+    while start in blockers and start not in seen:
+        seen.add(start)
+        start = blockers[start]
+        if start == key:
+            return True
+    return False
 
 
 def _account(engine: EngineView) -> None:

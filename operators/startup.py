@@ -263,6 +263,7 @@ def recover(engine: Engine, docs: Iterable[Mapping[str, Any]]) -> RecoveryReport
         body = dict(doc)
         obj = engine.track(kind, body)
         meta, status = body.get("metadata") or {}, body.get("status") or {}
+        engine.books.claims.written(obj.ident, status)  # what the API server shows held
         obj.generation = int(meta.get("generation") or 1)
         phase = status.get("phase")
         if phase in Phase.TERMINAL and status.get("observedGeneration") == obj.generation:

@@ -368,6 +368,12 @@ def test_restart_adopts_what_the_backend_finds_running_and_removes_the_rest() ->
         report.conflicts[0] and report.conflicts[0].startswith("ns/lost")
     second.iterate()
     assert backend.launched == ["ns/lost"]  # adopted gangs are never launched again
+    # a's status still shows it on a_node until its move is written: late (on a_node's
+    # GPU 7) is shown Running only after that write lands.
+    assert second.outbox.queued_status(("TrainingJob", "ns", "late")) is None
+    for key, status in second.outbox.queued_statuses():
+        second._written(key, status)
+    second.iterate()
     late = _status(second, "late")
     assert late["phase"] == "Running"
     assert {c["type"]: (c["status"], c["reason"]) for c in late["conditions"]}["Running"] == \
