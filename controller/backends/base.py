@@ -56,7 +56,9 @@ class WorkloadStatus:
     For a FAILED job, ``retryable`` True means the work itself failed (a worker or its node
     died): the gang is requeued from its last checkpoint and the failure counts against the
     job's restart limit. False means nothing ran (the chosen node vanished between placement
-    and launch): the gang is requeued without counting a restart."""
+    and launch): the gang is requeued without counting a restart. ``lost_nodes`` names the
+    nodes whose workers were lost, when the backend knows: only those workers need to move
+    (``controller.runtime.repair``)."""
 
     job: str
     phase: WorkloadPhase
@@ -67,6 +69,7 @@ class WorkloadStatus:
     message: str = ""
     retryable: bool = True
     energy_joules: float = 0.0
+    lost_nodes: tuple[str, ...] = ()  # FAILED: nodes whose workers were lost (hot swap)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from aifactory.controller.backends.base import AdoptsGangs, ClusterBackend, FoundGang, G
+from aifactory.controller.backends.base import (
+    AdoptsGangs,
+    ClusterBackend,
+    FoundGang,
+    G,
+    WorkloadPhase,
+)
 from aifactory.controller.core.errors import SpecError
 from aifactory.controller.core.placements import NodeSlot, placement_from_node_slots
 from aifactory.controller.core.spec import JobSpec
@@ -25,6 +31,7 @@ from aifactory.controller.core.state import Placement, WorkerSlot
 from aifactory.controller.core.topology import Topology
 from aifactory.controller.inputs.factory import FactorySpec
 from aifactory.controller.runtime.controlplane import ControlPlane
+from aifactory.controller.runtime.repair import hot_swap
 from aifactory.controller.scheduling.cycle_io import CycleResult
 
 __all__ = [
@@ -170,7 +177,10 @@ class Reconciler:
 
     def step(self, force: bool = True) -> CycleResult | None:
         """Poll, follow the inventory, then a scheduling cycle: always with ``force``, else
-        only when something changed (a job came, went or moved, or a node left or came)."""
+        only when something changed (a job came, went or moved, or a node left or came).
+        Gangs that lost workers on nodes that left are hot swapped first
+        (``controller.runtime.repair``), or requeued from their checkpoint with the reason."""
+        swapped = self._swap_lost()
         self.cp.poll()
         alive = [n.name for n in self.backend.inventory()]
         change = sync_inventory(self.cp, alive)
@@ -178,4 +188,35 @@ class Reconciler:
             self.cp = rebuild(self.cp, self._make_factory())
             sync_inventory(self.cp, alive)
             force = True
-        return self.cp.cycle(force=force or bool(change.down or change.up))
+        return self.cp.cycle(force=force or swapped or bool(change.down or change.up))
+
+    def _swap_lost(self) -> bool:
+        """Hot swap the gangs that lost workers: on nodes that left the inventory, or on
+        nodes the backend names in a failed gang's status (a worker died before Ray noticed
+        its node go)."""
+        cp = self.cp
+        index = cp.topo.node_index
+        running = [(key, rec) for key, rec in sorted(cp.jobs.items())
+                   if rec.placement is not None and not rec.done]
+        statuses = {key: self.backend.status(key) for key, _ in running}
+        alive = {n.name for n in self.backend.inventory()}  # after the statuses: fresher
+        dead = frozenset(i for i, node in enumerate(cp.topo.nodes) if node.name not in alive)
+        moved = False
+        for key, rec in running:
+            if rec.placement is None or rec.done:
+                continue
+            lost = dead
+            status = statuses[key]
+            if status is not None and status.phase is WorkloadPhase.FAILED and \
+                    status.retryable and status.lost_nodes:
+                lost = dead | frozenset(index[n] for n in status.lost_nodes if n in index)
+            if not any(s.node in lost for s in rec.placement.slots):
+                continue
+            names = sorted({cp.topo.nodes[s.node].name for s in rec.placement.slots
+                            if s.node in lost})
+            why = f"worker(s) on {', '.join(names)} lost"
+            refused = hot_swap(cp, key, lost, lost, why)
+            if refused is not None and rec.placement is not None and not rec.done:
+                cp.fail_running(rec, f"{why}; {refused}; requeued from its checkpoint")
+            moved = True
+        return moved

@@ -187,6 +187,40 @@ def test_losing_a_node_restarts_the_gang_elsewhere_from_its_checkpoint(
         ray_cluster.add_node(next(n for n in NODES if n.name == victim))
 
 
+def test_losing_one_node_of_a_gang_moves_only_that_worker(
+        plane: ControlPlane, backend: RayBackend, ray_cluster: Any, tmp_path: Path) -> None:
+    """Hot swap on Ray: the survivor keeps its node, the lost worker goes to a spare, and
+    both resume from the gang's checkpoint."""
+    trainer = job("swapped", workers=2, gpus=8, program="steps", restart_limit=2,
+                  env={"STEPS": "40", "CHECKPOINT_EVERY": "5", "STEP_SECONDS": "0.1"})
+    loop = Reconciler(plane, backend)
+    repaired: list[str] = []
+    plane.listeners.append(lambda reason, rec, message: repaired.append(message)
+                           if reason == "Repaired" else None)
+    plane.submit(trainer)
+    latest = tmp_path / "it" / "swapped" / "LATEST"
+    wait_for(loop.step, latest.exists, what="a first checkpoint")
+    rec = plane.jobs[trainer.key]
+    assert rec.placement is not None
+    before = [plane.topo.nodes[s.node].name for s in rec.placement.slots]
+    assert len(set(before)) == 2  # 8 GPUs a worker: one node each
+    victim, survivor = before
+    ray_cluster.remove_node(victim)
+    try:
+        wait_for(loop.step, lambda: bool(repaired), timeout=60, what="the hot swap")
+        assert rec.placement is not None
+        after = [plane.topo.nodes[s.node].name for s in rec.placement.slots]
+        assert survivor in after and victim not in after
+        wait_for(loop.step, lambda: finished(plane, trainer.key), timeout=90,
+                 what="the repaired gang to finish")
+        assert rec.phase == JobPhase.SUCCEEDED, rec.failed_reason
+        assert rec.restarts == 1 and "hot swap moved 1 worker(s)" in repaired[0], rec.history
+        resumed = reports(tmp_path, trainer, prefix="start", attempt=1)
+        assert all(r["start"] >= 5 for r in resumed)  # from the checkpoint, not step 0
+    finally:
+        ray_cluster.add_node(next(n for n in NODES if n.name == victim))
+
+
 def test_a_restarted_control_plane_adopts_running_gangs_without_twins(
         ray_cluster: Any, tmp_path: Path) -> None:
     long = job("long", workers=2, gpus=4, env={"HOLD_SECONDS": "120"})

@@ -409,7 +409,8 @@ class RayBackend:
             return replace(base, phase=WorkloadPhase.FAILED, finished_at=now, message="stopped")
         if gang.lost:
             return replace(base, phase=WorkloadPhase.FAILED, finished_at=now,
-                           message=gang.lost[min(gang.lost)])
+                           message=gang.lost[min(gang.lost)],
+                           lost_nodes=tuple(sorted({gang.plans[r].node for r in gang.lost})))
         if failed:
             return replace(base, phase=WorkloadPhase.FAILED, finished_at=now,
                            message=failed[0].message,
