@@ -363,6 +363,9 @@ class KubeTestEnv:
         self._kubeconfig: Path | None = None
         self._pki: TestPKI | None = None
         self._etcd: ManagedProcess | None = None
+        self._etcd_url: str | None = None
+        self._etcd_peer: str | None = None
+        self._restarts = 0
         self._apiserver: ManagedProcess | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -412,10 +415,32 @@ class KubeTestEnv:
             self.tmpdir = None
         self._kubeconfig = None
 
-    def _start_etcd(self) -> str:
+    def restart_apiserver(self) -> None:
+        """Stop kube-apiserver (SIGTERM, as an upgrade does) and start it again on the same
+        port and etcd; its clients must reconnect and re-list."""
+        assert self._apiserver is not None and self._etcd_url is not None
+        self._apiserver.stop()
+        self._restarts += 1
+        self._start_apiserver(self._etcd_url, port=int(self.server.rsplit(":", 1)[1]))
+
+    def restart_etcd(self) -> None:
+        """Stop etcd and start it again on the same data and addresses; the API server
+        answers errors meanwhile, and recovers by itself."""
+        assert self._etcd is not None and self._etcd_url is not None
+        self._etcd.stop()
+        self._restarts += 1
+        self._start_etcd(self._etcd_url, self._etcd_peer)
+
+    def _log(self, name: str) -> Path:
         assert self.tmpdir is not None
-        client_url = f"http://127.0.0.1:{free_port()}"
-        peer_url = f"http://127.0.0.1:{free_port()}"
+        return self.tmpdir / (f"{name}.log" if not self._restarts else
+                              f"{name}.{self._restarts}.log")
+
+    def _start_etcd(self, client_url: str | None = None, peer_url: str | None = None) -> str:
+        assert self.tmpdir is not None
+        client_url = client_url or f"http://127.0.0.1:{free_port()}"
+        peer_url = peer_url or f"http://127.0.0.1:{free_port()}"
+        self._etcd_url, self._etcd_peer = client_url, peer_url
         argv = [
             str(self.bin_dir / "etcd"),
             "--name=test",
@@ -429,7 +454,7 @@ class KubeTestEnv:
         ]
         if self._etcd_supports("--unsafe-no-fsync"):
             argv.append("--unsafe-no-fsync")  # data is thrown away; fsync only slows tests
-        self._etcd = ManagedProcess("etcd", argv, self.tmpdir / "etcd.log")
+        self._etcd = ManagedProcess("etcd", argv, self._log("etcd"))
         wait_until(
             lambda: _http_ok(f"{client_url}/health"), self.start_timeout, "etcd /health", self._etcd
         )
@@ -442,9 +467,9 @@ class KubeTestEnv:
         )  # fmt: skip
         return flag in result.stdout + result.stderr
 
-    def _start_apiserver(self, etcd_url: str) -> None:
+    def _start_apiserver(self, etcd_url: str, port: int | None = None) -> None:
         assert self.tmpdir is not None and self._pki is not None
-        pki, port = self._pki, free_port()
+        pki, port = self._pki, port or free_port()
         self.server = f"https://127.0.0.1:{port}"
         argv = [
             str(self.bin_dir / "kube-apiserver"),
@@ -467,7 +492,7 @@ class KubeTestEnv:
             "--endpoint-reconciler-type=none",
             *self.extra_apiserver_args,
         ]
-        self._apiserver = ManagedProcess("kube-apiserver", argv, self.tmpdir / "kube-apiserver.log")
+        self._apiserver = ManagedProcess("kube-apiserver", argv, self._log("kube-apiserver"))
         context = ssl.create_default_context(cafile=str(pki.ca_cert))
         context.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
         deadline = time.monotonic() + self.start_timeout
