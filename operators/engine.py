@@ -212,6 +212,9 @@ class Engine:
             self._last_forced = mono
         if self.reconciler is None:
             book = self.node_book
+            grown = book.grow(self.cp) if book is not None else None
+            if grown is not None:
+                self._replace_plane(grown)
             moved = book.follow(self.cp, self.stats) if book is not None else False
             self.cp.poll()
             if book is not None:

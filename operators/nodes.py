@@ -12,6 +12,9 @@ The operator watches Nodes (RBAC get/list/watch) and keeps, per node of its inve
     kube-controller-manager's node-monitor grace): a shorter blip changes nothing;
 - **cordoned** (``spec.unschedulable``): no new work, and what runs there keeps running.
 
+Nodes that join (or change their topology labels, GPU count or model) rebuild the inventory
+with every running gang carried over where it runs (``grow``).
+
 A gang that lost workers on failed nodes is repaired when spares exist: only the lost
 workers move, inside the domain its constraints allow (``controller.runtime.repair``), and it
 restarts from its checkpoint; otherwise it is requeued from its checkpoint with the reason. A
@@ -26,13 +29,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aifactory.controller.backends.base import FailsNodes
+from aifactory.controller.backends.simulated import SimulatedBackend
+from aifactory.controller.inputs.factory import factory_from_nodes
 from aifactory.controller.runtime.controlplane import ControlPlane
 from aifactory.controller.runtime.repair import hot_swap
-from aifactory.controller.runtime.resync import sync_inventory
+from aifactory.controller.runtime.resync import rebuild, remap, sync_inventory
+from aifactory.operators.inventory import nodes_from_objects
 
 __all__ = ["NodeBook", "NodeHealth"]
 
@@ -83,6 +89,7 @@ class NodeBook:
     nodes: dict[str, NodeHealth] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # as last acted on: node -> why
     cordoned: set[str] = field(default_factory=set)
+    bodies: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # present Nodes
 
     def observe(self, body: Mapping[str, Any], deleted: bool, now: float) -> None:
         """A Node event (or a Node of the start-up listing)."""
@@ -93,7 +100,9 @@ class NodeBook:
         previous = self.nodes.get(name)
         if deleted:
             self.nodes[name] = NodeHealth(name, present=False)
+            self.bodies.pop(name, None)
             return
+        self.bodies[name] = body
         spec, status = body.get("spec") or {}, body.get("status") or {}
         ready = True
         for cond in status.get("conditions") or []:
@@ -129,6 +138,39 @@ class NodeBook:
         return failed, cordoned
 
     # ----------------------------------------------------------------- acting on it
+
+    def grow(self, cp: ControlPlane) -> ControlPlane | None:
+        """A plane over the Nodes as they are now when GPU nodes joined or changed their
+        topology labels, GPU count or model (None when the inventory is as the plane has
+        it). Running gangs carry over where they run, with the work they have done; queued
+        jobs keep their order; nodes that left stay in the inventory, failed. The simulated
+        backend only: Ray's inventory is its own (``controller.runtime.resync.Reconciler``)."""
+        old = cp.backend
+        if not isinstance(old, SimulatedBackend):
+            return None
+        seen = {n.name: n for n in nodes_from_objects(self.bodies.values())}
+        have = {n.name: n for n in cp.topo.nodes}
+        if all(have.get(name) == node for name, node in seen.items()):
+            return None
+        wanted = {**have, **seen}  # nodes not heard of keep their place (failed ones too)
+        factory = factory_from_nodes(cp.factory.name, list(wanted.values()), cp.factory.source)
+        factory = replace(factory, levels=cp.factory.levels, queues=cp.factory.queues,
+                          power_budgets=cp.factory.power_budgets, cost=cp.factory.cost)
+        topo = factory.topology()
+        backend = SimulatedBackend(topo.nodes, lambda: cp.now)
+        for key, rec in cp.jobs.items():
+            running = old.running_work(key) if rec.placement is not None else None
+            moved = remap(rec.placement, cp.topo, topo) if rec.placement is not None else None
+            if running is not None and moved is not None:
+                spec, done, joules = running
+                backend.resume(spec, moved, done, joules)
+        new = rebuild(cp, factory, backend)
+        joined = sorted(seen.keys() - have.keys())
+        log.info("inventory from Node objects changed (%s): %s",
+                 f"joined: {', '.join(joined)}" if joined else "labels or GPUs changed",
+                 topo.describe())
+        self.failed = {}  # re-applied to the new backend at the next follow
+        return new
 
     def follow(self, cp: ControlPlane, stats: dict[str, float],
                now: float | None = None) -> bool:

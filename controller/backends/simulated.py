@@ -257,6 +257,23 @@ class SimulatedBackend:
             self._gpus[g].failed = False
             self._repower(g)
 
+    def running_work(self, job: str) -> tuple[JobSpec, float, float] | None:
+        """A running job's spec, the seconds of work it has done and its joules so far (to
+        carry it over to a backend over a changed inventory), or None."""
+        work = self._jobs.get(job)
+        if work is None or work.phase is not WorkloadPhase.RUNNING:
+            return None
+        now = self._clock()
+        return work.spec, work.work_done(now), self._job_energy(work, now)
+
+    def resume(self, spec: JobSpec, placement: Placement, work_done: float,
+               energy_joules: float, runtime_seconds: float | None = None) -> None:
+        """Run a job carried over from another simulated backend, where it stood."""
+        if runtime_seconds is not None:
+            self._runtimes[spec.key] = runtime_seconds
+        self.launch(spec, placement, work_done=work_done)
+        self._jobs[spec.key].energy_joules = energy_joules
+
     def failed_gpus(self) -> list[tuple[str, int]]:
         return [(self._nodes[gpu.node].name, g - self._node_first_gpu[gpu.node])
                 for g, gpu in enumerate(self._gpus) if gpu.failed]

@@ -43,6 +43,7 @@ __all__ = [
     "Reconciler",
     "adopt_running",
     "rebuild",
+    "remap",
     "sync_inventory",
 ]
 
@@ -119,7 +120,8 @@ def sync_inventory(cp: ControlPlane, alive: Iterable[str]) -> InventoryChange:
     return InventoryChange(tuple(down), tuple(up), unknown)
 
 
-def _remap(placement: Placement, old: Topology, new: Topology) -> Placement | None:
+def remap(placement: Placement, old: Topology, new: Topology) -> Placement | None:
+    """The same GPUs, by node name, in ``new``'s numbering (None if a node is gone)."""
     slots = []
     for slot in placement.slots:
         start = old.gpu_start[slot.node]
@@ -140,16 +142,18 @@ def _rebuilt(job: str, slots: Sequence[NodeSlot], topo: Topology, watts_per_gpu:
         return None
 
 
-def rebuild(cp: ControlPlane, factory: FactorySpec) -> ControlPlane:
-    """A control plane over ``factory``'s (grown) inventory with the same backend, policy
-    and jobs: running gangs adopted where they run, queued jobs queued in the same order."""
-    new = ControlPlane(factory, cp.backend, cp.policy, clock=cp._now_fn,
+def rebuild(cp: ControlPlane, factory: FactorySpec,
+            backend: ClusterBackend | None = None) -> ControlPlane:
+    """A control plane over ``factory``'s (grown) inventory with the same policy and jobs
+    (and the same backend, unless one over the new inventory is given): running gangs
+    adopted where they run, queued jobs queued in the same order."""
+    new = ControlPlane(factory, backend or cp.backend, cp.policy, clock=cp._now_fn,
                        decision_clock=cp.decision_clock)
     new.listeners = cp.listeners
     for key, rec in sorted(cp.jobs.items(), key=lambda item: item[1].seq):
         if rec.done:
             continue
-        placement = _remap(rec.placement, cp.topo, new.topo) if rec.placement else None
+        placement = remap(rec.placement, cp.topo, new.topo) if rec.placement else None
         if placement is not None:
             fresh = new.adopt(rec.spec, placement, rec.started_at or new.now, rec.submitted_at,
                               rec.restarts)

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 
 NS = "hot-swap"
 NAMES = ["swap-r0-a", "swap-r0-b", "swap-r0-c", "swap-r1-a", "swap-r1-b"]
+JOINING = ["swap-r2-a", "swap-r2-b"]  # added while the operator runs
 
 
 def _node(name: str) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def operator(aifactory_installed: KubeTestEnv, tmp_path_factory: pytest.TempPath
             "get", "trainingjobs", f"-n={NS}", "-o", "json").stdout)["items"], 60,
             "the jobs to be released", interval=0.3)
         proc.stop()
-        env.kubectl("delete", "node", *NAMES, "--ignore-not-found", check=False)
+        env.kubectl("delete", "node", *NAMES, *JOINING, "--ignore-not-found", check=False)
 
 
 def _nodes(watch: Watch, name: str) -> list[str]:
@@ -114,6 +115,32 @@ def test_a_lost_worker_moves_to_a_spare_in_its_rack_or_the_gang_requeues(
         assert watch.phase(NS, "tight") == "Queued"  # its rack cannot hold it now
         wait_for(lambda: "aifactory_operator_hot_swaps_total 1.0" in operator.metrics(), 15,
                  "the hot swap to be counted (the snapshot refreshes every second)")
+        assert watch.violations == [], watch.violations[:3]
+    finally:
+        watch.close()
+
+
+def test_nodes_that_join_take_work_and_running_gangs_stay_where_they_run(
+        aifactory_installed: KubeTestEnv, operator: OperatorProcess) -> None:
+    """After the test above, the rack-required gang ``tight`` waits (its rack lost a node)
+    and ``roomy`` runs. A new rack of two Nodes joins: the inventory grows, ``tight`` runs
+    there, and ``roomy`` keeps its GPUs and its run (it is carried over, not relaunched)."""
+    env = aifactory_installed
+    watch = Watch(env, "trainingjobs")
+    watch.invariants.append(no_gpu_held_twice)
+    try:
+        watch.wait_phase(NS, "tight", ["Queued"], timeout=10)
+        roomy_before = watch.status(NS, "roomy")
+        env.apply([_node(n) for n in JOINING])
+        status = watch.wait_phase(NS, "tight", ["Running"], timeout=30)
+        assert sorted(w["node"] for w in status["placement"]["workers"]) == JOINING
+        roomy = watch.status(NS, "roomy")
+        assert roomy["phase"] == "Running"
+        assert roomy["placement"]["workers"] == roomy_before["placement"]["workers"]
+        assert roomy.get("startedAt") == roomy_before.get("startedAt")
+        assert roomy.get("restarts") == roomy_before.get("restarts")
+        assert "inventory from Node objects changed (joined: swap-r2-a, swap-r2-b)" in \
+            operator.log_tail(200)
         assert watch.violations == [], watch.violations[:3]
     finally:
         watch.close()
