@@ -86,7 +86,12 @@ class NodeBook:
     """The latest word on every node, and the verdicts drawn from it."""
 
     grace_seconds: float = 40.0
+    # Failures within this many seconds of the first are acted on together, so a gang that
+    # loses several nodes at once (a rack's power, a switch) is repaired once, not node by
+    # node.
+    batch_seconds: float = 1.0
     nodes: dict[str, NodeHealth] = field(default_factory=dict)
+    _first_new: float | None = None
     failed: dict[str, str] = field(default_factory=dict)  # as last acted on: node -> why
     cordoned: set[str] = field(default_factory=set)
     bodies: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # present Nodes
@@ -164,12 +169,14 @@ class NodeBook:
             if running is not None and moved is not None:
                 spec, done, joules = running
                 backend.resume(spec, moved, done, joules)
+        for name, why in self.failed.items():  # still failed on the new backend
+            health = self.nodes.get(name)
+            backend.fail_node(name, why, removed=health is not None and not health.present)
         new = rebuild(cp, factory, backend)
         joined = sorted(seen.keys() - have.keys())
         log.info("inventory from Node objects changed (%s): %s",
                  f"joined: {', '.join(joined)}" if joined else "labels or GPUs changed",
                  topo.describe())
-        self.failed = {}  # re-applied to the new backend at the next follow
         return new
 
     def follow(self, cp: ControlPlane, stats: dict[str, float],
@@ -177,8 +184,15 @@ class NodeBook:
         """Act on what changed since the last call: fail the workers on newly failed nodes
         (hot swapping them, see ``_repair``), take back recovered nodes, note cordons.
         True if anything changed."""
-        failed, cordoned = self.verdicts(((n.name, n.gpus) for n in cp.topo.nodes),
-                                         time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        failed, cordoned = self.verdicts(((n.name, n.gpus) for n in cp.topo.nodes), now)
+        if failed.keys() - self.failed.keys():
+            if self._first_new is None:
+                self._first_new = now
+            if now - self._first_new < self.batch_seconds:
+                failed = {n: w for n, w in failed.items() if n in self.failed}  # not yet
+            else:
+                self._first_new = None
         backend = cp.backend
         changed = False
         hit: dict[str, str] = {}  # job -> why (the first failed node it was on)

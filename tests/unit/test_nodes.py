@@ -75,7 +75,7 @@ def _engine() -> tuple[Engine, VirtualClock]:
     topo = factory.topology()
     cp = ControlPlane(factory, SimulatedBackend(topo.nodes, clock), clock=clock, topology=topo)
     engine = Engine(cp, object(), clock, EngineOptions())  # type: ignore[arg-type]
-    engine.node_book = NodeBook(grace_seconds=40.0)
+    engine.node_book = NodeBook(grace_seconds=40.0, batch_seconds=0.0)
     return engine, clock
 
 
