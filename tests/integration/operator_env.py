@@ -328,6 +328,45 @@ def delete_all(env: KubeTestEnv, namespace: str) -> None:
                 "--wait=false", check=False)
 
 
+def release_all(env: KubeTestEnv, namespace: str, timeout: float = 60.0) -> None:
+    """Delete every job of a namespace and wait until the running operator released them
+    (its finalizers are gone)."""
+    delete_all(env, namespace)
+    wait_for(lambda: env.kubectl("get", "trainingjobs,inferenceservices", f"-n={namespace}",
+                                 "-o", "name", check=False).stdout.strip() == "", timeout,
+             f"the jobs of {namespace} to be released", interval=0.3)
+
+
+def gpu_node(name: str, rack: str, block: str = "b0", gpus: int = 8,
+             ready: bool | None = None) -> dict[str, Any]:
+    """A Node object of ``gpus`` allocatable H200s in ``rack``/``block`` (no kubelet runs
+    it: tests set its conditions, taints and cordon themselves)."""
+    status: dict[str, Any] = {"capacity": {"nvidia.com/gpu": str(gpus)},
+                              "allocatable": {"nvidia.com/gpu": str(gpus)}}
+    if ready is not None:
+        status["conditions"] = [{"type": "Ready", "status": "True" if ready else "False"}]
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {
+                "aifactory.io/rack": rack, "aifactory.io/block": block,
+                "nvidia.com/gpu.product": "NVIDIA-H200"}},
+            "status": status}
+
+
+def only_nodes(env: KubeTestEnv, names: Sequence[str]) -> None:
+    """Fail unless no other Node exists: a module whose inventory is the Node objects needs
+    exactly its own."""
+    items = json.loads(env.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    others = sorted(n["metadata"]["name"] for n in items if n["metadata"]["name"] not in names)
+    assert not others, f"Nodes of another module are still there: {others}"
+
+
+def object_events(env: KubeTestEnv, namespace: str, name: str) -> list[str]:
+    """``reason: message`` of every Event about one object."""
+    out = env.kubectl("get", "events", f"-n={namespace}", "-o", "json",
+                      f"--field-selector=involvedObject.name={name}").stdout
+    return [f"{e['reason']}: {e['message']}" for e in json.loads(out)["items"]]
+
+
 def strip_finalizers(env: KubeTestEnv, namespace: str) -> None:
     """Remove our finalizer from everything left in a namespace (cleanup without operator)."""
     for plural in ("trainingjobs", "inferenceservices"):

@@ -22,8 +22,8 @@ from tests.integration.k8s_env import KubeTestEnv
 from tests.integration.operator_env import (
     OperatorProcess,
     Watch,
-    delete_all,
     ensure_namespace,
+    release_all,
     strip_finalizers,
     training_job,
     wait_for,
@@ -119,10 +119,10 @@ def test_the_standby_takes_over_a_killed_leader_without_double_placement(
               f"{len(watch.violations)} violations")
     finally:
         watch.close()
-        delete_all(env, ns)
-        wait_for(lambda: not json.loads(env.kubectl(
-            "get", "trainingjobs", f"-n={ns}", "-o", "json").stdout)["items"], 60,
-            "the jobs to be released", interval=0.3)
+        try:
+            release_all(env, ns)
+        finally:
+            strip_finalizers(env, ns)  # whatever the operators could not release
 
 
 def test_a_leader_that_lost_its_lease_stops_writing_and_exits(
@@ -160,6 +160,7 @@ def test_a_leader_that_lost_its_lease_stops_writing_and_exits(
         if first.proc is not None and first.proc.poll() is None:
             first.proc.send_signal(signal.SIGCONT)
         watch.close()
-        delete_all(env, ns)
-        if not second.alive():
-            strip_finalizers(env, ns)
+        try:
+            release_all(env, ns)
+        finally:
+            strip_finalizers(env, ns)  # whatever the operators could not release

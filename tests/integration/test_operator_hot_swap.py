@@ -13,9 +13,7 @@ requeued from its checkpoint with that reason, and never leaves its required rac
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -23,8 +21,12 @@ from tests.integration.k8s_env import KubeTestEnv
 from tests.integration.operator_env import (
     OperatorProcess,
     Watch,
-    delete_all,
     ensure_namespace,
+    gpu_node,
+    object_events,
+    only_nodes,
+    release_all,
+    strip_finalizers,
     training_job,
     wait_for,
 )
@@ -37,23 +39,13 @@ NAMES = ["swap-r0-a", "swap-r0-b", "swap-r0-c", "swap-r1-a", "swap-r1-b"]
 JOINING = ["swap-r2-a", "swap-r2-b"]  # added while the operator runs
 
 
-def _node(name: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {
-                "aifactory.io/rack": name.rsplit("-", 1)[0], "aifactory.io/block": "b0",
-                "nvidia.com/gpu.product": "NVIDIA-H200"}},
-            "status": {"capacity": {"nvidia.com/gpu": "8"},
-                       "allocatable": {"nvidia.com/gpu": "8"}}}
-
 
 @pytest.fixture(scope="module")
 def operator(aifactory_installed: KubeTestEnv, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[OperatorProcess]:
     env = aifactory_installed
-    others = [n for n in json.loads(env.kubectl("get", "nodes", "-o", "json").stdout)["items"]
-              if n["metadata"]["name"] not in NAMES]
-    assert not others, "this module's Nodes must be the only ones (the inventory)"
-    env.apply([_node(n) for n in NAMES])
+    only_nodes(env, NAMES)
+    env.apply([gpu_node(n, n.rsplit("-", 1)[0]) for n in NAMES])
     ensure_namespace(env, NS)
     proc = OperatorProcess(env, tmp_path_factory.mktemp("swap"),
                            ["--inventory=nodes", "--status-interval=1"])
@@ -61,23 +53,18 @@ def operator(aifactory_installed: KubeTestEnv, tmp_path_factory: pytest.TempPath
     try:
         yield proc
     finally:
-        delete_all(env, NS)
-        wait_for(lambda: not json.loads(env.kubectl(
-            "get", "trainingjobs", f"-n={NS}", "-o", "json").stdout)["items"], 60,
-            "the jobs to be released", interval=0.3)
-        proc.stop()
-        env.kubectl("delete", "node", *NAMES, *JOINING, "--ignore-not-found", check=False)
+        try:
+            release_all(env, NS)
+        finally:
+            proc.stop()
+            strip_finalizers(env, NS)  # whatever the operator could not release
+            env.kubectl("delete", "node", *NAMES, *JOINING, "--ignore-not-found", check=False)
 
 
 def _nodes(watch: Watch, name: str) -> list[str]:
     workers = (watch.status(NS, name).get("placement") or {}).get("workers") or []
     return [str(w["node"]) for w in workers]
 
-
-def _events(env: KubeTestEnv, name: str) -> list[str]:
-    out = env.kubectl("get", "events", f"-n={NS}", "-o", "json",
-                      f"--field-selector=involvedObject.name={name}").stdout
-    return [f"{e['reason']}: {e['message']}" for e in json.loads(out)["items"]]
 
 
 def test_a_lost_worker_moves_to_a_spare_in_its_rack_or_the_gang_requeues(
@@ -105,13 +92,13 @@ def test_a_lost_worker_moves_to_a_spare_in_its_rack_or_the_gang_requeues(
         assert {n.rsplit("-", 1)[0] for n in after} == {"swap-r0"}
         assert watch.phase(NS, "roomy") == "Running"
         assert any(e.startswith("Repaired:") and "hot swap moved 1 worker(s)" in e
-                   for e in _events(env, "roomy")), _events(env, "roomy")
+                   for e in object_events(env, NS, "roomy")), object_events(env, NS, "roomy")
 
         env.kubectl("delete", "node", "swap-r1-a")
         wait_for(lambda: watch.status(NS, "tight").get("restarts") == 1, 30,
                  "the gang without a spare to be requeued")
         assert any("no spare for 1 worker(s) in rack swap-r1" in e
-                   for e in _events(env, "tight")), _events(env, "tight")
+                   for e in object_events(env, NS, "tight")), object_events(env, NS, "tight")
         assert watch.phase(NS, "tight") == "Queued"  # its rack cannot hold it now
         wait_for(lambda: "aifactory_operator_hot_swaps_total 1.0" in operator.metrics(), 15,
                  "the hot swap to be counted (the snapshot refreshes every second)")
@@ -131,7 +118,7 @@ def test_nodes_that_join_take_work_and_running_gangs_stay_where_they_run(
     try:
         watch.wait_phase(NS, "tight", ["Queued"], timeout=10)
         roomy_before = watch.status(NS, "roomy")
-        env.apply([_node(n) for n in JOINING])
+        env.apply([gpu_node(n, n.rsplit("-", 1)[0]) for n in JOINING])
         status = watch.wait_phase(NS, "tight", ["Running"], timeout=30)
         assert sorted(w["node"] for w in status["placement"]["workers"]) == JOINING
         roomy = watch.status(NS, "roomy")

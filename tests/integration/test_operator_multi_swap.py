@@ -10,10 +10,8 @@ one hot swap, the other two keep their nodes, and the gang restarts once.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -21,8 +19,11 @@ from tests.integration.k8s_env import KubeTestEnv
 from tests.integration.operator_env import (
     OperatorProcess,
     Watch,
-    delete_all,
     ensure_namespace,
+    gpu_node,
+    only_nodes,
+    release_all,
+    strip_finalizers,
     training_job,
     wait_for,
 )
@@ -34,23 +35,13 @@ NS = "multi-swap"
 NAMES = [f"multi-r0-{c}" for c in "abcdef"]
 
 
-def _node(name: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {
-                "aifactory.io/rack": "multi-r0", "aifactory.io/block": "b0",
-                "nvidia.com/gpu.product": "NVIDIA-H200"}},
-            "status": {"capacity": {"nvidia.com/gpu": "8"},
-                       "allocatable": {"nvidia.com/gpu": "8"}}}
-
 
 @pytest.fixture(scope="module")
 def operator(aifactory_installed: KubeTestEnv, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[OperatorProcess]:
     env = aifactory_installed
-    others = [n for n in json.loads(env.kubectl("get", "nodes", "-o", "json").stdout)["items"]
-              if n["metadata"]["name"] not in NAMES]
-    assert not others, "this module's Nodes must be the only ones (the inventory)"
-    env.apply([_node(n) for n in NAMES])
+    only_nodes(env, NAMES)
+    env.apply([gpu_node(n, "multi-r0") for n in NAMES])
     ensure_namespace(env, NS)
     proc = OperatorProcess(env, tmp_path_factory.mktemp("multi"),
                            ["--inventory=nodes", "--status-interval=1"])
@@ -58,12 +49,12 @@ def operator(aifactory_installed: KubeTestEnv, tmp_path_factory: pytest.TempPath
     try:
         yield proc
     finally:
-        delete_all(env, NS)
-        wait_for(lambda: not json.loads(env.kubectl(
-            "get", "trainingjobs", f"-n={NS}", "-o", "json").stdout)["items"], 60,
-            "the jobs to be released", interval=0.3)
-        proc.stop()
-        env.kubectl("delete", "node", *NAMES, "--ignore-not-found", check=False)
+        try:
+            release_all(env, NS)
+        finally:
+            proc.stop()
+            strip_finalizers(env, NS)  # whatever the operator could not release
+            env.kubectl("delete", "node", *NAMES, "--ignore-not-found", check=False)
 
 
 def test_two_failed_nodes_of_a_gang_are_swapped_in_one_repair(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -20,8 +19,11 @@ from tests.integration.k8s_env import KubeTestEnv
 from tests.integration.operator_env import (
     OperatorProcess,
     Watch,
-    delete_all,
     ensure_namespace,
+    gpu_node,
+    object_events,
+    release_all,
+    strip_finalizers,
     training_job,
     wait_for,
 )
@@ -33,22 +35,13 @@ NS = "node-lifecycle"
 NAMES = [f"life-r{r}-{s}" for r in range(3) for s in "ab"]
 
 
-def _node(name: str) -> dict[str, Any]:
-    rack = name.rsplit("-", 1)[0].removeprefix("life-")
-    return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {
-                "aifactory.io/rack": rack, "aifactory.io/block": "b0",
-                "nvidia.com/gpu.product": "NVIDIA-H200"}},
-            "status": {"capacity": {"nvidia.com/gpu": "8"},
-                       "allocatable": {"nvidia.com/gpu": "8"},
-                       "conditions": [{"type": "Ready", "status": "True"}]}}
-
 
 @pytest.fixture(scope="module")
 def operator(aifactory_installed: KubeTestEnv, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[OperatorProcess]:
     env = aifactory_installed
-    env.apply([_node(n) for n in NAMES])
+    env.apply([gpu_node(n, n.rsplit("-", 1)[0].removeprefix("life-"), ready=True)
+               for n in NAMES])
     ensure_namespace(env, NS)
     proc = OperatorProcess(env, tmp_path_factory.mktemp("nodes"),
                            ["--inventory=nodes", "--node-grace-seconds=3",
@@ -57,12 +50,12 @@ def operator(aifactory_installed: KubeTestEnv, tmp_path_factory: pytest.TempPath
     try:
         yield proc
     finally:
-        delete_all(env, NS)
-        wait_for(lambda: not json.loads(env.kubectl(
-            "get", "trainingjobs", f"-n={NS}", "-o", "json").stdout)["items"], 60,
-            "the jobs to be released", interval=0.3)
-        proc.stop()
-        env.kubectl("delete", "node", *NAMES, "--ignore-not-found", check=False)
+        try:
+            release_all(env, NS)
+        finally:
+            proc.stop()
+            strip_finalizers(env, NS)  # whatever the operator could not release
+            env.kubectl("delete", "node", *NAMES, "--ignore-not-found", check=False)
 
 
 def _set_ready(env: KubeTestEnv, name: str, status: str) -> None:
@@ -81,11 +74,6 @@ def _restarted_off(watch: Watch, name: str, bad: set[str]) -> bool:
     return status.get("phase") == "Running" and status.get("restarts") == 1 and \
         _node_of(watch, name) not in bad
 
-
-def _events(env: KubeTestEnv, name: str) -> list[str]:
-    out = env.kubectl("get", "events", f"-n={NS}", "-o", "json",
-                      f"--field-selector=involvedObject.name={name}").stdout
-    return [f"{e['reason']}: {e['message']}" for e in json.loads(out)["items"]]
 
 
 def test_failed_nodes_fail_their_gangs_and_cordoned_nodes_keep_theirs(
@@ -124,10 +112,11 @@ def test_failed_nodes_fail_their_gangs_and_cordoned_nodes_keep_theirs(
             wait_for(lambda n=name: watch.status(NS, n).get("restarts") == 1, 30,
                      f"{name} to count its restart")
             assert any("restart 1 of 3 from the last checkpoint" in e
-                       for e in _events(env, name)), _events(env, name)
-        assert any("was deleted" in e for e in _events(env, "deleted"))
-        assert any("has not been Ready" in e for e in _events(env, "notready"))
-        assert any("nvidia.com/gpu.health:NoExecute" in e for e in _events(env, "tainted"))
+                       for e in object_events(env, NS, name)), object_events(env, NS, name)
+        assert any("was deleted" in e for e in object_events(env, NS, "deleted"))
+        assert any("has not been Ready" in e for e in object_events(env, NS, "notready"))
+        assert any("nvidia.com/gpu.health:NoExecute" in e
+                   for e in object_events(env, NS, "tainted"))
         for name in ("cordoned", "blip"):
             status = watch.status(NS, name)
             assert status["phase"] == "Running" and status.get("restarts", 0) == 0

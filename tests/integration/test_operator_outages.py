@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.integration.k8s_env import KubeTestEnv
 from tests.integration.operator_env import (
     OperatorProcess,
     Watch,
-    delete_all,
     ensure_namespace,
+    release_all,
+    strip_finalizers,
     training_job,
     wait_for,
 )
@@ -30,6 +33,16 @@ pytestmark = pytest.mark.integration
 
 FACTORY = Path(__file__).parent / "data" / "factory-64.yaml"
 NS = "outages"
+
+
+def _apply_when_served(env: KubeTestEnv, manifest: dict[str, Any]) -> None:
+    """Apply once the restarted API server takes it (admission and CRD discovery come back
+    a moment after it answers reads)."""
+    def applied() -> bool:
+        return env.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest),
+                           check=False).returncode == 0
+
+    wait_for(applied, 60, f"the API server to accept {manifest['metadata']}", interval=0.5)
 
 
 def _served(env: KubeTestEnv) -> bool:
@@ -55,15 +68,15 @@ def test_the_operator_rides_through_api_server_and_etcd_restarts(
 
         env.restart_apiserver()
         wait_for(lambda: _served(env), 60, "the API server to serve again", interval=0.5)
-        env.apply(training_job("after-apiserver", NS, workers=2, gpus_per_worker=8,
-                               expectedRuntimeSeconds=3600))
+        _apply_when_served(env, training_job("after-apiserver", NS, workers=2,
+                                             gpus_per_worker=8, expectedRuntimeSeconds=3600))
         watch.wait_phase(NS, "after-apiserver", ["Running"], timeout=60)
 
         env.restart_etcd()
         wait_for(lambda: _served(env), 60, "etcd to be back behind the API server",
                  interval=0.5)
-        env.apply(training_job("after-etcd", NS, workers=1, gpus_per_worker=8,
-                               expectedRuntimeSeconds=3600))
+        _apply_when_served(env, training_job("after-etcd", NS, workers=1, gpus_per_worker=8,
+                                             expectedRuntimeSeconds=3600))
         watch.wait_phase(NS, "after-etcd", ["Running"], timeout=60)
 
         assert operator.alive(), operator.log_tail()
@@ -79,8 +92,9 @@ def test_the_operator_rides_through_api_server_and_etcd_restarts(
         assert watch.violations == [], watch.violations[:3]
     finally:
         watch.close()
-        delete_all(env, NS)
-        wait_for(lambda: _served(env) and not json.loads(env.kubectl(
-            "get", "trainingjobs", f"-n={NS}", "-o", "json").stdout)["items"], 60,
-            "the jobs to be released", interval=0.3)
-        operator.stop()
+        try:
+            wait_for(lambda: _served(env), 60, "the API server", interval=0.5)
+            release_all(env, NS)
+        finally:
+            operator.stop()
+            strip_finalizers(env, NS)  # whatever the operator could not release
