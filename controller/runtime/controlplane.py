@@ -237,8 +237,7 @@ class ControlPlane:
         self.state = state
         self.config = replace(self.config, empty=build_state(factory, self.topo),
                               queues=factory.queues)
-        self.metrics.state = state
-        self.metrics.budget_actual = list(state.budgets.baseline_watts)
+        self.metrics.rebind(state)
         for rec in running:
             assert rec.placement is not None
             self.metrics.job_running(rec.spec, rec.placement, now)

@@ -163,6 +163,15 @@ class SimMetrics:
                 self.gangs_in_block += len(placement.domains_at(self.topo,
                                                                 self.block_level)) == 1
 
+    def rebind(self, state: ClusterState) -> None:
+        """Follow a state rebuilt with other power budgets (the operator's PowerBudgets
+        changed): one draw and one peak per budget of the new state, counted afresh (the
+        running jobs are then re-added with ``job_running``)."""
+        self.state = state
+        self.budget_actual = list(state.budgets.baseline_watts)
+        self.budget_peak_ratio = [a / lim if lim > 0 else 0.0 for a, lim in
+                                  zip(self.budget_actual, state.budgets.limits, strict=True)]
+
     def job_running(self, spec: JobSpec, placement: Placement, now: float) -> None:
         """Add the job's modelled draw (actual utilization, not the budget estimate)."""
         self.observe(now)

@@ -16,7 +16,7 @@ import pytest
 
 from aifactory.controller.backends.base import WorkloadPhase
 from aifactory.controller.backends.simulated import SimulatedBackend
-from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec
 from aifactory.controller.inputs.factory import factory_from_nodes
 from aifactory.controller.runtime.controlplane import ControlPlane, JobPhase
 from aifactory.controller.runtime.measurements import SimMetrics, percentile
@@ -175,3 +175,17 @@ def test_the_exporter_forgets_a_forgotten_job_and_a_new_one_of_that_name_starts_
     cp.submit(job)  # deleted and created again under the same name
     (second,) = observer.snapshot().jobs
     assert second.phase == JobPhase.QUEUED and second.energy_joules == 0
+
+
+def test_power_budgets_added_while_jobs_run_keep_the_books_in_step() -> None:
+    """A PowerBudget created while the operator runs (reconfigure) used to leave the peak
+    ratios one budget short: the next admission raised IndexError and the engine stalled."""
+    cp = _plane()[0]
+    cp.submit(JobSpec("before", gpus_per_worker=8))
+    cp.step()
+    cp.reconfigure(power_budgets=(PowerBudgetSpec("all", 100_000.0, ()),
+                                  PowerBudgetSpec("also", 200_000.0, ())))
+    cp.submit(JobSpec("after", gpus_per_worker=8))
+    cp.step()
+    assert cp.jobs["default/after"].placement is not None
+    assert len(cp.metrics.budget_peak_ratio) == len(cp.state.budgets.limits) == 2
