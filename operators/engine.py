@@ -456,7 +456,9 @@ class Engine:
     def _written(self, key: tuple[str, str, str], status: Mapping[str, Any] | None) -> None:
         """A status write landed (None: the object is gone): what the API server shows held
         changed. Called on the event loop by the outbox."""
-        if status is None:
+        if status is None or key not in self.objects:
+            # Gone, or deleted while this write was on its way: it holds nothing (else a
+            # late write would claim GPUs for an object that no longer exists, for good).
             self.books.claims.gone(key)
         else:
             self.books.claims.written(key, status)

@@ -416,3 +416,16 @@ def test_the_engine_follows_a_plane_rebuilt_over_a_grown_inventory() -> None:
     assert [engine.cp.topo.nodes[s.node].name for s in rec.placement.slots] == where  # type: ignore[union-attr]
     assert backend.launched == ["ns/a", "ns/b"]  # a was not launched twice
     assert _status(engine, "b")["phase"] == "Running"
+
+
+def test_a_status_write_landing_after_its_object_was_deleted_claims_nothing() -> None:
+    """A Running status still on its way when the job was deleted must not leave the job's
+    GPUs claimed: nothing else could ever be shown running on them."""
+    engine = _engine()
+    engine.apply_job("TrainingJob", _job("a", gpusPerWorker=8))
+    engine.iterate()
+    written = engine.outbox.queued_status(("TrainingJob", "ns", "a"))
+    assert written is not None and written["phase"] == "Running"
+    engine.forget(engine.objects[("TrainingJob", "ns", "a")])
+    engine._written(("TrainingJob", "ns", "a"), written)  # the write lands late
+    assert engine.books.claims.by_object == {} and engine.books.claims.by_slot == {}
