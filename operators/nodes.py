@@ -92,6 +92,7 @@ class NodeBook:
     batch_seconds: float = 1.0
     nodes: dict[str, NodeHealth] = field(default_factory=dict)
     _first_new: float | None = None
+    _fencing: bool = False  # the last fence() excluded some node
     failed: dict[str, str] = field(default_factory=dict)  # as last acted on: node -> why
     cordoned: set[str] = field(default_factory=set)
     bodies: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # present Nodes
@@ -226,8 +227,12 @@ class NodeBook:
     def fence(self, cp: ControlPlane) -> None:
         """Keep new work off failed and cordoned nodes (after the plane polled its backend,
         so GPUs freed there are fenced too); lift the fences of nodes that recovered."""
+        excluded = bool(self.failed or self.cordoned)
+        if not excluded and not self._fencing:
+            return  # every node healthy, and no fence left to lift: nothing to walk
         sync_inventory(cp, [n.name for n in cp.topo.nodes
                             if n.name not in self.failed and n.name not in self.cordoned])
+        self._fencing = excluded
 
     @staticmethod
     def _repair(cp: ControlPlane, stats: dict[str, float], hit: Mapping[str, str],
