@@ -31,7 +31,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +350,32 @@ def gpu_node(name: str, rack: str, block: str = "b0", gpus: int = 8,
                 "aifactory.io/rack": rack, "aifactory.io/block": block,
                 "nvidia.com/gpu.product": "NVIDIA-H200"}},
             "status": status}
+
+
+@contextlib.contextmanager
+def operator_on_nodes(env: KubeTestEnv, workdir: Path, namespace: str,
+                      nodes: Sequence[dict[str, Any]], args: Sequence[str] = (),
+                      also_delete: Sequence[str] = ()) -> Iterator[OperatorProcess]:
+    """An operator whose inventory is ``nodes`` (Node objects this creates, after checking
+    no other Node exists) working on ``namespace``; afterwards its jobs are released (or
+    their finalizers stripped), the operator stopped and the Nodes (and ``also_delete``,
+    Nodes a test added) deleted."""
+    names = [str(n["metadata"]["name"]) for n in nodes]
+    only_nodes(env, names)
+    env.apply(list(nodes))
+    ensure_namespace(env, namespace)
+    proc = OperatorProcess(env, workdir, ["--inventory=nodes", "--status-interval=1", *args])
+    proc.start()
+    try:
+        yield proc
+    finally:
+        try:
+            release_all(env, namespace)
+        finally:
+            proc.stop()
+            strip_finalizers(env, namespace)  # whatever the operator could not release
+            env.kubectl("delete", "node", *names, *also_delete, "--ignore-not-found",
+                        check=False)
 
 
 def only_nodes(env: KubeTestEnv, names: Sequence[str]) -> None:

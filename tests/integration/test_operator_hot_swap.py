@@ -21,12 +21,9 @@ from tests.integration.k8s_env import KubeTestEnv
 from tests.integration.operator_env import (
     OperatorProcess,
     Watch,
-    ensure_namespace,
     gpu_node,
     object_events,
-    only_nodes,
-    release_all,
-    strip_finalizers,
+    operator_on_nodes,
     training_job,
     wait_for,
 )
@@ -43,22 +40,10 @@ JOINING = ["swap-r2-a", "swap-r2-b"]  # added while the operator runs
 @pytest.fixture(scope="module")
 def operator(aifactory_installed: KubeTestEnv, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[OperatorProcess]:
-    env = aifactory_installed
-    only_nodes(env, NAMES)
-    env.apply([gpu_node(n, n.rsplit("-", 1)[0]) for n in NAMES])
-    ensure_namespace(env, NS)
-    proc = OperatorProcess(env, tmp_path_factory.mktemp("swap"),
-                           ["--inventory=nodes", "--status-interval=1"])
-    proc.start()
-    try:
+    with operator_on_nodes(aifactory_installed, tmp_path_factory.mktemp("swap"), NS,
+                           [gpu_node(n, n.rsplit("-", 1)[0]) for n in NAMES],
+                           also_delete=JOINING) as proc:
         yield proc
-    finally:
-        try:
-            release_all(env, NS)
-        finally:
-            proc.stop()
-            strip_finalizers(env, NS)  # whatever the operator could not release
-            env.kubectl("delete", "node", *NAMES, *JOINING, "--ignore-not-found", check=False)
 
 
 def _nodes(watch: Watch, name: str) -> list[str]:

@@ -19,11 +19,8 @@ from tests.integration.k8s_env import KubeTestEnv
 from tests.integration.operator_env import (
     OperatorProcess,
     Watch,
-    ensure_namespace,
     gpu_node,
-    only_nodes,
-    release_all,
-    strip_finalizers,
+    operator_on_nodes,
     training_job,
     wait_for,
 )
@@ -39,22 +36,9 @@ NAMES = [f"multi-r0-{c}" for c in "abcdef"]
 @pytest.fixture(scope="module")
 def operator(aifactory_installed: KubeTestEnv, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[OperatorProcess]:
-    env = aifactory_installed
-    only_nodes(env, NAMES)
-    env.apply([gpu_node(n, "multi-r0") for n in NAMES])
-    ensure_namespace(env, NS)
-    proc = OperatorProcess(env, tmp_path_factory.mktemp("multi"),
-                           ["--inventory=nodes", "--status-interval=1"])
-    proc.start()
-    try:
+    with operator_on_nodes(aifactory_installed, tmp_path_factory.mktemp("multi"), NS,
+                           [gpu_node(n, "multi-r0") for n in NAMES]) as proc:
         yield proc
-    finally:
-        try:
-            release_all(env, NS)
-        finally:
-            proc.stop()
-            strip_finalizers(env, NS)  # whatever the operator could not release
-            env.kubectl("delete", "node", *NAMES, "--ignore-not-found", check=False)
 
 
 def test_two_failed_nodes_of_a_gang_are_swapped_in_one_repair(

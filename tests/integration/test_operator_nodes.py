@@ -19,11 +19,9 @@ from tests.integration.k8s_env import KubeTestEnv
 from tests.integration.operator_env import (
     OperatorProcess,
     Watch,
-    ensure_namespace,
     gpu_node,
     object_events,
-    release_all,
-    strip_finalizers,
+    operator_on_nodes,
     training_job,
     wait_for,
 )
@@ -39,23 +37,11 @@ NAMES = [f"life-r{r}-{s}" for r in range(3) for s in "ab"]
 @pytest.fixture(scope="module")
 def operator(aifactory_installed: KubeTestEnv, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[OperatorProcess]:
-    env = aifactory_installed
-    env.apply([gpu_node(n, n.rsplit("-", 1)[0].removeprefix("life-"), ready=True)
-               for n in NAMES])
-    ensure_namespace(env, NS)
-    proc = OperatorProcess(env, tmp_path_factory.mktemp("nodes"),
-                           ["--inventory=nodes", "--node-grace-seconds=3",
-                            "--status-interval=1"])
-    proc.start()
-    try:
+    with operator_on_nodes(aifactory_installed, tmp_path_factory.mktemp("nodes"), NS,
+                           [gpu_node(n, n.rsplit("-", 1)[0].removeprefix("life-"),
+                                     ready=True) for n in NAMES],
+                           ["--node-grace-seconds=3"]) as proc:
         yield proc
-    finally:
-        try:
-            release_all(env, NS)
-        finally:
-            proc.stop()
-            strip_finalizers(env, NS)  # whatever the operator could not release
-            env.kubectl("delete", "node", *NAMES, "--ignore-not-found", check=False)
 
 
 def _set_ready(env: KubeTestEnv, name: str, status: str) -> None:
