@@ -88,6 +88,7 @@ class EngineOptions:
     tick_seconds: float = 0.1
     coalesce_seconds: float = 0.005
     status_interval_seconds: float = 5.0
+    meter_writes_per_second: float = 20.0  # the budget of meter-only status writes
     writers: int = 6
     delete_timeout_seconds: float = 30.0
     finished_retention_seconds: float = 300.0  # wall seconds a finished job stays in the core
@@ -97,23 +98,28 @@ class EngineOptions:
 class StatusBooks:
     """Which objects' status must be rebuilt, and when finished ones are let go.
 
-    ``dirty``: rebuilt at the next publish; ``deferred``: only words or meters changed,
-    written at the next refresh; ``finished``: (monotonic deadline, object) of final
-    TrainingJobs, forgotten after the retention; ``config_dirty``: GPUQueue/PowerBudget
-    status to rewrite; ``power_needed``: read telemetry at the next publish (an admission)."""
+    ``dirty``: rebuilt at the next publish; ``meters``: the meter ring, objects whose
+    meters or words may be stale (running ones, and those whose words changed), least
+    recently written first, with the monotonic time each joined; ``meter_tokens``: the
+    meter write budget's bucket; ``meter_lag``: seconds the oldest in the ring has waited;
+    ``finished``: (monotonic deadline, object) of final TrainingJobs, forgotten after the
+    retention; ``config_dirty``: GPUQueue/PowerBudget status to rewrite."""
 
     dirty: set[Tracked] = field(default_factory=set)
-    deferred: set[Tracked] = field(default_factory=set)
+    meters: collections.OrderedDict[Tracked, float] = field(
+        default_factory=collections.OrderedDict)
+    meter_tokens: float = 0.0
+    meter_tokens_at: float = 0.0
+    meter_lag: float = 0.0
     finished: collections.deque[tuple[float, Tracked]] = field(
         default_factory=collections.deque)
     config_dirty: bool = False
-    power_needed: bool = False
     claims: Claims = field(default_factory=Claims)
 
     def drop(self, obj: Tracked) -> None:
         """The object is gone: nothing of it is written any more."""
         self.dirty.discard(obj)
-        self.deferred.discard(obj)
+        self.meters.pop(obj, None)
 
 
 class EngineView(Protocol):
@@ -132,7 +138,8 @@ class EngineView(Protocol):
     snapshot: dict[str, Any]
     on_admitted: list[Callable[[Tracked, str], None]]
 
-    def note(self, obj: Tracked, type_: str, reason: str, message: str) -> None: ...
+    def note(self, obj: Tracked, type_: str, reason: str, message: str,
+             phase_change: bool = True) -> None: ...
 
     def mark_dirty(self, obj: Tracked) -> None: ...
 

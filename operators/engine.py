@@ -478,9 +478,11 @@ class Engine:
         for callback in self.on_plane_replaced:
             callback(cp)
 
-    def note(self, obj: Tracked, type_: str, reason: str, message: str) -> None:
-        """A Kubernetes Event on the object."""
-        self.outbox.put_event(obj.ref, type_, reason, message)
+    def note(self, obj: Tracked, type_: str, reason: str, message: str,
+             phase_change: bool = True) -> None:
+        """A Kubernetes Event on the object (``phase_change`` False: a wait's reason, the
+        first to go under back-pressure)."""
+        self.outbox.put_event(obj.ref, type_, reason, message, phase_change)
 
     # ----------------------------------------------------------------- publishing
 

@@ -36,6 +36,7 @@ __all__ = ["EVENT_COMPONENT", "KubeClient", "KubeError", "ObjectRef", "load_conf
 log = logging.getLogger(__name__)
 
 EVENT_COMPONENT = "aifactory-operator"
+TOKEN_REFRESH_SECONDS = 60.0
 ObjectRef = Mapping[str, str]  # apiVersion, kind, name, namespace ("" if cluster-scoped), uid
 
 
@@ -78,6 +79,8 @@ class KubeClient:
         self.instance = socket.gethostname()
         self.calls = 0
         self.errors = 0
+        self._auth = ""
+        self._auth_expires = 0.0
 
     @staticmethod
     def _ssl_context(cfg: k8s_client.Configuration) -> ssl.SSLContext | bool:
@@ -92,15 +95,29 @@ class KubeClient:
         return context
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
-        if self.cfg.refresh_api_key_hook is not None:
-            self.cfg.refresh_api_key_hook(self.cfg)  # in-cluster: re-read a rotated token
         headers = {"Accept": "application/json"}
-        auth = self.cfg.auth_settings().get("BearerToken")
-        if auth and auth.get("value"):
-            headers["Authorization"] = str(auth["value"])
+        auth = self._authorization()
+        if auth:
+            headers["Authorization"] = auth
         if content_type:
             headers["Content-Type"] = content_type
         return headers
+
+    def _authorization(self) -> str:
+        """The bearer header, re-read at most every ``TOKEN_REFRESH_SECONDS`` (in-cluster the
+        token file rotates; client-go re-reads it once a minute, not on every request)."""
+        now = time.monotonic()
+        if now >= self._auth_expires:
+            if self.cfg.refresh_api_key_hook is not None:
+                self.cfg.refresh_api_key_hook(self.cfg)
+            hook, self.cfg.refresh_api_key_hook = self.cfg.refresh_api_key_hook, None
+            try:  # auth_settings() would call the hook a second time
+                auth = self.cfg.auth_settings().get("BearerToken")
+            finally:
+                self.cfg.refresh_api_key_hook = hook
+            self._auth = str(auth["value"]) if auth and auth.get("value") else ""
+            self._auth_expires = now + TOKEN_REFRESH_SECONDS
+        return self._auth
 
     async def close(self) -> None:
         if self._session is not None:
@@ -191,29 +208,39 @@ class KubeClient:
         await self.request("PATCH", self._path(kind, namespace, name) + "/status",
                            {"status": status}, "application/merge-patch+json")
 
-    async def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:
-        """A core/v1 Event on the object (what ``kubectl describe`` lists)."""
+    async def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str,
+                         count: int = 1, first: float | None = None,
+                         last: float | None = None) -> str:
+        """A core/v1 Event on the object (what ``kubectl describe`` lists); its name."""
         namespace = ref.get("namespace") or "default"
-        now = format_time_seconds()
         involved = {"apiVersion": ref["apiVersion"], "kind": ref["kind"], "name": ref["name"],
                     "uid": ref.get("uid", "")}
         if ref.get("namespace"):
             involved["namespace"] = ref["namespace"]
+        name = f"{ref['name']}.{uuid.uuid4().hex[:16]}"
         body = {
             "apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": f"{ref['name']}.{uuid.uuid4().hex[:16]}",
-                         "namespace": namespace},
+            "metadata": {"name": name, "namespace": namespace},
             "involvedObject": involved, "reason": reason, "message": message[:1024],
             "type": type_, "source": {"component": EVENT_COMPONENT},
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "firstTimestamp": format_time_seconds(first),
+            "lastTimestamp": format_time_seconds(last), "count": count,
             "reportingComponent": f"{GROUP}/operator", "reportingInstance": self.instance,
         }
         await self.request("POST", f"/api/v1/namespaces/{namespace}/events", body)
+        return name
+
+    async def patch_event(self, namespace: str, name: str, message: str, count: int,
+                          last: float | None = None) -> None:
+        """Count up an Event posted before (KubeError 404 once the API server expired it)."""
+        await self.request("PATCH", f"/api/v1/namespaces/{namespace or 'default'}/events/{name}",
+                           {"count": count, "lastTimestamp": format_time_seconds(last),
+                            "message": message[:1024]}, "application/merge-patch+json")
 
 
-def format_time_seconds() -> str:
-    """Now as RFC 3339 with whole seconds (what Event timestamps take)."""
-    return format_time(float(int(time.time())))[:19] + "Z"
+def format_time_seconds(at: float | None = None) -> str:
+    """``at`` (default now) as RFC 3339 with whole seconds (what Event timestamps take)."""
+    return format_time(float(int(time.time() if at is None else at)))[:19] + "Z"
 
 
 def _message(text: str) -> str:

@@ -2,6 +2,7 @@
 
     aifactory operator [--backend sim] [--cluster small|PATH] [--inventory auto|nodes|factory]
                        [--sim-speed N] [--status-interval SECONDS] [--kubeconfig PATH]
+                       [--status-writes-per-second 20]
                        [--health-port 8080] [--metrics-port 9402] [--policy aifactory]
                        [--telemetry auto|nvml|model|sim] [--node-metrics]
     aifactory operator --backend ray (--ray-address ADDRESS | --ray-local [--cluster SPEC])
@@ -84,6 +85,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--status-interval", type=_positive, default=5.0,
                    help="seconds between energy/power/cost refreshes of running jobs and "
                         "queue/budget status (default 5)")
+    p.add_argument("--status-writes-per-second", type=_positive, default=20.0,
+                   help="budget of status writes that only refresh meters (energy, power, "
+                        "cost, GPU-hours) or words, over all objects; phase and placement "
+                        "changes are written at once, outside it (default 20)")
     p.add_argument("--tick", type=_positive, default=0.1,
                    help="seconds between engine passes when nothing happens (default 0.1)")
     p.add_argument("--policy", choices=POLICY_NAMES, default="aifactory",
@@ -173,7 +178,8 @@ def options_from(args: argparse.Namespace) -> OperatorOptions:
         raise BackendError("--ray-local, --ray-address and --ray-cpus-per-worker apply to "
                            "--backend ray only")
     ray = _ray_options(args) if args.backend == "ray" else RayOptions()
-    engine = EngineOptions(tick_seconds=args.tick, status_interval_seconds=args.status_interval)
+    engine = EngineOptions(tick_seconds=args.tick, status_interval_seconds=args.status_interval,
+                           meter_writes_per_second=args.status_writes_per_second)
     if not 0 <= args.metrics_port <= 65535:
         raise BackendError(f"--metrics-port: must be a port number (0 disables), got "
                            f"{args.metrics_port}")

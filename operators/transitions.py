@@ -63,13 +63,12 @@ def on_core_event(engine: EngineView, reason: str, rec: JobRecord, message: str)
         cond("Queued", True, why)
         if obj.wait_posted.get(key) != why:
             obj.wait_posted[key] = why
-            engine.note(obj, "Normal", why, f"{label}{message}")
+            engine.note(obj, "Normal", why, f"{label}{message}", phase_change=False)
     elif reason == "Admitted":
         assert rec.placement is not None
         obj.last_placement[key] = rec.placement
         obj.accounted_at[key] = now
         obj.wait_posted.pop(key, None)
-        engine.books.power_needed = True
         cond("Queued", False, "Admitted")
         cond("Admitted", True, "Placed")
         cond("Running", True, "Started")
@@ -81,7 +80,6 @@ def on_core_event(engine: EngineView, reason: str, rec: JobRecord, message: str)
         assert rec.placement is not None
         obj.last_placement[key] = rec.placement
         obj.accounted_at[key] = now
-        engine.books.power_needed = True
         cond("Running", True, "Repaired")
         engine.note(obj, "Warning", "Repaired", f"{label}{message}")
     elif reason in ("Preempted", "Restarting"):
