@@ -34,6 +34,7 @@ from typing import Any
 
 from aifactory.controller.backends.base import FailsNodes
 from aifactory.controller.backends.simulated import SimulatedBackend
+from aifactory.controller.core.topology import NodeInfo
 from aifactory.controller.inputs.factory import factory_from_nodes
 from aifactory.controller.runtime.controlplane import ControlPlane
 from aifactory.controller.runtime.repair import hot_swap
@@ -95,7 +96,10 @@ class NodeBook:
     _fencing: bool = False  # the last fence() excluded some node
     failed: dict[str, str] = field(default_factory=dict)  # as last acted on: node -> why
     cordoned: set[str] = field(default_factory=set)
-    bodies: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # present Nodes
+    # Present GPU Nodes as inventory entries, and whether any changed since ``grow`` looked
+    # (a Node's heartbeat that changes nothing the inventory reads costs no rebuild check).
+    infos: dict[str, NodeInfo] = field(default_factory=dict)
+    _inventory_changed: bool = False
 
     def observe(self, body: Mapping[str, Any], deleted: bool, now: float) -> None:
         """A Node event (or a Node of the start-up listing)."""
@@ -106,9 +110,12 @@ class NodeBook:
         previous = self.nodes.get(name)
         if deleted:
             self.nodes[name] = NodeHealth(name, present=False)
-            self.bodies.pop(name, None)
+            self.infos.pop(name, None)
             return
-        self.bodies[name] = body
+        info = next(iter(nodes_from_objects([body])), None)
+        if info is not None and self.infos.get(name) != info:
+            self.infos[name] = info
+            self._inventory_changed = True
         spec, status = body.get("spec") or {}, body.get("status") or {}
         ready = True
         for cond in status.get("conditions") or []:
@@ -152,9 +159,10 @@ class NodeBook:
         jobs keep their order; nodes that left stay in the inventory, failed. The simulated
         backend only: Ray's inventory is its own (``controller.runtime.resync.Reconciler``)."""
         old = cp.backend
-        if not isinstance(old, SimulatedBackend):
+        if not isinstance(old, SimulatedBackend) or not self._inventory_changed:
             return None
-        seen = {n.name: n for n in nodes_from_objects(self.bodies.values())}
+        self._inventory_changed = False
+        seen = dict(self.infos)
         have = {n.name: n for n in cp.topo.nodes}
         if all(have.get(name) == node for name, node in seen.items()):
             return None

@@ -152,6 +152,18 @@ class SavesWork(Protocol):
 
 
 @runtime_checkable
+class ReportsChanges(Protocol):
+    """A backend that knows when each job's status changes (it finished, failed, or wrote a
+    checkpoint), so the control plane's poll reads only those jobs instead of every running
+    one: what keeps a pass cheap with 20,000 jobs running. The simulated factory knows it
+    from its clock; a backend without it is polled job by job."""
+
+    def changed_jobs(self) -> list[str]:
+        """Jobs whose status may differ since the last call (each at least once)."""
+        ...
+
+
+@runtime_checkable
 class MetersJobEnergy(Protocol):
     """A backend that attributes GPU energy to jobs by their GPU share."""
 

@@ -14,6 +14,7 @@ allocated GPUs.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,11 @@ class SimulatedBackend:
                  default_runtime_seconds: float | None = 3600.0) -> None:
         self._nodes = list(nodes)
         self._clock = clock
+        # When each running job's status next changes (it finishes or checkpoints), as a
+        # heap, and jobs changed otherwise (failed, stopped) since ``changed_jobs`` was asked.
+        self._due: list[tuple[float, str]] = []
+        self._due_at: dict[str, float] = {}
+        self._changed: set[str] = set()
         self.default_runtime_seconds = default_runtime_seconds
         self._node_index = {n.name: i for i, n in enumerate(self._nodes)}
         self._down: set[int] = set()
@@ -158,6 +164,40 @@ class SimulatedBackend:
                 self._settle(g, now)
                 gpu.owners[spec.key] = slot.milli
                 self._repower(g)
+        self._changed.add(spec.key)
+        self._schedule(spec.key, work, now)
+
+    def _schedule(self, key: str, work: _Workload, now: float) -> None:
+        """Remember when the job's status next changes: its end, or its next checkpoint."""
+        at = work.finish_time()
+        interval = work.spec.checkpoint_interval_seconds
+        if interval and work.phase is WorkloadPhase.RUNNING and work.frozen_work is None:
+            target = (math.floor(work.work_done(now) / interval) + 1) * interval
+            checkpoint = work.started_at + (target - work.work_done_before) / work.speed
+            at = checkpoint if at is None else min(at, checkpoint)
+        if at is None:
+            self._due_at.pop(key, None)
+            return
+        self._due_at[key] = at
+        heapq.heappush(self._due, (at, key))
+
+    def changed_jobs(self) -> list[str]:
+        """Jobs that finished, failed, stopped, started or checkpointed since the last call."""
+        now = self._clock()
+        changed = self._changed
+        self._changed = set()
+        while self._due and self._due[0][0] <= now + 1e-9:
+            at, key = heapq.heappop(self._due)
+            if self._due_at.get(key) != at:
+                continue  # superseded by a later launch
+            del self._due_at[key]
+            changed.add(key)
+            work = self._jobs.get(key)
+            if work is not None and work.phase is WorkloadPhase.RUNNING:
+                self._maybe_finish(work, now)
+                if work.phase is WorkloadPhase.RUNNING:
+                    self._schedule(key, work, now)
+        return list(changed)
 
     def stop(self, job: str) -> None:
         work = self._jobs.get(job)
@@ -165,6 +205,7 @@ class SimulatedBackend:
             return
         now = self._clock()
         self._release(work, now)
+        self._changed.add(job)
         if work.phase is WorkloadPhase.RUNNING:
             work.frozen_work = work.work_done(now)
             work.phase = WorkloadPhase.FAILED
@@ -308,6 +349,7 @@ class SimulatedBackend:
                     continue
                 work.frozen_work = work.work_done(now)
                 self._release(work, now)
+                self._changed.add(key)
                 work.phase = WorkloadPhase.FAILED
                 work.finished_at = now
                 work.message = message

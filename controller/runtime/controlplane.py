@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from aifactory.controller.backends.base import (
     ClusterBackend,
     ForgetsJobs,
+    ReportsChanges,
     SavesWork,
     WorkloadPhase,
 )
@@ -280,7 +281,13 @@ class ControlPlane:
         return self.cycle(force=True)
 
     def poll(self) -> None:
-        for key in list(self._running):
+        """Finished, failed and checkpointed work from the backend: only the jobs whose
+        status changed when the backend says which (``ReportsChanges``), else every running
+        job."""
+        backend = self.backend
+        keys = [k for k in backend.changed_jobs() if k in self._running] \
+            if isinstance(backend, ReportsChanges) else list(self._running)
+        for key in keys:
             rec = self.jobs[key]
             if rec.placement is None or rec.done:
                 continue

@@ -403,6 +403,13 @@ class KubeTestEnv:
             self.stop()
             raise
 
+    @property
+    def apiserver_pid(self) -> int:
+        """The kube-apiserver's PID (for benchmarks that read its CPU time)."""
+        if self._apiserver is None or self._apiserver.proc is None:
+            raise KubeEnvError("the API server is not running")
+        return self._apiserver.proc.pid
+
     def stop(self) -> None:
         """Stop kube-apiserver, then etcd (by PID), then delete the tempdir."""
         for attr in ("_apiserver", "_etcd"):
