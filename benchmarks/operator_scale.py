@@ -47,10 +47,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aifactory.operators.kube import KubeClient, KubeError, load_configuration  # noqa: E402
-from benchmarks.common import machine, machine_line, markdown_table  # noqa: E402
-from tests.integration.k8s_env import KubeTestEnv  # noqa: E402
-from tests.integration.operator_env import (  # noqa: E402
+from aifactory.operators.kube import KubeClient, KubeError, load_configuration
+from benchmarks.common import machine, machine_line, markdown_table
+from tests.integration.k8s_env import KubeTestEnv
+from tests.integration.operator_env import (
     OperatorProcess,
     Watch,
     ensure_namespace,
@@ -102,7 +102,7 @@ def request_counts(env: KubeTestEnv) -> dict[str, float]:
 
 
 def rates(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
-    keys = ("PATCH trainingjobs/status", "POST events", "PATCH events",
+    keys = ("PATCH trainingjobs/status", "PATCH trainingjobs", "POST events", "PATCH events",
             "PATCH gpuqueues/status", "PATCH powerbudgets/status")
     return {k: (after.get(k, 0.0) - before.get(k, 0.0)) / seconds for k in keys}
 

@@ -256,6 +256,20 @@ class Engine:
             body, deleted = args
             self.node_book.observe(body, deleted, time.monotonic())
 
+    def knows(self, kind: str, body: Mapping[str, Any]) -> bool:
+        """Whether this object, at this generation, was applied already, or is a finished
+        TrainingJob whose final status was written (its watch event is nothing new: most
+        often an echo of our own status write)."""
+        meta = body.get("metadata") or {}
+        generation = int(meta.get("generation") or 1)
+        obj = self.objects.get((kind, str(meta.get("namespace") or "default"),
+                                str(meta.get("name"))))
+        if obj is not None:
+            return obj.uid == meta.get("uid") and obj.generation == generation
+        status = body.get("status") or {}
+        return kind != SERVICE_KIND and status.get("phase") in Phase.TERMINAL and \
+            status.get("observedGeneration") == generation
+
     def track(self, kind: str, body: dict[str, Any]) -> Tracked:
         """The Tracked for a body, new if the object is new (or was re-created)."""
         meta = body.get("metadata") or {}

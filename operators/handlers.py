@@ -37,7 +37,8 @@ from aifactory.operators.translate import (
     plain,
 )
 
-__all__ = ["FINALIZER", "OperatorApp", "build_registry", "configure_settings"]
+__all__ = ["FINALIZER", "EngineDiffBase", "OperatorApp", "build_registry",
+           "configure_settings"]
 
 FINALIZER = f"{GROUP}/finalizer"
 log = logging.getLogger(__name__)
@@ -60,13 +61,40 @@ class OperatorApp:
         return self.engine
 
 
-def configure_settings(settings: kopf.OperatorSettings) -> None:
-    """Annotations (not status) for kopf's own bookkeeping; our finalizer; only Warnings
-    of kopf's own logs become Events; no dynamic CRD/namespace scanning (RBAC needs none)."""
+class EngineDiffBase(kopf.DiffBaseStorage):
+    """kopf's "last handled" state, taken from the engine's memory instead of an annotation.
+
+    kopf decides whether a watch event is new work by diffing the object against a stored
+    base; its default stores that base in an annotation, one extra PATCH of every object
+    it handles. Here the base is what the engine has applied: an object whose uid and
+    generation the engine knows is unchanged (a NOOP, no handler runs), so the operator's
+    own status writes coming back (echoes) stop at kopf's cause detection; any other is new
+    (the create/resume handler applies it, idempotently). Nothing is written."""
+
+    def __init__(self, app: OperatorApp) -> None:
+        super().__init__()
+        self.app = app
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        engine = self.app.engine
+        if engine is None or not engine.knows(str(body.get("kind")), body):
+            return None
+        return self.build(body=body)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch,
+              essence: kopf.BodyEssence) -> None:
+        pass  # the engine's memory is the store
+
+
+def configure_settings(settings: kopf.OperatorSettings,
+                       app: OperatorApp | None = None) -> None:
+    """Annotations (not status) for kopf's progress; the engine as its diff base (no
+    annotation written per object); our finalizer; only Warnings of kopf's own logs become
+    Events; no dynamic CRD/namespace scanning (RBAC needs none)."""
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = EngineDiffBase(app) if app is not None else \
+        kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING
     settings.scanning.disabled = True
     settings.peering.standalone = True
@@ -90,7 +118,7 @@ def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
 
     @kopf.on.startup(registry=registry, backoff=2)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure_settings(settings)
+        configure_settings(settings, app)
         if app.kube is None:
             app.kube = KubeClient(load_configuration(app.kubeconfig))
         try:
