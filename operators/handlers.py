@@ -37,8 +37,8 @@ from aifactory.operators.translate import (
     plain,
 )
 
-__all__ = ["FINALIZER", "EngineDiffBase", "OperatorApp", "build_registry",
-           "configure_settings"]
+__all__ = ["FINALIZER", "EngineDiffBase", "OperatorApp", "QuietProgressStorage",
+           "build_registry", "configure_settings"]
 
 FINALIZER = f"{GROUP}/finalizer"
 log = logging.getLogger(__name__)
@@ -86,13 +86,26 @@ class EngineDiffBase(kopf.DiffBaseStorage):
         pass  # the engine's memory is the store
 
 
+class QuietProgressStorage(kopf.AnnotationsProgressStorage):
+    """kopf's handler progress in annotations, written only when there is progress to keep
+    (a handler to retry). A handler that succeeded at once is purged in the same breath,
+    so storing it (and kopf's ``kopf-managed`` marker with it) would cost every object one
+    PATCH for nothing."""
+
+    def store(self, *, key: Any, record: Any, body: kopf.Body, patch: kopf.Patch) -> None:
+        if record.get("success"):
+            return  # done (each cause has one handler of ours): nothing to remember
+        super().store(key=key, record=record, body=body, patch=patch)
+
+
 def configure_settings(settings: kopf.OperatorSettings,
                        app: OperatorApp | None = None) -> None:
-    """Annotations (not status) for kopf's progress; the engine as its diff base (no
-    annotation written per object); our finalizer; only Warnings of kopf's own logs become
-    Events; no dynamic CRD/namespace scanning (RBAC needs none)."""
+    """Annotations (not status) for kopf's progress, only when a handler must be retried;
+    the engine as its diff base (no annotation written per object); our finalizer; only
+    Warnings of kopf's own logs become Events; no dynamic CRD/namespace scanning (RBAC
+    needs none)."""
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.progress_storage = QuietProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = EngineDiffBase(app) if app is not None else \
         kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING

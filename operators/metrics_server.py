@@ -58,9 +58,15 @@ COUNTERS = (
      "Seconds the engine spent in its passes (requests, cycle, publish)."),
     ("cycles", "aifactory_operator_scheduling_cycles", "Scheduling cycles run."),
     ("status_patches", "aifactory_operator_status_patches", "Status patches written."),
+    ("status_patches_change", "aifactory_operator_status_change_patches",
+     "Status patches that changed phase, placement or conditions (written at once)."),
+    ("status_patches_meter", "aifactory_operator_status_meter_patches",
+     "Status patches that only refreshed meters or words (within the write budget)."),
     ("status_patch_errors", "aifactory_operator_status_patch_errors",
      "Status patches that failed (retried unless the object is gone)."),
     ("events_posted", "aifactory_operator_events_posted", "Kubernetes Events posted."),
+    ("events_patched", "aifactory_operator_events_aggregated",
+     "Events counted up on an Event posted before (PATCH of its count), not posted anew."),
     ("events_dropped", "aifactory_operator_events_dropped",
      "Events dropped because the backlog was full."),
     ("loop_errors", "aifactory_operator_engine_errors",
@@ -75,11 +81,24 @@ COUNTERS = (
 )
 
 
+GAUGES = (
+    ("meter_lag_seconds", "aifactory_operator_status_meter_lag_seconds",
+     "Seconds the longest-waiting object has waited for its meters in status to be "
+     "refreshed (bounded by max(--status-interval, objects waiting / the write budget))."),
+    ("meter_waiting", "aifactory_operator_status_meter_waiting",
+     "Objects whose meters or words in status wait for the write budget."),
+    ("status_backlog", "aifactory_operator_status_backlog",
+     "Status patches queued and not yet sent."),
+    ("event_backlog", "aifactory_operator_event_backlog", "Events queued and not yet sent."),
+)
+
+
 # Every family OperatorCollector yields: (name, type, labels), as docs/metrics.md lists them.
 OPERATOR_METRICS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     *((f"{name}_total", "counter", ()) for _, name, _ in COUNTERS),
     ("aifactory_operator_jobs", "gauge", ("phase",)),
     ("aifactory_operator_gpus", "gauge", ("state",)),
+    *((name, "gauge", ()) for _, name, _ in GAUGES),
 )
 
 
@@ -106,6 +125,9 @@ class OperatorCollector(Collector):
         gpus.add_metric(["allocated"], snap.get("gpus_allocated", 0.0))
         gpus.add_metric(["total"], snap.get("gpus_total", 0.0))
         yield gpus
+        gauges = snap.get("gauges", {})
+        for key, name, doc in GAUGES:
+            yield GaugeMetricFamily(name, doc, value=float(gauges.get(key, 0.0)))
 
 
 def choose(cp: ControlPlane, telemetry: str) -> TelemetryChoice:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MAX_EVENT_BACKLOG = 5000
 EVENT_BATCH = 8
 WRITE_DELAY_ENV = "AIFACTORY_TEST_STATUS_WRITE_DELAY_SECONDS"
+METER_DELAY_ENV = "AIFACTORY_TEST_METER_WRITE_DELAY_SECONDS"
 StatusKey = tuple[str, str, str]  # kind, namespace ("" if cluster-scoped), name
 
 
@@ -56,6 +57,9 @@ class Outbox:
         # operator's picture runs ahead of the API server's (a crash in that lag must lose
         # nothing). Never set in production.
         self.write_delay_seconds = float(os.environ.get(WRITE_DELAY_ENV) or 0.0)
+        # The same for meter writes alone: a slow API server's meter backlog, which a
+        # phase change must overtake.
+        self.meter_delay_seconds = float(os.environ.get(METER_DELAY_ENV) or 0.0)
         self._status: dict[StatusKey, Mapping[str, Any]] = {}
         self._change: set[StatusKey] = set()  # queued keys whose write is a change
         self._lanes: tuple[collections.deque[StatusKey], collections.deque[StatusKey]] = \
@@ -147,8 +151,9 @@ class Outbox:
             self._in_flight.add(key)
             kind, namespace, name = key
             try:
-                if self.write_delay_seconds:
-                    await asyncio.sleep(self.write_delay_seconds)
+                delay = self.write_delay_seconds + (0.0 if change else self.meter_delay_seconds)
+                if delay:
+                    await asyncio.sleep(delay)
                 await self.kube.patch_status(kind, namespace or None, name, status)
                 self.stats["status_patches"] += 1
                 self.stats["status_patches_change" if change else "status_patches_meter"] += 1

@@ -232,4 +232,8 @@ def take_snapshot(engine: EngineView) -> None:
         "gpus_total": float(engine.cp.topo.total_gpus),
         "budgets": {name: (budgets.limits[b], engine.cp.state.budget_watts[b])
                     for b, name in enumerate(budgets.names)},
+        "gauges": {"meter_lag_seconds": engine.books.meter_lag,
+                   "meter_waiting": float(len(engine.books.meters)),
+                   "status_backlog": float(len(engine.outbox.queued_statuses())),
+                   "event_backlog": float(len(engine.outbox.events))},
     }
