@@ -15,9 +15,9 @@ Namespaces are watched the same way, for the queue grants their annotations hold
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -74,6 +74,17 @@ class EngineDiffBase(kopf.DiffBaseStorage):
     def __init__(self, app: OperatorApp) -> None:
         super().__init__()
         self.app = app
+
+    def build(self, *, body: kopf.Body,
+              extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+        """kopf's essence, without deep-copying the status first only to drop it (our
+        handlers watch no status field): the status is most of a running job's body."""
+        fields = list(extra_fields or ())
+        if any("status" in str(f) for f in fields):
+            return super().build(body=body, extra_fields=fields)
+        trimmed = kopf.Body(cast(kopf.RawBody, {k: v for k, v in body.items()
+                                                if k != "status"}))
+        return super().build(body=trimmed, extra_fields=fields)
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
         engine = self.app.engine

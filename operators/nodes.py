@@ -100,6 +100,10 @@ class NodeBook:
     # (a Node's heartbeat that changes nothing the inventory reads costs no rebuild check).
     infos: dict[str, NodeInfo] = field(default_factory=dict)
     _inventory_changed: bool = False
+    # Whether ``follow`` has anything to look at: a Node event since it last looked, or a
+    # NotReady node whose grace period runs (it walks every node only then).
+    _observed: bool = False
+    _timing: bool = False
 
     def observe(self, body: Mapping[str, Any], deleted: bool, now: float) -> None:
         """A Node event (or a Node of the start-up listing)."""
@@ -108,6 +112,7 @@ class NodeBook:
         if not name:
             return
         previous = self.nodes.get(name)
+        self._observed = True
         if deleted:
             self.nodes[name] = NodeHealth(name, present=False)
             self.infos.pop(name, None)
@@ -194,6 +199,9 @@ class NodeBook:
         (hot swapping them, see ``_repair``), take back recovered nodes, note cordons.
         True if anything changed."""
         now = time.monotonic() if now is None else now
+        if not (self._observed or self._timing or self._first_new is not None):
+            return False  # no Node changed and no grace period runs: nothing to act on
+        self._observed = False
         failed, cordoned = self.verdicts(((n.name, n.gpus) for n in cp.topo.nodes), now)
         if failed.keys() - self.failed.keys():
             if self._first_new is None:
@@ -230,6 +238,9 @@ class NodeBook:
                      "no new work" if name in cordoned else "is uncordoned")
             changed = True
         self.failed, self.cordoned = failed, cordoned
+        # A NotReady node not yet declared failed: its grace period runs out without an event.
+        self._timing = any(h.present and not h.ready and h.name not in failed
+                           for h in self.nodes.values())
         return changed
 
     def fence(self, cp: ControlPlane) -> None:

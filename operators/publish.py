@@ -29,6 +29,7 @@ import functools
 import time
 from typing import Any
 
+from aifactory.controller.backends.base import ReportsPower
 from aifactory.controller.core.placements import describe_placement
 from aifactory.operators.books import EngineView, StatusKey
 from aifactory.operators.configstatus import config_statuses
@@ -208,14 +209,17 @@ def _power(engine: EngineView, obj: Tracked) -> float:
 
 
 def _refresh_power(engine: EngineView) -> None:
-    """Per-GPU power from one telemetry snapshot of the backend (once per refresh)."""
-    snapshot = engine.cp.backend.telemetry()
+    """Per-GPU power, once per refresh: the backend's draw alone where it can say it
+    (``ReportsPower``), else from a telemetry snapshot."""
+    backend = engine.cp.backend
+    readings = backend.gpu_power() if isinstance(backend, ReportsPower) else \
+        [(r.node, r.index, r.power_watts) for r in backend.telemetry().gpus]
     topo = engine.cp.topo
     power = [0.0] * topo.total_gpus
-    for reading in snapshot.gpus:
-        node = topo.node_index.get(reading.node)
-        if node is not None and reading.index < topo.nodes[node].gpus:
-            power[topo.gpu_start[node] + reading.index] = reading.power_watts
+    for name, index, watts in readings:
+        node = topo.node_index.get(name)
+        if node is not None and index < topo.nodes[node].gpus:
+            power[topo.gpu_start[node] + index] = watts
     engine.last_gpu_power = power
 
 

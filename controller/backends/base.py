@@ -164,6 +164,17 @@ class ReportsChanges(Protocol):
 
 
 @runtime_checkable
+class ReportsPower(Protocol):
+    """A backend that says each GPU's draw now without a whole telemetry snapshot (energy,
+    memory, utilisation of every GPU): what the operator reads every status refresh for
+    per-job watts, cheap at 20,000 GPUs."""
+
+    def gpu_power(self) -> list[tuple[str, int, float]]:
+        """(node, node-local GPU index, watts) of every reporting GPU."""
+        ...
+
+
+@runtime_checkable
 class MetersJobEnergy(Protocol):
     """A backend that attributes GPU energy to jobs by their GPU share."""
 

@@ -231,6 +231,13 @@ class SimulatedBackend:
             message=work.message, retryable=work.retryable,
             energy_joules=self._job_energy(work, now))
 
+    def gpu_power(self) -> list[tuple[str, int, float]]:
+        """Each GPU's draw now (``ReportsPower``): what ``telemetry`` reports as power."""
+        names = [n.name for n in self._nodes]
+        first = self._node_first_gpu
+        return [(names[gpu.node], g - first[gpu.node], gpu.power)
+                for g, gpu in enumerate(self._gpus) if gpu.node not in self._removed]
+
     def telemetry(self) -> TelemetrySnapshot:
         now = self._clock()
         for work in list(self._jobs.values()):
