@@ -13,7 +13,7 @@ drops what matters. So, as client-go's ``EventCorrelator`` does:
   into one Event, ``(combined from similar events): <latest message>``, whose count grows;
 * **back-pressure**: the backlog of distinct Events waiting to be posted is bounded; past the
   bound the oldest Event that is not a phase change (Admitted, Running, Succeeded, Failed,
-  Preempted, ...) goes first, and phase changes only when nothing else is left. Dropped
+  Preempted, ...) goes first; phase changes go only past ten times the bound. Dropped
   Events are counted, never silently lost.
 
 This module is pure bookkeeping (no I/O); ``aifactory.operators.outbox`` posts and patches.
@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 SIMILAR_LIMIT = 10
+PHASE_BACKLOG_FACTOR = 10
 SIMILAR_WINDOW_SECONDS = 600.0
 COMBINED_PREFIX = "(combined from similar events): "
 EventKey = tuple[str, str, str, str, str]  # object uid (or kind/ns/name), type, reason, message
@@ -129,9 +130,14 @@ class EventBook:
         return len(times) - 1
 
     def _shed(self) -> None:
-        """Keep the backlog bounded: the oldest non-phase-change Event goes first."""
-        while len(self) > self.max_backlog:
-            (self._other or self._phase).popitem(last=False)
+        """Keep the backlog bounded: past ``max_backlog`` the oldest Event that is not a
+        phase change goes; phase changes go only past ``PHASE_BACKLOG_FACTOR`` times that
+        (a factory admitting 20,000 jobs at once tells each owner, a few MB held)."""
+        while len(self) > self.max_backlog and self._other:
+            self._other.popitem(last=False)
+            self.dropped += 1
+        while len(self._phase) > self.max_backlog * PHASE_BACKLOG_FACTOR:
+            self._phase.popitem(last=False)
             self.dropped += 1
 
     def take(self, limit: int) -> list[tuple[EventKey, PendingEvent]]:

@@ -67,6 +67,10 @@ def test_under_back_pressure_phase_changes_are_the_last_to_go() -> None:
     reasons = [e.reason for e in book.pending()]
     assert reasons.count("Admitted") == 8, "no phase change dropped while others could go"
     assert [e.reason for _, e in book.take(9)][:8] == ["Admitted"] * 8, "phase changes first"
+    for i in range(150):  # a mass admission: phase changes are kept up to 10x the bound
+        book.add({**REF, "uid": f"q{i}"}, "Normal", "Admitted", "placed", now=2.0)
+    assert book.dropped == 48 + 1 + 150 - 100, "the other left first, then the oldest phases"
+    assert len(book) == 100
 
 
 # ----------------------------------------------------------------- outbox lanes
