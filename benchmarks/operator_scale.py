@@ -48,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aifactory.operators.kube import KubeClient, KubeError, load_configuration
+from aifactory.operators.translate import parse_time
 from benchmarks.common import machine, machine_line, markdown_table
 from tests.integration.k8s_env import KubeTestEnv
 from tests.integration.operator_env import (
@@ -114,6 +115,7 @@ class Creator:
     def __init__(self, env: KubeTestEnv, concurrency: int = 16) -> None:
         self.kube = KubeClient(load_configuration(str(env.kubeconfig)), concurrency)
         self.created: dict[tuple[str, str], float] = {}
+        self.created_wall: dict[tuple[str, str], float] = {}
         self.errors = 0
 
     async def create(self, body: dict[str, Any]) -> None:
@@ -122,6 +124,7 @@ class Creator:
             try:
                 await self.kube.request("POST", PLURAL.format(ns=ns), body)
                 self.created[(ns, body["metadata"]["name"])] = time.monotonic()
+                self.created_wall[(ns, body["metadata"]["name"])] = time.time()
                 return
             except KubeError as exc:
                 if exc.status == 409:
@@ -340,8 +343,17 @@ def run_kueue(args: argparse.Namespace) -> dict[str, Any]:
             for cls in CLASSES:
                 waits = [min(first[k][p] for p in HOLDING if p in first[k]) - creator.created[k]
                          for k in keys if classes[k] == cls[0] and k in creator.created]
+                # The operator's own admission time (status.startedAt), without the lag of
+                # the status write and the watch.
+                started = [parse_time((bodies[k].get("status") or {}).get("startedAt"))
+                           for k in keys if classes[k] == cls[0] and k in creator.created_wall]
+                own = [t - creator.created_wall[k] for k, t in zip(
+                    [k for k in keys if classes[k] == cls[0] and k in creator.created_wall],
+                    started, strict=True) if t is not None]
                 per_class[cls[0]] = {"jobs": len(waits), "mean_admission_s":
-                                     statistics.fmean(waits), "p90_admission_s": pct(waits, 90)}
+                                     statistics.fmean(waits), "p90_admission_s": pct(waits, 90),
+                                     "mean_started_s": statistics.fmean(own) if own else
+                                     float("nan"), "p90_started_s": pct(own, 90)}
             used = 0.0
             for k in keys:
                 start = min(first[k][p] for p in HOLDING if p in first[k])
@@ -400,9 +412,11 @@ def report(results: dict[str, Any]) -> str:
         rows = [["wall time to all finished (s)", f"{k['wall_s']:.0f}", KUEUE_ANCHOR["wall_s"]]]
         for cls in ("small", "medium", "large"):
             c = k["classes"][cls]
-            rows.append([f"{cls}: mean / p90 admission (s)",
+            rows.append([f"{cls}: mean / p90 admission, seen by a watch (s)",
                          f"{c['mean_admission_s']:.2f} / {c['p90_admission_s']:.2f}",
                          KUEUE_ANCHOR[cls] + " (mean)"])
+            rows.append([f"{cls}: mean / p90 admission, status.startedAt (s)",
+                         f"{c['mean_started_s']:.2f} / {c['p90_started_s']:.2f}", ""])
         rows += [["quota usage", f"{100 * k['quota_usage']:.0f} %", KUEUE_ANCHOR["quota_usage"]],
                  ["manager/operator CPU", f"{k['operator_cpu_s']:.0f} CPU-s", KUEUE_ANCHOR["cpu"]],
                  ["manager/operator peak RSS", f"{k['operator_peak_rss_mib']:.0f} MiB",

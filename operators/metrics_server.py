@@ -77,7 +77,8 @@ COUNTERS = (
     ("hot_swaps", "aifactory_operator_hot_swaps",
      "Gangs repaired by moving only the workers on failed nodes to spare nodes."),
     ("fenced_writes", "aifactory_operator_fenced_writes",
-     "Status writes not sent because this replica no longer held the leader Lease."),
+     "Times a status write was held back because this replica's leader Lease was not "
+     "renewed in time (sent once it is; gone with the process if the Lease is lost)."),
 )
 
 

@@ -33,6 +33,7 @@ __all__ = ["MAX_EVENT_BACKLOG", "Outbox", "StatusKey"]
 log = logging.getLogger(__name__)
 MAX_EVENT_BACKLOG = 5000
 EVENT_BATCH = 8
+FENCE_WAIT_SECONDS = 0.1
 WRITE_DELAY_ENV = "AIFACTORY_TEST_STATUS_WRITE_DELAY_SECONDS"
 METER_DELAY_ENV = "AIFACTORY_TEST_METER_WRITE_DELAY_SECONDS"
 StatusKey = tuple[str, str, str]  # kind, namespace ("" if cluster-scoped), name
@@ -142,12 +143,18 @@ class Outbox:
                 self._status_wake.clear()
                 await self._status_wake.wait()
                 continue
+            if not self.may_write():
+                # The lease was not renewed in time (a standby may take it over soon): hold
+                # every write until it is renewed, or until this replica stops for having
+                # lost it (they go with the process). Never dropped while we may lead again:
+                # a starved renewal thread under load would otherwise lose statuses.
+                self.stats["fenced_writes"] += 1
+                self._lanes[0 if key in self._change else 1].appendleft(key)
+                await asyncio.sleep(FENCE_WAIT_SECONDS)
+                continue
             status = self._status.pop(key)
             change = key in self._change
             self._change.discard(key)
-            if not self.may_write():
-                self.stats["fenced_writes"] += 1
-                continue
             self._in_flight.add(key)
             kind, namespace, name = key
             try:
