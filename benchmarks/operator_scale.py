@@ -328,9 +328,12 @@ def run_kueue(args: argparse.Namespace) -> dict[str, Any]:
         try:
             pid, api_pid = operator.proc.pid, env.apiserver_pid  # type: ignore[union-attr]
             cpu0, api0, t0 = cpu_seconds(pid), cpu_seconds(api_pid), time.monotonic()
-            loop.run_until_complete(asyncio.gather(*(
-                _generate(creator, q["metadata"]["name"], cls, max(1, int(cls[4] * scale)),
-                          classes) for q in queues for cls in CLASSES)))
+            async def generate_all() -> None:
+                await asyncio.gather(*(
+                    _generate(creator, q["metadata"]["name"], cls, max(1, int(cls[4] * scale)),
+                              classes) for q in queues for cls in CLASSES))
+
+            loop.run_until_complete(generate_all())
             posted = time.monotonic()
             keys = list(classes)
             wait_for(lambda: all("Succeeded" in watch.first.get(k, {}) for k in keys), 3600,
