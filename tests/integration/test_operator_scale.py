@@ -11,6 +11,7 @@ write path would show instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -57,12 +58,26 @@ def namespace(aifactory_installed: KubeTestEnv) -> Iterator[str]:
     yield NS
 
 
+@contextlib.contextmanager
 def _operator(env: KubeTestEnv, workdir: Path, *args: str,
-              environ: dict[str, str] | None = None) -> OperatorProcess:
+              environ: dict[str, str] | None = None
+              ) -> Iterator[tuple[OperatorProcess, Watch]]:
+    """The operator on the ``small`` factory and a watch on TrainingJobs; afterwards every
+    job of the namespace is released and the operator stopped."""
     proc = OperatorProcess(env, workdir, ["--cluster=small", "--inventory=factory",
                                           "--status-interval=1", *args], environ=environ)
     proc.start()
-    return proc
+    watch = Watch(env, "trainingjobs")
+    try:
+        yield proc, watch
+    finally:
+        watch.close()
+        try:
+            env.kubectl("delete", "inferenceservices", "--all", f"-n={NS}", "--wait=false",
+                        check=False)
+            release_all(env, NS, timeout=180)
+        finally:
+            proc.stop()
 
 
 def _apply_jobs(env: KubeTestEnv, names: list[str], gpus: int = 1) -> None:
@@ -112,12 +127,10 @@ def test_status_writes_stay_within_the_budget_and_meters_within_their_bound(
     10 status PATCHes per second (not 200 per refresh), every running job's meters still
     move, and none waits longer than max(interval, 200 / 10) = 20 s."""
     env, budget, jobs = aifactory_installed, 10.0, 200
-    proc = _operator(env, tmp_path, f"--status-writes-per-second={budget:g}")
-    watch = Watch(env, "trainingjobs")
     ages = MeterAges()
-    watch.invariants.append(ages)
     names = [f"meter-{i:03d}" for i in range(jobs)]
-    try:
+    with _operator(env, tmp_path, f"--status-writes-per-second={budget:g}") as (proc, watch):
+        watch.invariants.append(ages)
         _apply_jobs(env, names)
         _all_running(watch, names)
         ages.armed_after = time.monotonic() + 2 * jobs / budget  # every job had its turn
@@ -138,12 +151,6 @@ def test_status_writes_stay_within_the_budget_and_meters_within_their_bound(
         lag = _gauge(proc, "aifactory_operator_status_meter_lag_seconds")
         assert lag <= bound + 5.0, f"the operator reports meters {lag:.1f} s old"
         assert not watch.violations
-    finally:
-        watch.close()
-        try:
-            release_all(env, NS, timeout=120)
-        finally:
-            proc.stop()
 
 
 def test_a_phase_change_overtakes_a_full_meter_backlog(
@@ -152,11 +159,10 @@ def test_a_phase_change_overtakes_a_full_meter_backlog(
     jobs queue theirs every second: the meter lane is full. A new job's Running status still
     lands within seconds; behind the backlog, six writers would need 25 s or more."""
     env, jobs = aifactory_installed, 150
-    proc = _operator(env, tmp_path, "--status-writes-per-second=1000",
-                     environ={"AIFACTORY_TEST_METER_WRITE_DELAY_SECONDS": "1.0"})
-    watch = Watch(env, "trainingjobs")
     names = [f"busy-{i:03d}" for i in range(jobs)]
-    try:
+    with _operator(env, tmp_path, "--status-writes-per-second=1000",
+                   environ={"AIFACTORY_TEST_METER_WRITE_DELAY_SECONDS": "1.0"}
+                   ) as (proc, watch):
         _apply_jobs(env, names)
         _all_running(watch, names)
         wait_for(lambda: _gauge(proc, "aifactory_operator_status_backlog") >= 100, 60,
@@ -169,12 +175,6 @@ def test_a_phase_change_overtakes_a_full_meter_backlog(
         print(f"\nmeter backlog {backlog:.0f}: the new job was Running after {took:.2f} s")
         assert took <= 10.0, f"a phase change waited {took:.1f} s behind meter writes"
         assert backlog >= 50, "the backlog drained: the test did not test the lane"
-    finally:
-        watch.close()
-        try:
-            release_all(env, NS, timeout=180)
-        finally:
-            proc.stop()
 
 
 def _events(env: KubeTestEnv) -> list[dict[str, Any]]:
@@ -189,10 +189,8 @@ def test_events_are_aggregated_not_lost_under_a_burst(
     scaled up and down again has one Admitted Event per replica placement, counted up, not
     a new Event each time."""
     env = aifactory_installed
-    proc = _operator(env, tmp_path)
-    watch = Watch(env, "trainingjobs")
     names = [f"ev-{i:03d}" for i in range(200)]
-    try:
+    with _operator(env, tmp_path) as (proc, watch):
         _apply_jobs(env, names, gpus=2)
         wait_for(lambda: sum(watch.phase(NS, n) == "Running" for n in names) == 128, 180,
                  "128 jobs Running", interval=0.3)
@@ -232,16 +230,24 @@ def test_events_are_aggregated_not_lost_under_a_burst(
         assert len(events) < 3 and max(counts) >= 2, \
             f"identical Events were posted anew, not counted up: counts {counts}"
         assert _gauge(proc, "aifactory_operator_events_aggregated_total") >= 1
-    finally:
-        watch.close()
-        try:
-            env.kubectl("delete", "inferenceservices", "--all", f"-n={NS}", check=False)
-            release_all(env, NS, timeout=120)
-        finally:
-            proc.stop()
 
 
 def _service_replicas(env: KubeTestEnv) -> int:
     out = env.kubectl("get", "inferenceservice/chat", f"-n={NS}", "-o",
                       "jsonpath={.status.replicas}", check=False).stdout.strip()
     return int(out) if out.isdigit() else -1
+
+
+def test_the_scale_benchmark_runs_its_smoke_slice(tmp_path: Path) -> None:
+    """``benchmarks/operator_scale.py --smoke`` (its own API server): the burst and Kueue's
+    scenario finish and every number comes out (the script asserts none itself)."""
+    from benchmarks import operator_scale
+
+    out = tmp_path / "scale.json"
+    assert operator_scale.main(["--smoke", "--scenarios", "burst,kueue",
+                                "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["burst"]["jobs"] == 100 and data["kueue"]["jobs"] == 200
+    assert data["burst"]["all_have_phase_after_last_post_s"] >= 0
+    assert set(data["kueue"]["classes"]) == {"small", "medium", "large"}
+    assert 0 < data["kueue"]["quota_usage"] <= 1.0

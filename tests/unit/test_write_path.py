@@ -109,6 +109,26 @@ def test_a_phase_change_overtakes_a_full_meter_lane() -> None:
     assert names[:2] == ["urgent", "m5"] and len(names) == 201
 
 
+def test_writes_wait_for_the_lease_renewal_instead_of_being_dropped() -> None:
+    async def run() -> list[str]:
+        kube = RecordingKube()
+        leading = [False]
+        outbox = Outbox(kube, collections_default({}), writers=2,  # type: ignore[arg-type]
+                        may_write=lambda: leading[0])
+        outbox.put_status(("TrainingJob", "ns", "a"), {"phase": "Running"})
+        outbox.put_status(("TrainingJob", "ns", "b"), {"energyJoules": 1}, change=False)
+        outbox.start()
+        await asyncio.sleep(0.35)  # the renewal is late: nothing goes out, nothing is lost
+        assert kube.patched == [] and outbox.pending
+        leading[0] = True  # renewed
+        while outbox.pending:
+            await asyncio.sleep(0.01)
+        await outbox.close(0)
+        return [name for name, _ in kube.patched]
+
+    assert asyncio.run(run()) == ["a", "b"]
+
+
 def collections_default(stats: dict[str, float]) -> dict[str, float]:
     import collections
     return collections.defaultdict(float, stats)
