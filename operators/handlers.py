@@ -41,7 +41,6 @@ __all__ = ["FINALIZER", "EngineDiffBase", "OperatorApp", "QuietProgressStorage",
            "build_registry", "configure_settings"]
 
 FINALIZER = f"{GROUP}/finalizer"
-KOPF_WORKERS = 128
 log = logging.getLogger(__name__)
 
 
@@ -113,8 +112,7 @@ class QuietProgressStorage(kopf.AnnotationsProgressStorage):
 def configure_settings(settings: kopf.OperatorSettings,
                        app: OperatorApp | None = None) -> None:
     """Annotations (not status) for kopf's progress, only when a handler must be retried;
-    the engine as its diff base (no annotation written per object); our finalizer; at most
-    ``KOPF_WORKERS`` objects processed at once; only
+    the engine as its diff base (no annotation written per object); our finalizer; only
     Warnings of kopf's own logs become Events; no dynamic CRD/namespace scanning (RBAC
     needs none)."""
     settings.persistence.finalizer = FINALIZER
@@ -124,9 +122,6 @@ def configure_settings(settings: kopf.OperatorSettings,
     settings.posting.level = logging.WARNING
     settings.scanning.disabled = True
     settings.peering.standalone = True
-    # At most this many objects processed at once: a 20,000-job burst would otherwise be
-    # 20,000 tasks PATCHing finalizers together, answered by the API server with 429s.
-    settings.queueing.worker_limit = KOPF_WORKERS
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
 
