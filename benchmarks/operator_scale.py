@@ -357,11 +357,13 @@ def run_kueue(args: argparse.Namespace) -> dict[str, Any]:
                                      statistics.fmean(waits), "p90_admission_s": pct(waits, 90),
                                      "mean_started_s": statistics.fmean(own) if own else
                                      float("nan"), "p90_started_s": pct(own, 90)}
-            used = 0.0
+            used = 0.0  # GPU-seconds of admitted work, from each job's own status times
             for k in keys:
-                start = min(first[k][p] for p in HOLDING if p in first[k])
-                gpus = float((bodies[k].get("status") or {}).get("gpus") or 0.0)
-                used += gpus * max(0.0, first[k]["Succeeded"] - start)
+                status = bodies[k].get("status") or {}
+                began, ended = parse_time(status.get("startedAt")), \
+                    parse_time(status.get("completionTime"))
+                if began is not None and ended is not None:
+                    used += float(status.get("gpus") or 0.0) * max(0.0, ended - began)
             nominal = 20.0 * len(queues)
             return {"jobs": len(keys), "queues": len(queues), "wall_s": t1 - t0,
                     "post_seconds": posted - t0, "create_errors": creator.errors,

@@ -89,7 +89,7 @@ class EngineOptions:
     coalesce_seconds: float = 0.005
     status_interval_seconds: float = 5.0
     meter_writes_per_second: float = 20.0  # the budget of meter-only status writes
-    writers: int = 6
+    writers: int = 16
     delete_timeout_seconds: float = 30.0
     finished_retention_seconds: float = 300.0  # wall seconds a finished job stays in the core
 

@@ -68,7 +68,7 @@ def load_configuration(kubeconfig: str | None = None) -> k8s_client.Configuratio
 class KubeClient:
     """A few JSON calls to one API server with bounded concurrency."""
 
-    def __init__(self, cfg: k8s_client.Configuration, concurrency: int = 8,
+    def __init__(self, cfg: k8s_client.Configuration, concurrency: int = 32,
                  timeout_seconds: float = 30.0) -> None:
         self.cfg = cfg
         self.host = cfg.host.rstrip("/")

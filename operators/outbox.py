@@ -32,7 +32,7 @@ __all__ = ["MAX_EVENT_BACKLOG", "Outbox", "StatusKey"]
 
 log = logging.getLogger(__name__)
 MAX_EVENT_BACKLOG = 5000
-EVENT_BATCH = 8
+EVENT_BATCH = 16
 FENCE_WAIT_SECONDS = 0.1
 WRITE_DELAY_ENV = "AIFACTORY_TEST_STATUS_WRITE_DELAY_SECONDS"
 METER_DELAY_ENV = "AIFACTORY_TEST_METER_WRITE_DELAY_SECONDS"
@@ -42,7 +42,7 @@ StatusKey = tuple[str, str, str]  # kind, namespace ("" if cluster-scoped), name
 class Outbox:
     """Pending status patches and Events, and the tasks that send them."""
 
-    def __init__(self, kube: KubeClient, stats: dict[str, float], writers: int = 6,
+    def __init__(self, kube: KubeClient, stats: dict[str, float], writers: int = 16,
                  may_write: Callable[[], bool] | None = None,
                  on_written: Callable[[StatusKey, Mapping[str, Any] | None], None] | None
                  = None) -> None:
