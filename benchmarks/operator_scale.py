@@ -268,7 +268,7 @@ def _ramp(env: KubeTestEnv, watch: Watch, creator: Creator, loop: asyncio.Abstra
     running = time.monotonic()
     out: dict[str, Any] = {"jobs": len(jobs), "post_seconds": posted - t0,
                            "all_running_after_last_post_s": running - posted,
-                           **phase_latencies(watch, keys)}
+                           **phase_latencies(watch, keys, creator.created)}
     # Steady state: everything runs; only meters (and nothing else) change.
     time.sleep(10)
     before, cpu0, api0, t1 = request_counts(env), cpu_seconds(pid), cpu_seconds(api_pid), \
