@@ -16,6 +16,11 @@ grows least. aifactory uses the same measure for every request that fits on one 
   whole-GPU shape, GPUs with less free than the share for a fractional one;
 - F_n(M) = sum_t p_t F_n(t), and a placement scores F_n(M) after minus before: lower is
   better, and it is often negative (using capacity no typical task could use).
+- CPU-only (zero-GPU) shapes are typical shapes too, as in the paper: for them all free
+  GPU capacity of every node is fragment (they can use none of it). They shift every
+  node's measure alike, so they change no GPU task's choice directly; a CPU-only task
+  itself goes where taking its CPU and memory strands the fewest GPUs for the other shapes
+  (a node whose GPUs are all taken scores 0).
 
 FGD's measure only counts capacity that *no* typical task can use; it does not see that
 work restricted to a scarce GPU model loses the GPUs other work takes from it (on openb
@@ -159,9 +164,9 @@ def fragment_milli(model: int, free: tuple[int, ...], typical: Iterable[_Typical
     partial = total - whole * MILLI_PER_GPU
     out = 0.0
     for p, gpus, milli, models, cpu, memory in typical:
-        if (models is not None and model not in models) or cpu > cpu_free >= 0 \
+        if gpus == 0 or (models is not None and model not in models) or cpu > cpu_free >= 0 \
                 or memory > memory_free >= 0:
-            out += p * total
+            out += p * total  # a CPU-only shape can use no GPU: all of it is fragment
         elif milli < MILLI_PER_GPU:
             out += p * sum(f for f in free if f < milli)
         else:
