@@ -121,7 +121,8 @@ def gpus_alone(jobs: Sequence[JobSpec]) -> list[JobSpec]:
 
 def run(traces: Sequence[str], names: Sequence[str], seeds: int, orders: Sequence[str],
         node_limit: int | None, pod_limit: int | None, ratio: float,
-        host_resources: bool = True, first_seed: int = FIRST_FGD_SEED) -> dict[str, Any]:
+        host_resources: bool = True, first_seed: int = FIRST_FGD_SEED,
+        known_workload: bool = False) -> dict[str, Any]:
     factory = openb_factory(node_limit, host_resources)
     topo = factory.topology()
     watts = watts_estimator(topo)
@@ -138,12 +139,14 @@ def run(traces: Sequence[str], names: Sequence[str], seeds: int, orders: Sequenc
                     else pods
                 if not host_resources:
                     jobs = gpus_alone(jobs)
+                known = (pods if host_resources else gpus_alone(pods)) if known_workload \
+                    else None
                 reference = offline_reference(jobs, topo.total_gpus)
                 for name in names:
                     if order == "file" and seed > first_seed and name != "random":
                         continue  # the same sequence and a deterministic policy
                     result, wall = timed(fill, build_state(factory, topo), jobs,
-                                         policy(name, seed), watts)
+                                         policy(name, seed), watts, MARKS, 1.0, known)
                     row = {"trace": trace, "order": order, "seed": seed, "policy": name,
                            "wall_seconds": wall, "offline_reference_unallocated": reference,
                            **result.to_dict()}

@@ -82,12 +82,16 @@ class WorkloadMix:
     ``coverage``: share of workers the typical shapes must cover (FGD uses 95 %).
     ``refresh_growth``: the typical shapes are recomputed when the observed weight has
     grown by this fraction since the last computation (always while under 64 workers),
-    so scores stay cached between refreshes.
+    so scores stay cached between refreshes. ``frozen``: set once the whole workload has
+    been observed up front (as FGD derives its typical pods from the workload before the
+    first placement); later requests then change nothing.
     """
 
     coverage: float = 0.95
     refresh_growth: float = 0.05
     version: int = 0
+    frozen: bool = False  # the workload is known up front: requests add nothing
+    gpu_weight: float = 0.0  # a whole-GPU shape counts 1 + GPUs x this (FGD's gpuResWeight)
     _counts: dict[Shape, int] = field(default_factory=dict)
     _seen: set[str] = field(default_factory=set)
     _total: int = 0
@@ -102,7 +106,7 @@ class WorkloadMix:
         return self._scorer
 
     def observe(self, job: str, shape: Shape, weight: int = 1) -> None:
-        if job in self._seen or weight <= 0:
+        if self.frozen or job in self._seen or weight <= 0:
             return
         if len(self._seen) >= _SEEN_LIMIT:
             self._seen.clear()  # bounded memory; a job seen again later counts twice
@@ -132,13 +136,18 @@ class WorkloadMix:
         """Typical shapes with their popularity (summing to 1), most popular first."""
         total, last = self._total, self._typical_at
         if total != last and (last < 64 or total >= last * (1.0 + self.refresh_growth)):
-            ranked = sorted(self._counts.items(),
+            g = self.gpu_weight
+            weighted = {shape: count * (1.0 + shape[0] * g)
+                        if g > 0 and shape[1] >= MILLI_PER_GPU else float(count)
+                        for shape, count in self._counts.items()}
+            everything = sum(weighted.values())
+            ranked = sorted(weighted.items(),
                             key=lambda kv: (-kv[1], kv[0][0], kv[0][1], _models_key(kv[0][2]),
                                             kv[0][3], kv[0][4]))
-            kept: list[tuple[int, Shape]] = []
-            covered = 0
+            kept: list[tuple[float, Shape]] = []
+            covered = 0.0
             for shape, count in ranked:
-                if covered >= self.coverage * total:
+                if covered >= self.coverage * everything:
                     break
                 kept.append((count, shape))
                 covered += count

@@ -66,8 +66,13 @@ class FillResult:
 def fill(state: ClusterState, jobs: Sequence[JobSpec], policy: PlacementPolicy,
          watts_per_gpu: Callable[[JobSpec], float] | None = None,
          checkpoints: Sequence[float] = (0.9, 0.95, 1.0),
-         stop_at_demand: float = 1.0) -> FillResult:
-    """Place ``jobs`` in order on ``state`` (mutated) until demand reaches ``stop_at_demand``."""
+         stop_at_demand: float = 1.0,
+         known_workload: Sequence[JobSpec] | None = None) -> FillResult:
+    """Place ``jobs`` in order on ``state`` (mutated) until demand reaches ``stop_at_demand``.
+
+    ``known_workload``: the workload whose shapes a policy that scores by them may know
+    before the first placement (FGD derives its typical pods from the pod list up front);
+    without it the policy learns the shapes from the requests as they arrive."""
     from aifactory.controller.runtime.measurements import percentile
 
     topo = state.topo
@@ -80,6 +85,12 @@ def fill(state: ClusterState, jobs: Sequence[JobSpec], policy: PlacementPolicy,
     pending_marks = sorted(checkpoints)
     times: list[float] = []
     mix = WorkloadMix()  # the workload seen so far, for a policy that scores by it
+    if known_workload is not None:
+        for spec in known_workload:
+            known = PlacementRequest.resolve(spec, topo)
+            if not isinstance(known, Unplaced):
+                policy.learn(mix, known, state.host_tracked)
+        mix.frozen = True
     for spec in jobs:
         if demand >= stop_at_demand * total - 1e-9:
             break

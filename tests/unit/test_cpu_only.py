@@ -11,8 +11,12 @@ Factory used below (one block, one rack per node kind, CPU in cores):
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from aifactory.controller.cli.main import main
 from aifactory.controller.core.errors import SpecError
 from aifactory.controller.core.spec import API_VERSION, JobSpec, jobs_from_manifest
 from aifactory.controller.core.state import ClusterState, Placement, WorkerSlot
@@ -189,3 +193,38 @@ def test_fill_schedules_cpu_only_pods_and_they_add_no_gpu_demand() -> None:
     assert (result.jobs_placed, result.jobs_failed) == (4, 1)
     assert result.final_allocation_rate == pytest.approx(16 / 24)
     state.check_consistency()
+
+
+# --------------------------------------------------------------------------- simulate
+
+
+NODES_CSV = """sn,cpu_milli,memory_mib,gpu,model
+n0,16000,65536,2,T4
+n1,16000,65536,2,T4
+"""
+# Two CPU-only pods take 12 cores each: a node with one keeps 4 cores, too few for the
+# 8-core GPU pods, so with CPU scheduled one node's GPUs are stranded.
+PODS_CSV = """name,cpu_milli,memory_mib,num_gpu,gpu_milli
+p0,12000,1024,0,0
+p1,12000,1024,0,0
+p2,8000,1024,2,1000
+p3,8000,1024,2,1000
+"""
+
+
+@pytest.mark.parametrize(("flags", "placed", "failed", "line"), [
+    ((), 2, 2, "4 jobs (2 CPU-only), mode fill; GPUs, CPU and memory scheduled"),
+    (("--gpus-only",), 2, 0, "2 jobs, mode fill; GPUs scheduled (--gpus-only)"),
+], ids=["CPU and memory scheduled from the node list", "--gpus-only"])
+def test_simulate_schedules_cpu_and_memory_when_the_inventory_gives_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: tuple[str, ...],
+        placed: int, failed: int, line: str) -> None:
+    (tmp_path / "nodes.csv").write_text(NODES_CSV)
+    (tmp_path / "pods.csv").write_text(PODS_CSV)
+    out = tmp_path / "r.json"
+    assert main(["simulate", "--cluster", str(tmp_path / "nodes.csv"), "--workload",
+                 str(tmp_path / "pods.csv"), "--mode", "fill", "--no-progress", "--json",
+                 str(out), *flags]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert (row["jobs_placed"], row["jobs_failed"]) == (placed, failed)
+    assert line in " ".join(capsys.readouterr().out.split())
