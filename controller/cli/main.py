@@ -210,6 +210,8 @@ def _print_jobs(console: Any, sim: Any) -> None:
         else:
             state = "done" if rec.done else "running"
             where = rec.where + (f" ({rec.restarts} restarts)" if rec.restarts else "")
+            if rec.waited_because and rec.first_start > rec.submitted_at:
+                where += f"; it waited: {rec.waited_because}"
         table.add_row(key, f"{rec.spec.gpu_equivalents:g}", state, waited, where)
     console.print(table)
 
