@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from aifactory.operators.status import WAIT_REASONS
 from tests.integration.k8s_env import KubeTestEnv
 from tests.integration.operator_env import (
     OperatorProcess,
@@ -185,9 +186,9 @@ def _events(env: KubeTestEnv) -> list[dict[str, Any]]:
 def test_events_are_aggregated_not_lost_under_a_burst(
         aifactory_installed: KubeTestEnv, namespace: str, tmp_path: Path) -> None:
     """200 jobs of 2 GPUs on 256 GPUs: 128 are placed, 72 wait. Every job has its Event
-    (Admitted, or why it waits) on the API server, none is dropped; an InferenceService
-    scaled up and down again has one Admitted Event per replica placement, counted up, not
-    a new Event each time."""
+    (Admitted, or why it waits: InsufficientCapacity) on the API server, none is dropped;
+    an InferenceService scaled up and down again has one Admitted Event per replica
+    placement, counted up, not a new Event each time."""
     env = aifactory_installed
     names = [f"ev-{i:03d}" for i in range(200)]
     with _operator(env, tmp_path) as (proc, watch):
@@ -204,14 +205,15 @@ def test_events_are_aggregated_not_lost_under_a_burst(
         for event in _events(env):
             reasons.setdefault(event["involvedObject"]["name"], set()).add(event["reason"])
         placed = [n for n in names if "Admitted" in reasons.get(n, set())]
-        waiting = [n for n in names if "WaitingForCapacity" in reasons.get(n, set())]
+        waiting = [n for n in names if reasons.get(n, set()) & set(WAIT_REASONS.values())]
         assert len(placed) == 128 and len(waiting) >= 72, (len(placed), len(waiting))
         assert _gauge(proc, "aifactory_operator_events_dropped_total") == 0
 
         release_all(env, NS, timeout=120)
         service = {"apiVersion": "aifactory.io/v1alpha1", "kind": "InferenceService",
                    "metadata": {"name": "chat", "namespace": NS},
-                   "spec": {"model": "tiny", "replicas": 1, "gpusPerReplica": 1}}
+                   "spec": {"model": "tiny", "replicas": 1, "maxReplicas": 4,
+                            "gpusPerReplica": 1}}
         env.apply(service)
         for replicas in (2, 1, 2, 1, 2):
             env.kubectl("scale", "inferenceservice/chat", f"--replicas={replicas}",

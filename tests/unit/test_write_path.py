@@ -47,7 +47,7 @@ def test_identical_events_count_up_instead_of_piling_up() -> None:
 def test_many_similar_events_are_combined_into_one() -> None:
     book = EventBook()
     for i in range(SIMILAR_LIMIT + 30):
-        book.add(REF, "Normal", "WaitingForCapacity", f"largest rack has {i} free GPUs",
+        book.add(REF, "Normal", "InsufficientCapacity", f"largest rack has {i} free GPUs",
                  now=100.0 + i, phase_change=False)
     pending = book.pending()
     assert len(pending) == SIMILAR_LIMIT + 1
@@ -61,7 +61,7 @@ def test_under_back_pressure_phase_changes_are_the_last_to_go() -> None:
     for i in range(8):
         book.add({**REF, "uid": f"p{i}"}, "Normal", "Admitted", "placed", now=1.0)
     for i in range(50):
-        book.add({**REF, "uid": f"w{i}"}, "Normal", "WaitingForCapacity", "full", now=1.0,
+        book.add({**REF, "uid": f"w{i}"}, "Normal", "InsufficientCapacity", "full", now=1.0,
                  phase_change=False)
     assert len(book) == 10 and book.dropped == 48
     reasons = [e.reason for e in book.pending()]
