@@ -65,8 +65,9 @@ COUNTERS = (
     ("status_patch_errors", "aifactory_operator_status_patch_errors",
      "Status patches that failed (retried unless the object is gone)."),
     ("events_posted", "aifactory_operator_events_posted", "Kubernetes Events posted."),
-    ("events_patched", "aifactory_operator_events_aggregated",
-     "Events counted up on an Event posted before (PATCH of its count), not posted anew."),
+    ("events_aggregated", "aifactory_operator_events_aggregated",
+     "Event occurrences counted up on an Event (waiting to be posted, or posted and then "
+     "patched) instead of becoming a new Event."),
     ("events_dropped", "aifactory_operator_events_dropped",
      "Events dropped because the backlog was full."),
     ("loop_errors", "aifactory_operator_engine_errors",

@@ -122,9 +122,10 @@ class Outbox:
 
     def put_event(self, ref: ObjectRef, type_: str, reason: str, message: str,
                   phase_change: bool = True) -> None:
-        dropped = self.events.dropped
+        dropped, merged = self.events.dropped, self.events.merged
         self.events.add(ref, type_, reason, message, time.time(), phase_change)
         self.stats["events_dropped"] += self.events.dropped - dropped
+        self.stats["events_aggregated"] += self.events.merged - merged
         self._event_wake.set()
 
     def _next_key(self) -> StatusKey | None:

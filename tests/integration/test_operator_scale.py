@@ -239,7 +239,8 @@ def test_events_are_aggregated_not_lost_under_a_burst(
         print(f"\nreplica r1 placed 3 times: {len(events)} Event(s), counts {counts}")
         assert len(events) < 3 and max(counts) >= 2, \
             f"identical Events were posted anew, not counted up: counts {counts}"
-        assert _gauge(proc, "aifactory_operator_events_aggregated_total") >= 1
+        wait_for(lambda: _gauge(proc, "aifactory_operator_events_aggregated_total") >= 2, 30,
+                 "the operator to count the aggregation", interval=0.5)
 
 
 def _service_replicas(env: KubeTestEnv) -> int:
