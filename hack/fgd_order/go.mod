@@ -1,3 +1,0 @@
-module fgdorder
-
-go 1.20
