@@ -77,6 +77,15 @@ log = logging.getLogger(__name__)
 MAX_COALESCE_SECONDS = 0.05
 
 
+def _final_written(kind: str, body: Mapping[str, Any]) -> bool:
+    """A TrainingJob whose final status (Succeeded or Failed) was written for its current
+    generation: nothing left to do for it."""
+    status = body.get("status") or {}
+    generation = int((body.get("metadata") or {}).get("generation") or 1)
+    return kind != SERVICE_KIND and status.get("phase") in Phase.TERMINAL and \
+        status.get("observedGeneration") == generation
+
+
 class Engine:
     """Owns the ControlPlane; everything else talks to it through requests."""
 
@@ -272,9 +281,7 @@ class Engine:
                                 str(meta.get("name"))))
         if obj is not None:
             return obj.uid == meta.get("uid") and obj.generation == generation
-        status = body.get("status") or {}
-        return kind != SERVICE_KIND and status.get("phase") in Phase.TERMINAL and \
-            status.get("observedGeneration") == generation
+        return _final_written(kind, body)
 
     def track(self, kind: str, body: dict[str, Any]) -> Tracked:
         """The Tracked for a body, new if the object is new (or was re-created)."""
@@ -295,9 +302,7 @@ class Engine:
     def _apply(self, kind: str, body: dict[str, Any]) -> None:
         obj = self.track(kind, body)
         generation = int((body.get("metadata") or {}).get("generation") or 1)
-        status = body.get("status") or {}
-        if obj.generation < 0 and status.get("phase") in Phase.TERMINAL and \
-                status.get("observedGeneration") == generation and kind != SERVICE_KIND:
+        if obj.generation < 0 and _final_written(kind, body):
             obj.generation, obj.terminal = generation, True  # finished and forgotten since
         if obj.generation == generation or obj.terminal:
             return  # already seen: handlers are idempotent

@@ -81,9 +81,10 @@ class Outbox:
     def pending(self) -> bool:
         return bool(self._status or self._in_flight or len(self.events))
 
-    def meter_backlog(self) -> int:
-        """Meter writes queued and not yet sent."""
-        return len(self._status) - len(self._change)
+    @property
+    def status_backlog(self) -> int:
+        """Status writes queued and not yet sent."""
+        return len(self._status)
 
     async def close(self, flush_seconds: float) -> None:
         """Give pending writes ``flush_seconds`` to land, then stop the writers."""

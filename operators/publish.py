@@ -238,6 +238,6 @@ def take_snapshot(engine: EngineView) -> None:
                     for b, name in enumerate(budgets.names)},
         "gauges": {"meter_lag_seconds": engine.books.meter_lag,
                    "meter_waiting": float(len(engine.books.meters)),
-                   "status_backlog": float(len(engine.outbox.queued_statuses())),
+                   "status_backlog": float(engine.outbox.status_backlog),
                    "event_backlog": float(len(engine.outbox.events))},
     }
