@@ -110,7 +110,18 @@ class OperatorProcess:
 
     def start(self, ready_timeout: float = 60.0, leading: bool = True) -> None:
         """Start it and wait until it leads and its engine runs (``leading``), or only until
-        it answers ``/healthz`` (a standby waiting for the leader Lease does)."""
+        it answers ``/healthz`` (a standby waiting for the leader Lease does). A port that
+        another process took between ``free_port()`` and the operator's bind is a race of
+        this helper, not of the operator: it starts again on new ports (twice at most)."""
+        for attempt in range(3):
+            try:
+                self._start_once(ready_timeout, leading)
+                return
+            except AssertionError as exc:
+                if attempt == 2 or "Address already in use" not in str(exc):
+                    raise
+
+    def _start_once(self, ready_timeout: float, leading: bool) -> None:
         self.starts += 1
         self.health_port, self.metrics_port = free_port(), free_port()
         argv = [sys.executable, "-m", "aifactory.controller.cli.main", "operator",
