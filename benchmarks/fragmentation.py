@@ -8,13 +8,17 @@ all GPUs) and the unallocated GPUs (capacity minus that) when the arrived demand
 reaches 90 %, 95 % and 100 % of capacity.
 
 As in FGD's simulator, nodes have their CPU and memory and each pod asks for its own (a
-node with free GPUs but no CPU left strands them); ``--gpus-only`` schedules GPUs alone.
-CPU-only pods and CPU-only nodes are left out in both modes.
+node with free GPUs but no CPU left strands them), and the CPU-only pods (1,088 per list)
+are scheduled as zero-GPU jobs; ``--gpus-only`` schedules GPUs alone and drops them.
+CPU-only nodes are left out in both modes (FGD's experiments use the GPU node list).
 
 Two submission orders:
 
-- ``fgd``: FGD's protocol, per seed: pods sorted by name, shuffled, resampled to 130 % of
-  capacity (``controller.sim.fill.fgd_order``); every policy sees the same sequence per seed;
+- ``fgd``: FGD's protocol, per seed, draw for draw as FGD's Go simulator builds it (seeds
+  42, 43, ... as in FGD's runs): pods sorted by name, shuffled, resampled to 130 % of
+  capacity (``controller.sim.fill.fgd_order``, Go's ``math/rand`` ported); every policy
+  sees the same sequence per seed. With ``--gpus-only`` the sequence is built from the
+  whole list, then CPU-only pods are dropped and CPU and memory ignored;
 - ``file``: the file's own order (one sequence; only ``random`` varies with the seed).
   Most gpushare lists hold less than 90 % of capacity in total, so their checkpoints are
   never reached in file order ("—").
@@ -25,6 +29,8 @@ with the whole sequence known in advance (node boundaries do not matter for such
 
     python -m benchmarks.fragmentation            # all 9 lists, both orders, 5 seeds
     python -m benchmarks.fragmentation --smoke    # 2 lists, 120 nodes, 2 seeds
+    python -m benchmarks.fragmentation --vs-fgd   # FGD's protocol against FGD's published
+                                                  # results: 3 lists, seeds 42-51, ours
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import bisect
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from aifactory.controller.core.spec import JobSpec
@@ -54,6 +61,7 @@ from benchmarks.common import (
     timed,
     write_json,
 )
+from benchmarks.fgd_published import FGD_ALLOCATION_AT_100
 
 __all__ = ["main"]
 
@@ -103,28 +111,42 @@ def _point(result: FillResult, mark: float) -> tuple[float, float]:
     return float("nan"), float("nan")
 
 
+FIRST_FGD_SEED = 42  # FGD's runs use seeds 42-51
+
+
+def gpus_alone(jobs: Sequence[JobSpec]) -> list[JobSpec]:
+    """The sequence with CPU-only pods dropped and CPU and memory asked by none."""
+    return [replace(s, cpu_milli=0, memory_mib=0) for s in jobs if not s.cpu_only]
+
+
 def run(traces: Sequence[str], names: Sequence[str], seeds: int, orders: Sequence[str],
         node_limit: int | None, pod_limit: int | None, ratio: float,
-        host_resources: bool = True) -> dict[str, Any]:
+        host_resources: bool = True, first_seed: int = FIRST_FGD_SEED,
+        known_workload: bool = False) -> dict[str, Any]:
     factory = openb_factory(node_limit, host_resources)
     topo = factory.topology()
     watts = watts_estimator(topo)
     out: dict[str, Any] = {"gpus": topo.total_gpus, "nodes": len(topo.nodes), "runs": []}
     for trace in traces:
+        # The whole list (CPU-only pods included) for FGD's draws; GPUs alone after.
         pods = [j.spec for j in load_openb_pods(openb_path(f"openb_pod_list_{trace}.csv"),
-                                                host_resources)]
+                                                True)]
         if pod_limit is not None:
             pods = pods[:pod_limit]
         for order in orders:
-            for seed in range(1, seeds + 1):
+            for seed in range(first_seed, first_seed + seeds):
                 jobs = fgd_order(pods, topo.total_gpus, seed, ratio) if order == "fgd" \
                     else pods
+                if not host_resources:
+                    jobs = gpus_alone(jobs)
+                known = (pods if host_resources else gpus_alone(pods)) if known_workload \
+                    else None
                 reference = offline_reference(jobs, topo.total_gpus)
                 for name in names:
-                    if order == "file" and seed > 1 and name != "random":
+                    if order == "file" and seed > first_seed and name != "random":
                         continue  # the same sequence and a deterministic policy
                     result, wall = timed(fill, build_state(factory, topo), jobs,
-                                         policy(name, seed), watts)
+                                         policy(name, seed), watts, MARKS, 1.0, known)
                     row = {"trace": trace, "order": order, "seed": seed, "policy": name,
                            "wall_seconds": wall, "offline_reference_unallocated": reference,
                            **result.to_dict()}
@@ -232,7 +254,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="schedule GPUs alone (ignore the CPU and memory of nodes and pods)")
     parser.add_argument("--ablation", action="store_true",
                         help=f"also run {NO_FGD} (ours without the fragmentation score)")
+    parser.add_argument("--first-seed", type=int, default=FIRST_FGD_SEED,
+                        help="first seed (FGD's runs use 42-51)")
+    parser.add_argument("--vs-fgd", action="store_true",
+                        help="FGD's protocol against FGD's published results: lists "
+                             f"{', '.join(FGD_ALLOCATION_AT_100)}, fgd order, 10 seeds from "
+                             "--first-seed, ours unless --policies says otherwise")
     args = parser.parse_args(argv)
+    if args.vs_fgd:
+        return _vs_fgd(args, argv or [])
     names = policy_names(args.policies)
     if args.ablation and NO_FGD not in names:
         names.append(NO_FGD)
@@ -241,13 +271,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     node_limit = pod_limit = None
     seeds = args.seeds
     if args.smoke:
-        traces, node_limit, pod_limit, seeds = ["multigpu50", "gpushare40"], 120, 900, 2
+        traces, node_limit, seeds = ["multigpu50", "gpushare40"], 120, 2
     if args.from_json:
         return _reprint([p.strip() for p in args.from_json.split(",") if p.strip()])
     info = machine()
     print(f"# Scenario 1: fragmentation, fill until full\n\n{machine_line(info)}")
     data, wall = timed(run, traces, names, seeds, orders, node_limit, pod_limit, args.ratio,
-                       not args.gpus_only)
+                       not args.gpus_only, args.first_seed)
     print(f"\nfactory: openb GPU node list, {data['nodes']} nodes, {data['gpus']} GPUs; "
           + ("GPUs only" if args.gpus_only else "GPUs, CPU and memory scheduled"))
     summary = summarize(data, traces, names, orders)
@@ -281,6 +311,62 @@ def _reprint(paths: Sequence[str]) -> int:
     summary = summarize({"gpus": first["gpus"], "nodes": first["nodes"], "runs": runs},
                         traces, names, orders)
     headline(summary, names)
+    return 0
+
+
+def vs_fgd_table(data: dict[str, Any], name: str = "aifactory") -> dict[str, Any]:
+    """Ours against FGD's published allocation at 100 % arrived demand, per list and seed:
+    prints the summary and the per-seed table, returns them."""
+    out: dict[str, Any] = {}
+    summary_rows = []
+    seed_rows = []
+    for trace, published in FGD_ALLOCATION_AT_100.items():
+        runs = {r["seed"]: r for r in data["runs"] if r["trace"] == trace
+                and r["order"] == "fgd" and r["policy"] == name}
+        seeds = sorted(s for s in runs if s in published)
+        if not seeds:
+            continue
+        ours = {s: 100 * _point_value(runs[s], 1.0) for s in seeds}
+        diff = {s: ours[s] - published[s] for s in seeds}
+        fgd_mean = sum(published[s] for s in seeds) / len(seeds)
+        ours_mean = sum(ours.values()) / len(seeds)
+        wins = sum(1 for d in diff.values() if d > 0.005)
+        ties = sum(1 for d in diff.values() if abs(d) <= 0.005)
+        out[trace] = {"seeds": seeds, "fgd": {s: published[s] for s in seeds},
+                      "ours": ours, "fgd_mean": fgd_mean, "ours_mean": ours_mean,
+                      "wins": wins, "ties": ties}
+        summary_rows.append([trace, f"{fgd_mean:.2f} %", f"{ours_mean:.2f} %",
+                             f"{ours_mean - fgd_mean:+.2f} pt",
+                             f"{min(diff.values()):+.2f} to {max(diff.values()):+.2f}",
+                             f"{wins} of {len(seeds)}" + (f" ({ties} tied)" if ties else "")])
+        seed_rows.append([trace, *(f"{diff[s]:+.2f}" for s in seeds)])
+    print(f"\n**Allocation at 100 % arrived demand, {name} vs FGD's published results** "
+          "(FGD's pod order per seed, 130 % demand, CPU and memory scheduled; FGD: "
+          "expected_results/analysis_allo_discrete.csv of the FGD authors' simulator):\n")
+    print(markdown_table(["list", "FGD (published)", "ours", "ours - FGD (mean)",
+                          "ours - FGD per seed (range)", "seeds ours ahead"], summary_rows))
+    seeds_header = next(iter(out.values()))["seeds"] if out else []
+    print("\nours - FGD per seed, points of allocation:\n")
+    print(markdown_table(["list", *(str(s) for s in seeds_header)], seed_rows))
+    return out
+
+
+def _vs_fgd(args: Any, argv: Sequence[str]) -> int:
+    names = policy_names(args.policies) if any(a.startswith("--policies") for a in argv) \
+        else ["aifactory"]
+    traces = list(FGD_ALLOCATION_AT_100)
+    info = machine()
+    print(f"# Scenario 1, FGD's protocol: ours against FGD's published results\n\n"
+          f"{machine_line(info)}")
+    data, wall = timed(run, traces, names, 10 if not args.smoke else 1, ["fgd"],
+                       None, None, args.ratio, True, args.first_seed)
+    print(f"\nfactory: openb GPU node list, {data['nodes']} nodes, {data['gpus']} GPUs; "
+          "GPUs, CPU and memory scheduled, CPU-only pods included")
+    result = {name: vs_fgd_table(data, name) for name in names}
+    print(f"\nwall time {wall:.0f} s")
+    write_json(args.json_path, {"scenario": "fragmentation-vs-fgd", "machine": info,
+                                "args": vars(args), "vs_fgd": result, "wall_seconds": wall,
+                                **data})
     return 0
 
 

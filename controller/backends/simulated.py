@@ -151,7 +151,9 @@ class SimulatedBackend:
         if spec.kind is JobKind.INFERENCE and spec.key not in self._runtimes:
             runtime = None
         util = default_utilization(spec)
-        first = self._gpus[placement.slots[0].gpus[0]].profile if placement.slots else None
+        # A CPU-only job holds no GPU: it runs at full speed and draws no GPU power.
+        first = self._gpus[placement.slots[0].gpus[0]].profile \
+            if placement.slots and placement.slots[0].gpus else None
         speed = speed_under_cap(first, util, spec.power_cap_watts_per_gpu) if first else 1.0
         work = _Workload(spec, placement, now, runtime, work_done, speed, util)
         # A relaunched job (after preemption or a failure) keeps its energy: the counter

@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", dest="json_path", default=None, help="write results as JSON")
     sim.add_argument("--limit", type=int, default=None, help="use only the first N jobs")
     sim.add_argument("--seed", type=int, default=0, help="seed for the random policy")
+    sim.add_argument("--gpus-only", action="store_true",
+                     help="schedule GPUs alone: ignore the CPU and memory of nodes and jobs "
+                          "and leave CPU-only jobs out (by default CPU and memory are "
+                          "scheduled whenever the factory gives them)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.add_argument("--show-jobs", action="store_true",
                      help="print where every job ran or why it waited (default for "
@@ -86,8 +90,13 @@ def _simulate(args: argparse.Namespace) -> int:
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     factory = load_factory(args.cluster)
+    if args.gpus_only:
+        factory = factory.gpus_only()
     workload = Path(args.workload) if args.workload else default_workload()
-    arrivals = load_workload(workload)
+    # CPU and memory are scheduled when the inventory gives them (else a CPU-only job
+    # would ask for nothing the factory counts).
+    host = factory.host_tracked
+    arrivals = load_workload(workload, host_resources=host)
     if args.limit is not None:
         arrivals = arrivals[: args.limit]
     names = _policies(args)
@@ -97,7 +106,12 @@ def _simulate(args: argparse.Namespace) -> int:
         return serve_from_args(args, factory, arrivals, names[0], console)
     topo = Topology.build(factory.nodes, factory.levels)
     console.print(f"[bold]factory[/] {factory.name}: {topo.describe()}")
-    console.print(f"[bold]workload[/] {workload}: {len(arrivals)} jobs, mode {args.mode}")
+    cpu_only = sum(1 for a in arrivals if a.spec.cpu_only)
+    console.print(f"[bold]workload[/] {workload}: {len(arrivals)} jobs"
+                  + (f" ({cpu_only} CPU-only)" if cpu_only else "") + f", mode {args.mode}; "
+                  + ("GPUs, CPU and memory scheduled" if host else "GPUs scheduled"
+                     + (" (--gpus-only)" if args.gpus_only else
+                        " (the factory gives no CPU or memory)")))
     results: list[dict[str, Any]] = []
     sims: list[Simulation] = []
     for name in names:
@@ -196,6 +210,8 @@ def _print_jobs(console: Any, sim: Any) -> None:
         else:
             state = "done" if rec.done else "running"
             where = rec.where + (f" ({rec.restarts} restarts)" if rec.restarts else "")
+            if rec.waited_because and rec.first_start > rec.submitted_at:
+                where += f"; it waited: {rec.waited_because}"
         table.add_row(key, f"{rec.spec.gpu_equivalents:g}", state, waited, where)
     console.print(table)
 

@@ -60,6 +60,9 @@ class Runtime:
 class JobSpec:
     """One gang: ``workers`` x ``gpus_per_worker`` GPUs, placed all or nothing.
 
+    ``gpus_per_worker`` 0 is a CPU-only (zero-GPU) worker: it asks for CPU and memory alone
+    (``cpu_milli``/``memory_mib``), takes no GPU, and counts 0 GPUs of demand.
+
     ``gpu_milli`` below 1000 asks for a fraction of one GPU (then ``workers`` and
     ``gpus_per_worker`` are 1), like KAI-Scheduler's gpu-fraction. ``cpu_milli`` and
     ``memory_mib`` are what each worker asks for besides GPUs (0: nothing).
@@ -122,6 +125,11 @@ class JobSpec:
     @property
     def is_fractional(self) -> bool:
         return self.gpu_milli < MILLI_PER_GPU
+
+    @property
+    def cpu_only(self) -> bool:
+        """A zero-GPU job: its workers ask for CPU and memory alone."""
+        return self.gpus_per_worker == 0
 
     def with_name(self, name: str) -> JobSpec:
         return replace(self, name=name)
@@ -299,14 +307,24 @@ def _common(metadata: Mapping[str, Any], spec: Mapping[str, Any], path: str) -> 
     }
 
 
+def _cpu_only_needs_host(gpus: int, cpu: int, memory: int, path: str, per: str) -> None:
+    """A zero-GPU worker must ask for something: CPU or memory."""
+    if gpus == 0 and not cpu and not memory:
+        raise SpecError(f"{path}.gpusPer{per}",
+                        f"0 (a CPU-only {per.lower()}) needs {path}.cpuPer{per} or "
+                        f"{path}.memoryPer{per}, e.g. cpuPer{per}: 4; or ask for 1 GPU or more")
+
+
 def _training(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> JobSpec:
     path = "spec"
     required, preferred = _topology(spec, path)
     cpu, memory = _host(spec, path, "Worker")
+    gpus = _positive_int(spec, "gpusPerWorker", path, default=1, minimum=0, maximum=72)
+    _cpu_only_needs_host(gpus, cpu, memory, path, "Worker")
     return JobSpec(
         kind=JobKind.TRAINING,
         workers=_positive_int(spec, "workers", path, default=None, maximum=100_000),
-        gpus_per_worker=_positive_int(spec, "gpusPerWorker", path, default=1, maximum=72),
+        gpus_per_worker=gpus,
         required_level=required,
         preferred_level=preferred,
         expected_runtime_seconds=_optional_positive_float(spec, "expectedRuntimeSeconds", path),
@@ -322,7 +340,7 @@ def _training(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> JobSpec:
 def _inference(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> JobSpec:
     path = "spec"
     _get(spec, "model", path, str, required=True)
-    gpus = _positive_int(spec, "gpusPerReplica", path, default=1, maximum=72)
+    gpus = _positive_int(spec, "gpusPerReplica", path, default=1, minimum=0, maximum=72)
     milli = _positive_int(spec, "gpuMilliPerReplica", path, default=MILLI_PER_GPU,
                           maximum=MILLI_PER_GPU)
     if milli < MILLI_PER_GPU and gpus != 1:
@@ -352,6 +370,7 @@ def _inference(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> JobSpec:
         raise SpecError(f"{path}.expectedUtilization", f"must be between 0 and 1, got {util}")
     common = _common(metadata, spec, path)
     cpu, memory = _host(spec, path, "Replica")
+    _cpu_only_needs_host(gpus, cpu, memory, path, "Replica")
     return JobSpec(
         kind=JobKind.INFERENCE,
         workers=replicas,

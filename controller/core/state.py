@@ -249,7 +249,11 @@ class ClusterState:
 
     def worker_capacity(self, dom: Domain, gpus_per_worker: int,
                         models: frozenset[int] | None = None) -> int:
-        """How many workers of ``gpus_per_worker`` whole GPUs fit in the domain right now."""
+        """How many workers of ``gpus_per_worker`` whole GPUs fit in the domain right now
+        (``UNTRACKED``, i.e. no GPU limit, for zero-GPU workers: their CPU and memory
+        bind, see ``host_room``)."""
+        if gpus_per_worker <= 0:
+            return UNTRACKED
         if dom.level == self._node_level:
             n = dom.node_start
             if models is not None and self.topo.node_model[n] not in models:
@@ -465,6 +469,8 @@ class ClusterState:
 
     def free_gpu_indices(self, node: int, count: int) -> tuple[int, ...]:
         """The first ``count`` wholly free GPUs of a node (lowest index first)."""
+        if count <= 0:
+            return ()
         out: list[int] = []
         for g in self.topo.gpu_range(node):
             if self.gpu_used_milli[g] == 0:

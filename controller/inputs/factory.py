@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,16 @@ class FactorySpec:
     @property
     def total_gpus(self) -> int:
         return sum(n.gpus for n in self.nodes)
+
+    @property
+    def host_tracked(self) -> bool:
+        """Does the inventory give any node's CPU or memory (then they are scheduled)?"""
+        return any(n.cpu_milli or n.memory_mib for n in self.nodes)
+
+    def gpus_only(self) -> FactorySpec:
+        """The same factory with CPU and memory left untracked: GPUs alone are scheduled."""
+        return replace(self, nodes=tuple(replace(n, cpu_milli=0, memory_mib=0)
+                                         for n in self.nodes))
 
     def topology(self) -> Topology:
         return Topology.build(self.nodes, self.levels)
@@ -388,7 +398,9 @@ def _from_csv(path: Path) -> FactorySpec:
     if {"ip", "DSW", "PSW", "ASW"} <= header:
         nodes = load_topology_csv(path)
     elif {"sn", "gpu", "model"} <= header:
-        nodes = assign_racks(load_openb_nodes(path))
+        # The openb node list gives each node's CPU and memory: they are scheduled too.
+        nodes = assign_racks(load_openb_nodes(
+            path, host_resources={"cpu_milli", "memory_mib"} <= header))
     elif {"gpu_model", "gpu_capacity_num", "node_name"} <= header:
         nodes = assign_racks(load_spot_nodes(path))
     else:

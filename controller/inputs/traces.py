@@ -9,8 +9,10 @@ the 1-based line and the column, e.g. ``pods.csv:17 column 'num_gpu': expected a
 
 Decisions a reader should know about:
 
-- openb pods with ``num_gpu == 0`` are CPU-only; they are skipped and counted in
-  ``OpenbPodTrace.cpu_only_pods``.
+- openb pods with ``num_gpu == 0`` are CPU-only (counted in
+  ``OpenbPodTrace.cpu_only_pods``). With ``host_resources`` they are zero-GPU jobs
+  (``JobSpec.cpu_only``) asking for their CPU and memory, as FGD's simulator schedules
+  them; GPUs alone (the default) leaves them out, as they would ask for nothing.
 - CPU and memory (``cpu_milli``, ``memory_mib`` of nodes and pods) are read only when asked
   (``host_resources=True``): then nodes track them and each pod asks for its own, as in
   FGD's simulator; by default the scheduler sees GPUs only.
@@ -84,7 +86,8 @@ class TraceJob:
 
 @dataclass(frozen=True, slots=True)
 class OpenbPodTrace:
-    """An openb pod list: its GPU jobs in file order and how many CPU-only pods were skipped."""
+    """An openb pod list: its jobs in file order and how many of its pods are CPU-only
+    (in ``jobs`` with CPU and memory scheduled, left out with GPUs alone)."""
 
     path: str
     jobs: tuple[TraceJob, ...]
@@ -294,7 +297,8 @@ def _pod_models(text: str) -> tuple[str, ...]:
 
 
 def read_openb_pods(path: str | Path, host_resources: bool = False) -> OpenbPodTrace:
-    """Every GPU pod of an openb pod list, in file order, with the CPU-only count.
+    """Every pod of an openb pod list to schedule, in file order, with the CPU-only count
+    (CPU-only pods are jobs only with ``host_resources``).
 
     Works for every variant: default, gpuspec*, gpushare* (with qos and timestamps) and
     multigpu* (``name,cpu_milli,memory_mib,num_gpu,gpu_milli`` only). With
@@ -326,19 +330,21 @@ def read_openb_pods(path: str | Path, host_resources: bool = False) -> OpenbPodT
         if created is not None and deleted is not None and deleted < created:
             raise table.error(f"must be >= creation_time ({created:g}), got {deleted:g}", line,
                               "deletion_time")
+        cpu = memory = 0
+        if host_resources:
+            cpu = table.integer(line, "cpu_milli", row["cpu_milli"], 0, MAX_HOST_MILLI)
+            memory = table.integer(line, "memory_mib", row["memory_mib"], 0, MAX_HOST_MIB)
         if gpus == 0:
             cpu_only += 1
-            continue
-        if milli == 0:
+            if not cpu and not memory:
+                continue  # GPUs only, or a pod that asks for nothing: nothing to schedule
+            milli = MILLI_PER_GPU  # a zero-GPU worker (JobSpec.cpu_only)
+        elif milli == 0:
             raise table.error("expected 1-1000 for a pod with num_gpu >= 1, got 0", line,
                               "gpu_milli")
         if gpus > 1 and milli != MILLI_PER_GPU:
             raise table.error(f"must be {MILLI_PER_GPU} when num_gpu > 1 (only a single GPU "
                               f"is shared), got {milli}", line, "gpu_milli")
-        cpu = memory = 0
-        if host_resources:
-            cpu = table.integer(line, "cpu_milli", row["cpu_milli"], 0, MAX_HOST_MILLI)
-            memory = table.integer(line, "memory_mib", row["memory_mib"], 0, MAX_HOST_MIB)
         spec = JobSpec(
             name=name,
             workers=1,
@@ -346,7 +352,7 @@ def read_openb_pods(path: str | Path, host_resources: bool = False) -> OpenbPodT
             gpu_milli=milli,
             namespace=OPENB_NAMESPACE,
             kind=JobKind.TRAINING,
-            gpu_models=_pod_models(row["gpu_spec"]) if table.has("gpu_spec") else (),
+            gpu_models=_pod_models(row["gpu_spec"]) if gpus and table.has("gpu_spec") else (),
             queue=DEFAULT_QUEUE,
             priority=priority,
             expected_runtime_seconds=None,
@@ -359,5 +365,6 @@ def read_openb_pods(path: str | Path, host_resources: bool = False) -> OpenbPodT
 
 
 def load_openb_pods(path: str | Path, host_resources: bool = False) -> list[TraceJob]:
-    """The GPU pods of an openb pod list (CPU-only pods skipped; see ``read_openb_pods``)."""
+    """The pods of an openb pod list to schedule (CPU-only pods only with
+    ``host_resources``; see ``read_openb_pods``)."""
     return list(read_openb_pods(path, host_resources).jobs)

@@ -9,7 +9,7 @@ job's own estimate. A CSV is read as an openb pod list.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import yaml
 
 from aifactory.controller.core.errors import InputFileError, SpecError
 from aifactory.controller.core.spec import JobKind, JobSpec, job_from_manifest, replica_jobs
+from aifactory.controller.inputs._csv import read_header
 
 __all__ = ["DEFAULT_WORKLOAD", "JOB_KINDS", "Arrival", "default_workload", "load_manifest_docs",
            "load_workload"]
@@ -72,14 +73,21 @@ def _float_annotation(doc: dict[str, Any], key: str, where: str) -> float | None
     return value
 
 
-def load_workload(path: str | Path) -> list[Arrival]:
-    """Arrivals from a manifest folder/file or an openb pod CSV."""
+def load_workload(path: str | Path, host_resources: bool = True) -> list[Arrival]:
+    """Arrivals from a manifest folder/file or an openb pod CSV.
+
+    With ``host_resources`` (the default) jobs keep the CPU and memory they ask for, and an
+    openb pod list's CPU-only pods are zero-GPU jobs; without, CPU and memory are dropped
+    from every job and CPU-only jobs are left out (GPUs alone are scheduled)."""
     p = Path(path)
     if p.suffix == ".csv":
         from aifactory.controller.inputs.traces import load_openb_pods
 
         return [Arrival(t.spec, t.arrival_seconds or 0.0, t.duration_seconds)
-                for t in load_openb_pods(p)]
+                for t in load_openb_pods(p, host_resources and _has_host_columns(p))]
+    if not host_resources:
+        return [replace(a, spec=replace(a.spec, cpu_milli=0, memory_mib=0))
+                for a in load_workload(p) if not a.spec.cpu_only]
     arrivals: list[Arrival] = []
     for f, i, doc in load_manifest_docs(p):
         if doc.get("kind") not in JOB_KINDS:
@@ -97,6 +105,10 @@ def load_workload(path: str | Path) -> list[Arrival]:
             arrivals.append(Arrival(job, at, runtime or job.expected_runtime_seconds))
     arrivals.sort(key=lambda a: a.at)
     return arrivals
+
+
+def _has_host_columns(path: Path) -> bool:
+    return {"cpu_milli", "memory_mib"} <= set(read_header(path))
 
 
 def default_workload() -> Path:

@@ -25,6 +25,10 @@ def static_check(empty: ClusterState, req: PlacementRequest) -> Unplaced | None:
     topo = empty.topo
     what = req.describe()
     model_txt = f"{'|'.join(req.model_names)} " if req.model_names else ""
+    if req.cpu_only:
+        if host_capacity(empty, req, topo.root) < req.workers:
+            return _host_never(empty, req, model_txt)
+        return None
     if req.fractional:
         if empty.free_gpus(topo.root, req.models) == 0:
             return Unplaced(f"{what} fits nowhere: the factory has no {model_txt}GPUs",
@@ -63,9 +67,29 @@ def _host_never(empty: ClusterState, req: PlacementRequest, model_txt: str) -> U
     have = ", ".join(
         ([f"{cpu}m CPU"] if req.cpu_milli else []) + ([f"{memory} MiB"] if req.memory_mib
                                                        else []))
+    where = f"{model_txt}node" if req.cpu_only else f"{model_txt}node with {g} GPUs"
+    if req.cpu_only and nodes and host_capacity(empty, req, empty.topo.root) > 0:
+        return Unplaced(f"{req.describe()} asking {req.host_text()} per worker exceeds the "
+                        f"factory: all nodes together hold only "
+                        f"{host_capacity(empty, req, empty.topo.root)} such workers",
+                        permanent=True)
     return Unplaced(f"{req.describe()} asking {req.host_text()} per worker fits no "
-                    f"{model_txt}node with {g} GPUs: the most such a node has is {have}",
-                    permanent=True)
+                    f"{where}: the most such a node has is {have}", permanent=True)
+
+
+def _cpu_only_reason(state: ClusterState, req: PlacementRequest) -> Unplaced:
+    """Why CPU-only workers wait: the CPU or memory free on the roomiest node."""
+    n = len(state.topo.nodes)
+    cpu = max((state.cpu_free[i] for i in range(n)), default=0)
+    memory = max((state.memory_free[i] for i in range(n)), default=0)
+    room = host_capacity(state, req, state.topo.root)
+    have = ", ".join(([f"{cpu}m CPU"] if req.cpu_milli else [])
+                     + ([f"{memory} MiB memory"] if req.memory_mib else []))
+    if room >= req.workers:
+        return Unplaced(f"{req.describe()} waits: CPU and memory for {room} such workers are "
+                        "free, but not inside the topology level it may not cross")
+    return Unplaced(f"{req.describe()} waits: no node has {req.host_text()} free; the most "
+                    f"free on one node is {have} (room for {room} of {req.workers} workers)")
 
 
 def _host_reason(state: ClusterState, req: PlacementRequest, dom: Domain,
@@ -85,6 +109,8 @@ def explain_unplaced(state: ClusterState, req: PlacementRequest) -> Unplaced:
     topo = state.topo
     what = req.describe()
     model_txt = f"{'|'.join(req.model_names)} " if req.model_names else ""
+    if req.cpu_only:
+        return _cpu_only_reason(state, req)
     if req.fractional:
         if state.partial_by_free or state.free_gpus(topo.root, req.models):
             host = _host_reason(state, req, topo.root, model_txt)

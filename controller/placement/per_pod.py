@@ -58,7 +58,7 @@ class PerPodPolicy(IgnoresWorkload):
         # Least allocated first (most free share, then lowest index), one worker at a time.
         nodes = nodes_with_room(state, req, topo.root)
         hosts = {n: node_workers(state, req, n) for n in nodes}
-        heap = [(-left[n] / topo.nodes[n].gpus, n) for n in nodes]
+        heap = [(-left[n] / max(1, topo.nodes[n].gpus), n) for n in nodes]
         heapq.heapify(heap)
         for _ in range(req.workers):
             if not heap:
@@ -67,7 +67,8 @@ class PerPodPolicy(IgnoresWorkload):
             left[best_n] -= g
             hosts[best_n] -= 1
             if left[best_n] >= g and hosts[best_n] > 0:
-                heapq.heappush(heap, (-left[best_n] / topo.nodes[best_n].gpus, best_n))
+                heapq.heappush(heap, (-left[best_n] / max(1, topo.nodes[best_n].gpus),
+                                      best_n))
             if out and out[-1][0] == best_n:
                 out[-1] = (best_n, out[-1][1] + 1)
             else:

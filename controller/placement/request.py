@@ -76,8 +76,17 @@ class PlacementRequest:
     def fractional(self) -> bool:
         return self.milli < MILLI_PER_GPU
 
+    @property
+    def cpu_only(self) -> bool:
+        """Zero-GPU workers: CPU and memory alone."""
+        return self.gpus_per_worker == 0 and not self.fractional
+
     def describe(self) -> str:
-        """``gang of 96 GPUs`` / ``1 GPU worker`` / ``0.46-GPU share``, for reasons."""
+        """``gang of 96 GPUs`` / ``1 GPU worker`` / ``0.46-GPU share`` / ``CPU-only
+        worker``, for reasons."""
+        if self.cpu_only:
+            return "CPU-only worker" if self.workers == 1 else \
+                f"gang of {self.workers} CPU-only workers"
         if self.fractional:
             return f"{self.milli / MILLI_PER_GPU:.2f}-GPU share"
         if self.workers == 1:
@@ -153,7 +162,10 @@ def share_slot(req: PlacementRequest, node: int, gpu: int) -> WorkerSlot:
 
 
 def node_workers(state: ClusterState, req: PlacementRequest, node: int) -> int:
-    """Workers of ``req`` the node holds now, on GPUs, CPU and memory (model not checked)."""
+    """Workers of ``req`` the node holds now, on GPUs, CPU and memory (model not checked).
+    GPUs never limit a CPU-only request: its CPU and memory do."""
+    if req.cpu_only:
+        return state.host_room(node, req.cpu_milli, req.memory_mib)
     if req.fractional:
         cls = state.node_class[node][1]
         room = 1 if cls and cls[0] >= req.milli else 0
@@ -187,33 +199,6 @@ def add_pending(state: ClusterState, node: int, watts: float, pending: dict[int,
 
 def level_name(topo: Topology, level: int) -> str:
     return "factory" if level < 0 else topo.levels[level].name
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------- our policy
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def level_index_of(topo: Topology, name: str) -> int:

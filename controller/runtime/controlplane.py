@@ -89,6 +89,7 @@ class JobRecord:
     failed_reason: str | None = None
     reason: str = ""
     reason_kind: str = ""
+    waited_because: str = ""  # the last reason it waited for before it first started
     energy_joules: float = 0.0
     where: str = ""
     power_cap_watts: float | None = None  # imposed by power-capped admission while running
@@ -435,6 +436,8 @@ class ControlPlane:
             rec.placement = adm.placement
             rec.started_at = now
             rec.last_checkpoint_at = now
+            if rec.first_start is None and rec.reason:
+                rec.waited_because = rec.reason
             rec.reason = ""
             rec.power_cap_watts = adm.power_cap_watts
             self._now_running(rec)

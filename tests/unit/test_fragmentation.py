@@ -64,8 +64,18 @@ def test_fragment_milli(case: FragCase) -> None:
     assert fragment_milli(case.model, case.free, typical) == pytest.approx(case.expected)
 
 
-def test_typical_shapes_cover_95_percent_of_workers_most_popular_first() -> None:
+def test_every_shape_is_typical_by_default_rare_ones_too() -> None:
     mix = WorkloadMix()
+    for i in range(90):
+        mix.observe(f"one-{i}", (1, MILLI_PER_GPU, None, 0, 0))
+    mix.observe("rare", (8, MILLI_PER_GPU, None, 0, 0))
+    typical = mix.typical()
+    assert [(t[1], t[2]) for t in typical] == [(1, MILLI_PER_GPU), (8, MILLI_PER_GPU)]
+    assert typical[1][0] == pytest.approx(1 / 91)
+
+
+def test_typical_shapes_cover_95_percent_of_workers_most_popular_first() -> None:
+    mix = WorkloadMix(coverage=0.95)  # FGD's cut
     for i in range(90):
         mix.observe(f"one-{i}", (1, MILLI_PER_GPU, None, 0, 0))
     for i in range(6):

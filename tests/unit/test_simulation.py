@@ -149,3 +149,13 @@ def test_cli_bad_policy_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["simulate", "--policy", "fifo"]) == 2
     assert "unknown policy 'fifo'; valid policies are aifactory, first-fit" in \
         capsys.readouterr().err
+
+
+def test_cli_says_why_a_job_waited_before_it_ran(capsys: pytest.CaptureFixture[str]) -> None:
+    # In the demo a block-required 96-GPU gang waits for a block: the jobs table says so
+    # beside where it ran, so a reader need not guess why it started late.
+    assert main(["simulate", "--no-progress", "--workload",
+                 str(REPO / "manifests" / "samples")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "it waited: block-required gang of 96 GPUs (12 x 8) fits no block" in \
+        out.replace("│", "").replace("  ", " ")

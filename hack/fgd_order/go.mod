@@ -1,0 +1,3 @@
+module fgdorder
+
+go 1.20
