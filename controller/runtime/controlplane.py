@@ -21,6 +21,7 @@ from aifactory.controller.backends.base import (
     ReportsChanges,
     SavesWork,
     WorkloadPhase,
+    WorkloadStatus,
 )
 from aifactory.controller.core.placements import describe_placement
 from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec, QueueSpec
@@ -281,10 +282,12 @@ class ControlPlane:
         self.poll()
         return self.cycle(force=True)
 
-    def poll(self) -> None:
+    def poll(self, repair: Callable[[JobRecord, WorkloadStatus], bool] | None = None
+             ) -> None:
         """Finished, failed and checkpointed work from the backend: only the jobs whose
         status changed when the backend says which (``ReportsChanges``), else every running
-        job."""
+        job. A gang that failed because it lost workers on named nodes goes to ``repair``
+        first (a hot swap); when that returns True it has dealt with the gang."""
         backend = self.backend
         keys = [k for k in backend.changed_jobs() if k in self._running] \
             if isinstance(backend, ReportsChanges) else list(self._running)
@@ -304,6 +307,9 @@ class ControlPlane:
             if status.phase is WorkloadPhase.SUCCEEDED:
                 self.finish(rec, status.finished_at or self.now)
             elif status.phase is WorkloadPhase.FAILED:
+                if repair is not None and status.retryable and status.lost_nodes and \
+                        repair(rec, status):
+                    continue
                 self.fail_running(rec, status.message or "worker failed",
                                   restart=status.retryable)
 

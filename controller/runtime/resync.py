@@ -23,6 +23,7 @@ from aifactory.controller.backends.base import (
     FoundGang,
     G,
     WorkloadPhase,
+    WorkloadStatus,
 )
 from aifactory.controller.core.errors import SpecError
 from aifactory.controller.core.placements import NodeSlot, placement_from_node_slots
@@ -30,7 +31,7 @@ from aifactory.controller.core.spec import JobSpec
 from aifactory.controller.core.state import Placement, WorkerSlot
 from aifactory.controller.core.topology import Topology
 from aifactory.controller.inputs.factory import FactorySpec
-from aifactory.controller.runtime.controlplane import ControlPlane
+from aifactory.controller.runtime.controlplane import ControlPlane, JobRecord
 from aifactory.controller.runtime.repair import hot_swap
 from aifactory.controller.scheduling.cycle_io import CycleResult
 
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 FENCE_PREFIX = "!failed/"
+SUSPECT_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,19 +176,51 @@ class Reconciler:
     inventory (the Ray backend's ``factory`` method, which also rebinds its topology)."""
 
     def __init__(self, cp: ControlPlane, backend: ClusterBackend,
-                 make_factory: Callable[[], FactorySpec] | None = None) -> None:
+                 make_factory: Callable[[], FactorySpec] | None = None,
+                 suspect_seconds: float = SUSPECT_SECONDS) -> None:
         self.cp = cp
         self.backend = backend
         self._make_factory = make_factory
+        self.suspect_seconds = suspect_seconds
+        # Nodes a failed gang's status named lost while the inventory still lists them
+        # (a worker's death is seen before the node's): name -> when first named, and
+        # whether the inventory has since shown it gone.
+        self._suspects: dict[str, float] = {}
+        self._suspects_gone: set[str] = set()
+        self._repaired = False
+
+    def suspected(self) -> frozenset[str]:
+        """Nodes held out of placement because a gang lost workers there (see ``step``)."""
+        return frozenset(self._suspects)
+
+    def _listed(self) -> set[str]:
+        """The inventory's node names; clears suspects. A suspect is cleared when the
+        inventory has shown it gone and back (a node that rejoined is a fresh node), or when
+        it stayed listed for ``suspect_seconds`` (a worker died, not its node)."""
+        listed = {n.name for n in self.backend.inventory()}
+        now = self.cp.now
+        for name, since in list(self._suspects.items()):
+            if name not in listed:
+                self._suspects_gone.add(name)
+            elif name in self._suspects_gone or now - since >= self.suspect_seconds:
+                del self._suspects[name]
+                self._suspects_gone.discard(name)
+        return listed
 
     def step(self, force: bool = True) -> CycleResult | None:
         """Poll, follow the inventory, then a scheduling cycle: always with ``force``, else
         only when something changed (a job came, went or moved, or a node left or came).
-        Gangs that lost workers on nodes that left are hot swapped first
-        (``controller.runtime.repair``), or requeued from their checkpoint with the reason."""
+        Gangs that lost workers (on nodes that left the inventory, or on nodes a failed
+        gang's status names) are hot swapped (``controller.runtime.repair``), or requeued
+        from their checkpoint with the reason; the nodes a status names take no new work
+        until the inventory confirms them (see ``suspected``)."""
         swapped = self._swap_lost()
-        self.cp.poll()
-        alive = [n.name for n in self.backend.inventory()]
+        self._repaired = False
+        self.cp.poll(repair=self._repair)
+        swapped = swapped or self._repaired
+        # Suspects take no new work; gangs already on them run on (only the inventory or
+        # their own status says a node is lost).
+        alive = sorted(self._listed() - self._suspects.keys())
         change = sync_inventory(self.cp, alive)
         if change.unknown and self._make_factory is not None:
             self.cp = rebuild(self.cp, self._make_factory())
@@ -195,32 +229,53 @@ class Reconciler:
         return self.cp.cycle(force=force or swapped or bool(change.down or change.up))
 
     def _swap_lost(self) -> bool:
-        """Hot swap the gangs that lost workers: on nodes that left the inventory, or on
-        nodes the backend names in a failed gang's status (a worker died before Ray noticed
-        its node go)."""
+        """Hot swap the running gangs with workers on nodes that left the inventory (before
+        their workers are seen to fail)."""
         cp = self.cp
-        index = cp.topo.node_index
-        running = [(key, rec) for key, rec in sorted(cp.jobs.items())
-                   if rec.placement is not None and not rec.done]
-        statuses = {key: self.backend.status(key) for key, _ in running}
-        alive = {n.name for n in self.backend.inventory()}  # after the statuses: fresher
-        dead = frozenset(i for i, node in enumerate(cp.topo.nodes) if node.name not in alive)
+        listed = self._listed()
+        dead = frozenset(i for i, node in enumerate(cp.topo.nodes) if node.name not in listed)
+        if not dead:
+            return False
         moved = False
-        for key, rec in running:
-            if rec.placement is None or rec.done:
-                continue
-            lost = dead
-            status = statuses[key]
-            if status is not None and status.phase is WorkloadPhase.FAILED and \
-                    status.retryable and status.lost_nodes:
-                lost = dead | frozenset(index[n] for n in status.lost_nodes if n in index)
-            if not any(s.node in lost for s in rec.placement.slots):
-                continue
-            names = sorted({cp.topo.nodes[s.node].name for s in rec.placement.slots
-                            if s.node in lost})
-            why = f"worker(s) on {', '.join(names)} lost"
-            refused = hot_swap(cp, key, lost, lost, why)
-            if refused is not None and rec.placement is not None and not rec.done:
-                cp.fail_running(rec, f"{why}; {refused}; requeued from its checkpoint")
-            moved = True
+        for _, rec in sorted(cp.jobs.items()):
+            if rec.placement is not None and not rec.done and \
+                    any(s.node in dead for s in rec.placement.slots):
+                self._move(rec, dead)
+                moved = True
         return moved
+
+    def _repair(self, rec: JobRecord, status: WorkloadStatus) -> bool:
+        """``ControlPlane.poll``'s repair: a gang whose status names lost nodes."""
+        self._suspect(status.lost_nodes)
+        cp = self.cp
+        listed = self._listed()
+        index = cp.topo.node_index
+        lost = frozenset(i for i, node in enumerate(cp.topo.nodes) if node.name not in listed)
+        lost |= frozenset(index[n] for n in status.lost_nodes if n in index)
+        self._move(rec, lost)
+        self._repaired = True
+        return True
+
+    def _move(self, rec: JobRecord, lost: frozenset[int]) -> None:
+        """Hot swap the gang's workers on ``lost`` nodes, else requeue it from its
+        checkpoint, saying why."""
+        cp = self.cp
+        assert rec.placement is not None
+        names = sorted({cp.topo.nodes[s.node].name for s in rec.placement.slots
+                        if s.node in lost})
+        why = f"worker(s) on {', '.join(names)} lost"
+        refused = hot_swap(cp, rec.spec.key, lost, lost, why)
+        if refused is not None and rec.placement is not None and not rec.done:
+            cp.fail_running(rec, f"{why}; {refused}; requeued from its checkpoint")
+
+    def _suspect(self, names: Iterable[str]) -> None:
+        now = self.cp.now
+        for name in names:
+            self._suspects.setdefault(name, now)
+
+
+def _lost_nodes(status: WorkloadStatus | None) -> tuple[str, ...]:
+    """Nodes a failed gang's status names as where its workers were lost."""
+    if status is None or status.phase is not WorkloadPhase.FAILED or not status.retryable:
+        return ()
+    return status.lost_nodes

@@ -175,7 +175,7 @@ def test_losing_a_node_restarts_the_gang_elsewhere_from_its_checkpoint(
                  what="the trainer to recover and finish")
         rec = plane.jobs[trainer.key]
         assert rec.phase == JobPhase.SUCCEEDED, rec.failed_reason
-        assert rec.restarts == 1
+        assert rec.restarts == 1, rec.history
         assert victim not in chosen[trainer.key]
         folder = tmp_path / "it" / "trainer"
         last = max(int(f.name.split("-")[1]) for f in folder.glob("start-*-0.json"))
@@ -207,7 +207,9 @@ def test_losing_one_node_of_a_gang_moves_only_that_worker(
     victim, survivor = before
     ray_cluster.remove_node(victim)
     try:
-        wait_for(loop.step, lambda: bool(repaired), timeout=60, what="the hot swap")
+        wait_for(loop.step, lambda: bool(repaired) or rec.placement is None, timeout=60,
+                 what="the hot swap")
+        assert repaired, rec.history  # not requeued whole
         assert rec.placement is not None
         after = [plane.topo.nodes[s.node].name for s in rec.placement.slots]
         assert survivor in after and victim not in after
