@@ -27,6 +27,7 @@ from aifactory.controller.core.topology import NodeInfo
 
 __all__ = [
     "AdoptsGangs",
+    "CapsPower",
     "ClusterBackend",
     "FailsNodes",
     "ForgetsJobs",
@@ -171,6 +172,17 @@ class ReportsPower(Protocol):
 
     def gpu_power(self) -> list[tuple[str, int, float]]:
         """(node, node-local GPU index, watts) of every reporting GPU."""
+        ...
+
+
+@runtime_checkable
+class CapsPower(Protocol):
+    """A backend that changes the power cap of a running job's GPUs in place, without a
+    restart (grid-event curtailment): the simulated factory changes its model; on real GPUs
+    an actuator sets NVML's power limit (``controller.backends.actuators``)."""
+
+    def set_power_cap(self, job: str, watts_per_gpu: float | None) -> None:
+        """Cap each GPU of the running job at ``watts_per_gpu`` (None: the GPU's default)."""
         ...
 
 

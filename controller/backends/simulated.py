@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aifactory.controller.backends.base import (
     GPUReading,
@@ -60,17 +60,32 @@ class _Workload:
     retryable: bool = True
     energy_joules: float = 0.0
     frozen_work: float | None = None
+    # Since when ``speed`` holds (a power cap changed in place moves it), and the last
+    # checkpoint's time before then.
+    segment_at: float = -1.0
+    checkpoint_before: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.segment_at < 0:
+            self.segment_at = self.started_at
 
     def work_done(self, now: float) -> float:
         if self.frozen_work is not None:
             return self.frozen_work
-        return self.work_done_before + max(0.0, now - self.started_at) * self.speed
+        return self.work_done_before + max(0.0, now - self.segment_at) * self.speed
 
     def finish_time(self) -> float | None:
         if self.runtime_seconds is None or self.phase is not WorkloadPhase.RUNNING:
             return None
         remaining = max(0.0, self.runtime_seconds - self.work_done_before)
-        return self.started_at + remaining / self.speed
+        return self.segment_at + remaining / self.speed
+
+    def change_speed(self, speed: float, now: float) -> None:
+        """Run on at ``speed`` from ``now`` (work done so far kept)."""
+        self.checkpoint_before = self.last_checkpoint_at(now)
+        self.work_done_before = self.work_done(now)
+        self.segment_at = now
+        self.speed = speed
 
     def checkpointed_work(self, now: float) -> float:
         """Work saved at the last checkpoint (all of it for jobs that never checkpoint? no:
@@ -87,8 +102,9 @@ class _Workload:
             return self.started_at
         saved = self.checkpointed_work(now)
         if saved <= self.work_done_before:
-            return self.started_at
-        return self.started_at + (saved - self.work_done_before) / self.speed
+            return self.started_at if self.checkpoint_before is None else \
+                self.checkpoint_before
+        return self.segment_at + (saved - self.work_done_before) / self.speed
 
 
 @dataclass(slots=True)
@@ -175,7 +191,7 @@ class SimulatedBackend:
         interval = work.spec.checkpoint_interval_seconds
         if interval and work.phase is WorkloadPhase.RUNNING and work.frozen_work is None:
             target = (math.floor(work.work_done(now) / interval) + 1) * interval
-            checkpoint = work.started_at + (target - work.work_done_before) / work.speed
+            checkpoint = work.segment_at + (target - work.work_done_before) / work.speed
             at = checkpoint if at is None else min(at, checkpoint)
         if at is None:
             self._due_at.pop(key, None)
@@ -323,6 +339,27 @@ class SimulatedBackend:
             self._runtimes[spec.key] = runtime_seconds
         self.launch(spec, placement, work_done=work_done)
         self._jobs[spec.key].energy_joules = energy_joules
+
+    def set_power_cap(self, job: str, watts_per_gpu: float | None) -> None:
+        """``CapsPower``: the running job's GPUs draw and run as capped from now on."""
+        work = self._jobs.get(job)
+        if work is None or work.phase is not WorkloadPhase.RUNNING:
+            return
+        now = self._clock()
+        self._maybe_finish(work, now)
+        if work.phase is not WorkloadPhase.RUNNING:
+            return
+        work.spec = replace(work.spec, power_cap_watts_per_gpu=watts_per_gpu)
+        first = self._gpus[work.placement.slots[0].gpus[0]].profile \
+            if work.placement.slots and work.placement.slots[0].gpus else None
+        work.change_speed(speed_under_cap(first, work.utilization, watts_per_gpu)
+                          if first else 1.0, now)
+        for slot in work.placement.slots:
+            for g in slot.gpus:
+                self._settle(g, now)
+                self._repower(g)
+        self._changed.add(job)
+        self._schedule(job, work, now)
 
     def failed_gpus(self) -> list[tuple[str, int]]:
         return [(self._nodes[gpu.node].name, g - self._node_first_gpu[gpu.node])

@@ -97,6 +97,9 @@ class JobSpec:
     runtime: Runtime = field(default_factory=Runtime)
     cpu_milli: int = 0  # CPU milli-cores per worker (0: asks for none)
     memory_mib: int = 0  # memory MiB per worker (0: asks for none)
+    # Grid-event flexibility tier 0-3 (slowdown accepted: 0, 10, 25, 50 %); None: the
+    # queue's default.
+    flexibility: int | None = None
 
     def __post_init__(self) -> None:
         # One name per GPU model whatever the manifest wrote (NVIDIA-H200 -> H200), so a
@@ -150,6 +153,7 @@ class QueueSpec:
     cohort: str | None = None
     weight: float = 1.0
     max_priority: int | None = None
+    default_flexibility: int = 0  # tier of its jobs that name none (grid events)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +300,13 @@ def _common(metadata: Mapping[str, Any], spec: Mapping[str, Any], path: str) -> 
     priority = _get(spec, "priority", path, int, default=0)
     power_cap = _optional_positive_float(spec, "powerCapWattsPerGPU", path)
     queue = _get(spec, "queue", path, str, default=DEFAULT_QUEUE)
+    flexibility = _get(spec, "flexibility", path, int)
+    if flexibility is not None and not 0 <= flexibility <= 3:
+        raise SpecError(f"{path}.flexibility", f"must be a tier 0-3 (slowdown accepted "
+                        f"during a grid event: 0 none, 1 10 %, 2 25 %, 3 50 %), got "
+                        f"{flexibility}")
     return {
+        "flexibility": flexibility,
         "name": name,
         "namespace": namespace,
         "priority": priority,

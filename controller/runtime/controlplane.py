@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from aifactory.controller.backends.base import (
+    CapsPower,
     ClusterBackend,
     ForgetsJobs,
     ReportsChanges,
@@ -94,6 +95,7 @@ class JobRecord:
     energy_joules: float = 0.0
     where: str = ""
     power_cap_watts: float | None = None  # imposed by power-capped admission while running
+    held: str = ""  # why it is held out of the queue (paused for a grid event), if it is
     history: list[str] = field(default_factory=list)
 
     @property
@@ -132,6 +134,7 @@ class ControlPlane:
         # O(queued), not O(every job ever seen), and the scheduler gets the running set and
         # each queue's usage ready-made.
         self._queued: dict[str, JobRecord] = {}
+        self._held: dict[str, JobRecord] = {}  # paused: out of the queue until released
         self._running: dict[str, RunningJob] = {}
         self._usage_milli: dict[str, int] = {}
         self._seq = itertools.count()
@@ -193,6 +196,7 @@ class ControlPlane:
         if rec is None:
             return
         self._queued.pop(key, None)
+        self._held.pop(key, None)
         self._not_running(key)
         held = rec.placement is not None or rec.partial is not None
         if held:
@@ -245,6 +249,67 @@ class ControlPlane:
             assert rec.placement is not None
             self.metrics.job_running(rec.spec, rec.placement, now)
         self._dirty = True
+
+    # ----------------------------------------------------------------- grid events
+
+    def set_budget_limits(self, limits: Mapping[str, float]) -> None:
+        """Move PowerBudget limits in place (a schedule window or a grid event began or
+        ended): nothing is rebuilt, and the next cycle admits against the new limits."""
+        index = self.state.budgets
+        new = tuple(limits.get(n, w) for n, w in zip(index.names, index.limits, strict=True))
+        if new == index.limits:
+            return
+        budgets = replace(index, limits=new)
+        self.state.budgets = budgets
+        self.config.empty.budgets = budgets
+        self._dirty = True
+
+    def recap(self, rec: JobRecord, watts_per_gpu: float | None, why: str) -> None:
+        """Change a running job's per-GPU power cap in place (None: back to its own), on a
+        backend that ``CapsPower``: its budget estimate, modelled draw and speed follow."""
+        assert rec.placement is not None and isinstance(self.backend, CapsPower)
+        key, now = rec.spec.key, self.now
+        self.metrics.job_stopped(self.running_spec(rec), now)
+        rec.power_cap_watts = watts_per_gpu
+        spec = self.running_spec(rec)
+        placement = replace(rec.placement, watts_per_gpu=self.config.watts_per_gpu(spec))
+        self.state.release(key)
+        self.state.allocate(placement)
+        rec.placement = placement
+        self._running[key] = replace(self._running[key], spec=spec, placement=placement)
+        self.backend.set_power_cap(key, spec.power_cap_watts_per_gpu)
+        self.metrics.job_running(spec, placement, now)
+        rec.history.append(f"{now:.0f}s {why}")
+        self._dirty = True
+        self._emit("PowerCapped", rec, why)
+
+    def pause(self, rec: JobRecord, why: str) -> None:
+        """Stop a running job (it resumes from its last checkpoint) and hold it out of the
+        queue until ``release_hold``: not a restart, not a preemption."""
+        key = rec.spec.key
+        self.state.release(key)
+        self.metrics.job_stopped(self.running_spec(rec), self.now)
+        self.requeue(rec, why, restart=False)
+        self.backend.stop(key)
+        if self._queued.pop(key, None) is not None:
+            self._held[key] = rec
+        rec.held = rec.reason = why
+        self._dirty = True
+        self._emit("Paused", rec, why)
+
+    def release_hold(self, key: str, why: str) -> None:
+        """A paused job goes back to the queue (the next cycle may start it)."""
+        rec = self._held.pop(key, None)
+        if rec is None or rec.done:
+            return
+        rec.held = ""
+        rec.reason = why
+        self._queued[key] = rec
+        self._dirty = True
+        self._emit("Resumed", rec, why)
+
+    def held(self) -> list[JobRecord]:
+        return list(self._held.values())
 
     def _emit(self, reason: str, rec: JobRecord, message: str) -> None:
         for listener in self.listeners:

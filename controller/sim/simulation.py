@@ -23,6 +23,7 @@ from aifactory.controller.inputs.factory import FactorySpec
 from aifactory.controller.inputs.workload import Arrival
 from aifactory.controller.placement.base import PlacementPolicy
 from aifactory.controller.runtime.controlplane import ControlPlane, JobRecord
+from aifactory.controller.runtime.curtailment import CurtailmentController
 from aifactory.controller.runtime.measurements import SimResult
 from aifactory.controller.scheduling.cycle_io import CycleResult
 
@@ -60,6 +61,8 @@ class Simulation(ControlPlane):
         # Called as (from, to) before the virtual clock moves forward: the state seen then
         # held for the whole interval (aifactory.controller.sim.timeseries samples it).
         self.on_advance: list[Callable[[float, float], None]] = []
+        self.grid: CurtailmentController | None = None
+        self.grid_period_seconds = 5.0
 
     def _advance_clock(self, to: float) -> None:
         if to > self.clock.now:
@@ -81,6 +84,34 @@ class Simulation(ControlPlane):
 
     def inject(self, failure: FailureEvent) -> None:
         self._push(failure.at, "failure", failure)
+
+    def attach_grid(self, grid: CurtailmentController, period_seconds: float = 5.0) -> None:
+        """Step ``grid`` (budgets following schedules and grid events) at every change of
+        a window or event, and every ``period_seconds`` while a budget is lowered or a job
+        is capped or paused: the control period the response time is measured against."""
+        self.grid = grid
+        self.grid_period_seconds = period_seconds
+        self._push(self.now, "grid", None)
+
+    def _grid_tick(self) -> None:
+        grid = self.grid
+        assert grid is not None
+        grid.step()
+        busy = grid.capped or grid.paused or any(
+            lim.cause is not None for lim in grid.limits.values())
+        change = grid.next_wakeup(self.now)
+        at = self.now + self.grid_period_seconds if busy else change
+        if change is not None and at is not None:
+            at = min(at, change)
+        # Ticks never keep a finished replay alive (a daily window recurs forever).
+        if at is not None and (self._events or self._running or self._queued or grid.paused):
+            self._push(at, "grid", None)
+
+    def recap(self, rec: JobRecord, watts_per_gpu: float | None, why: str) -> None:
+        super().recap(rec, watts_per_gpu, why)
+        finish = self.sim_backend.next_finish_for(rec.spec.key)
+        if finish is not None:  # its speed changed: so did its end
+            self._push(finish, "finish", (rec.spec.key, rec.generation))
 
     def _push(self, at: float, kind: str, payload: object) -> None:
         heapq.heappush(self._events, (at, next(self._seq), kind, payload))
@@ -134,6 +165,8 @@ class Simulation(ControlPlane):
         elif kind == "failure":
             assert isinstance(payload, FailureEvent)
             self._fail(payload)
+        elif kind == "grid":
+            self._grid_tick()
         elif kind == "repair":
             assert isinstance(payload, str)
             self.sim_backend.repair_node(payload)
