@@ -83,6 +83,7 @@ class CurtailmentController:
         self._last: float | None = None
         self._acted_at: dict[str, float] = {}
         self._node_base: list[float] | None = None
+        self._lowered_since: dict[str, float] = {}
 
     # ----------------------------------------------------------------- inputs
 
@@ -145,8 +146,7 @@ class CurtailmentController:
             if rec is None or rec.placement is None:
                 continue
             why = f"paused for {self._cause(budget)}, resumes when it ends"
-            lost = rec.placement.gpu_equivalents * max(0.0, cp.now - rec.last_checkpoint_at)
-            self.account.lost_gpu_seconds[self._tier(rec)] += lost
+            self.account.lost_gpu_seconds[self._tier(rec)] += self._unsaved(rec, cp.now)
             self.capped.pop(key, None)
             self._own.pop(key, None)
             cp.pause(rec, why)
@@ -226,8 +226,14 @@ class CurtailmentController:
                 for b in range(len(index.names))]
         for b, name in enumerate(index.names):
             over = measured[b] + self._node_base[b] - self.limits[name].watts
-            settled = now - self._acted_at.get(name, -1e18) >= self.settle_seconds
-            if over > 1.0 and settled and self.limits[name].cause is not None:
+            since = self._lowered_since.get(name)
+            if self.limits[name].cause is None:
+                self._lowered_since.pop(name, None)
+            elif since is None:
+                self._lowered_since[name] = since = now
+            settled = since is not None and now - since >= self.settle_seconds and \
+                now - self._acted_at.get(name, -1e18) >= self.settle_seconds
+            if over > 1.0 and settled:
                 self.account.overrun_watts[name] = self.account.overrun_watts.get(name, 0.0) \
                     + over
                 self._acted_at[name] = now
@@ -290,9 +296,18 @@ class CurtailmentController:
         return FlexJob(
             key=rec.spec.key, tier=self._tier(rec), slots=slots,
             utilization=default_utilization(rec.spec), own_cap=own,
-            lost_if_paused=rec.placement.gpu_equivalents * max(0.0, now - rec.last_checkpoint_at),
+            lost_if_paused=self._unsaved(rec, now) if rec.spec.kind is JobKind.TRAINING
+            else 0.0,
             started_at=rec.started_at or 0.0,
             pausable=rec.spec.kind is JobKind.TRAINING)
+
+    def _unsaved(self, rec: JobRecord, now: float) -> float:
+        """GPU-seconds of work since the job's last checkpoint (lost if paused now)."""
+        assert rec.placement is not None
+        status = self.cp.backend.status(rec.spec.key)
+        at = status.last_checkpoint_at if status is not None and \
+            status.last_checkpoint_at is not None else rec.last_checkpoint_at
+        return rec.placement.gpu_equivalents * max(0.0, now - at)
 
     def _tier(self, rec: JobRecord) -> int:
         if rec.spec.flexibility is not None:
