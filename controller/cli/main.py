@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="schedule GPUs alone: ignore the CPU and memory of nodes and jobs "
                           "and leave CPU-only jobs out (by default CPU and memory are "
                           "scheduled whenever the factory gives them)")
+    sim.add_argument("--grid-events", default=None, metavar="FILE",
+                     help="replay a utility's grid events (YAML: events with start, "
+                          "durationSeconds, percent/watts/level, budgets): power budgets "
+                          "drop and the curtailment controller caps and pauses jobs by "
+                          "their flexibility tier")
+    sim.add_argument("--grid-strategy", default="flexible",
+                     choices=("flexible", "uniform", "pause-newest"),
+                     help="how load is shed in a grid event: flexible (ours: caps by tier, "
+                          "then pauses), or a baseline")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.add_argument("--show-jobs", action="store_true",
                      help="print where every job ran or why it waited (default for "
@@ -124,6 +133,7 @@ def _simulate(args: argparse.Namespace) -> int:
         else:
             sim = Simulation(factory, name, seed=args.seed)
             sampler = sampler_for(sim, args)
+            grid = _attach_grid(sim, args) if args.grid_events else None
             sim.submit_all(arrivals)
             if args.no_progress or len(arrivals) < 200:
                 res = sim.run()
@@ -137,6 +147,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
                     res = sim.run(progress=advance)
             row = res.to_dict()
+            if grid is not None:
+                row["grid"] = _grid_row(grid, args.grid_strategy)
+                _print_grid(console, name, row["grid"])
             if sampler is not None:
                 row["timeseries"] = sampler.series().to_dict()
             sims.append(sim)
@@ -149,6 +162,34 @@ def _simulate(args: argparse.Namespace) -> int:
         Path(args.json_path).write_text(json.dumps({"results": results}, indent=2) + "\n")
         console.print(f"wrote {args.json_path}")
     return 0
+
+
+def _attach_grid(sim: Any, args: argparse.Namespace) -> Any:
+    from aifactory.controller.inputs.grid_events import load_grid_events
+    from aifactory.controller.runtime.curtailment import CurtailmentController
+
+    names = [b.name for b in sim.factory.power_budgets]
+    grid = CurtailmentController(sim, strategy=args.grid_strategy)
+    grid.set_events("file", load_grid_events(args.grid_events, names))
+    sim.attach_grid(grid)
+    return grid
+
+
+def _grid_row(grid: Any, strategy: str) -> dict[str, Any]:
+    acc = grid.account
+    return {"strategy": strategy, "actions": dict(acc.actions),
+            "lost_gpu_hours_by_tier": {str(t): s / 3600 for t, s in
+                                       acc.lost_gpu_seconds.items()},
+            "events": sorted(grid.events)}
+
+
+def _print_grid(console: Any, policy: str, row: dict[str, Any]) -> None:
+    lost = row["lost_gpu_hours_by_tier"]
+    acts = row["actions"]
+    console.print(
+        f"[bold]grid[/] {policy}, {row['strategy']}: {acts['cap']} caps, {acts['pause']} "
+        f"pauses, {acts['restore']} caps restored, {acts['resume']} resumed; GPU-hours lost "
+        f"by tier: " + ", ".join(f"{t}: {v:.1f}" for t, v in sorted(lost.items())))
 
 
 REPLAY_COLUMNS = (
