@@ -136,10 +136,14 @@ def queue_from_manifest(doc: Mapping[str, Any]) -> QueueSpec:
     if max_priority is not None and (not isinstance(max_priority, int)
                                      or isinstance(max_priority, bool)):
         raise SpecError("spec.maxPriority", f"must be an integer, got {max_priority!r}")
+    flexibility = spec.get("defaultFlexibility", 0)
+    if isinstance(flexibility, bool) or flexibility not in (0, 1, 2, 3):
+        raise SpecError("spec.defaultFlexibility", "must be a grid-event flexibility tier "
+                        f"0-3 (0: never capped or paused), got {flexibility!r}")
     return QueueSpec(name=_name(doc), nominal_gpus=nominal,
                      borrowing_limit_gpus=_number(spec, "borrowingLimitGPUs"),
                      cohort=cohort, weight=1.0 if weight is None else weight,
-                     max_priority=max_priority)
+                     max_priority=max_priority, default_flexibility=flexibility)
 
 
 def budget_from_manifest(doc: Mapping[str, Any]) -> PowerBudgetSpec:

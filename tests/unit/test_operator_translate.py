@@ -74,11 +74,25 @@ def test_queue_from_manifest(doc: dict[str, Any], expected: tuple[Any, ...]) -> 
     pytest.param({}, "spec.nominalGPUs", id="nominal GPUs are required"),
     pytest.param({"nominalGPUs": -1}, "spec.nominalGPUs", id="nominal GPUs are not negative"),
     pytest.param({"nominalGPUs": 1, "weight": 0}, "spec.weight", id="weight is positive"),
+    pytest.param({"nominalGPUs": 1, "defaultFlexibility": 4}, "spec.defaultFlexibility",
+                 id="a flexibility tier is 0-3"),
 ])
 def test_invalid_queue_names_the_field(spec: dict[str, Any], field: str) -> None:
     with pytest.raises(SpecError) as err:
         queue_from_manifest({"metadata": {"name": "q"}, "spec": spec})
     assert err.value.field == field
+
+
+def test_a_queue_sets_the_flexibility_of_jobs_that_name_none() -> None:
+    q = queue_from_manifest({"metadata": {"name": "batch"}, "spec": {
+        "nominalGPUs": 8, "defaultFlexibility": 2}})
+    assert q.default_flexibility == 2
+    job = job_spec_from_manifest(_job({"workers": 1, "flexibility": 3}), "TrainingJob")
+    assert job.flexibility == 3
+    assert job_spec_from_manifest(_job({"workers": 1}), "TrainingJob").flexibility is None
+    with pytest.raises(SpecError) as err:
+        job_spec_from_manifest(_job({"workers": 1, "flexibility": 5}), "TrainingJob")
+    assert err.value.field == "spec.flexibility" and "tier 0-3" in str(err.value)
 
 
 def test_power_budget_selector() -> None:
