@@ -1,8 +1,8 @@
 """What each core event means for an object: conditions, Events, and energy bookkeeping.
 
 The control plane calls its listeners with ``(reason, record, message)`` for Queued,
-Waiting, Admitted, Preempted, Restarting, Repaired (a hot swap), Succeeded and
-Failed. Here each becomes the
+Waiting, Admitted, Preempted, Restarting, Repaired (a hot swap), PowerCapped, Paused and
+Resumed (grid-event curtailment), Succeeded and Failed. Here each becomes the
 TrainingJob's conditions (an InferenceService derives its conditions from all its replicas
 when its status is built), one Kubernetes Event, and, when a run ends, its energy and
 GPU-seconds banked on the object (the record and the backend's workload are forgotten
@@ -91,6 +91,19 @@ def on_core_event(engine: EngineView, reason: str, rec: JobRecord, message: str)
         cond("Admitted", False, reason)
         cond("Queued", True, "Requeued")
         engine.note(obj, "Warning", reason, f"{label}{message}")
+    elif reason == "PowerCapped":  # a grid event's cap changed in place: it runs on
+        cond("PowerCapped", rec.power_cap_watts is not None,
+             "GridEvent" if rec.power_cap_watts is not None else "Restored")
+        engine.note(obj, "Normal", "PowerCapped", f"{label}{message}")
+    elif reason == "Paused":  # checkpointed and held until the grid event ends
+        end_run(engine, obj, key, now)
+        cond("Running", False, "Paused")
+        cond("Admitted", False, "Paused")
+        cond("Queued", True, "PausedForGridEvent")
+        engine.note(obj, "Warning", "Paused", f"{label}{message}")
+    elif reason == "Resumed":
+        cond("Queued", True, "Resumed")
+        engine.note(obj, "Normal", "Resumed", f"{label}{message}")
     elif reason == "Succeeded":
         status = engine.cp.backend.status(key)
         end = status.finished_at if status is not None and status.finished_at is not None \

@@ -20,6 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from aifactory.controller.core.errors import SpecError
 from aifactory.controller.core.placements import node_slots, placement_from_node_slots
@@ -34,6 +35,7 @@ from aifactory.controller.core.spec import (
 from aifactory.controller.core.state import Placement
 from aifactory.controller.core.topology import Topology
 from aifactory.controller.core.units import MILLI_PER_GPU
+from aifactory.controller.power.grid import BudgetWindow, parse_time_of_day
 
 __all__ = [
     "BUDGET_KIND",
@@ -44,6 +46,7 @@ __all__ = [
     "TRAINING_KIND",
     "VERSION",
     "budget_from_manifest",
+    "budget_schedule_from_manifest",
     "format_time",
     "job_spec_from_manifest",
     "parse_time",
@@ -110,16 +113,16 @@ def _spec(doc: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _number(spec: Mapping[str, Any], key: str, *, positive: bool = False,
-            required: bool = False) -> float | None:
+            required: bool = False, path: str = "spec") -> float | None:
     value = spec.get(key)
     bound = "> 0" if positive else ">= 0"
     if value is None:
         if required:
-            raise SpecError(f"spec.{key}", f"is required (a number {bound})")
+            raise SpecError(f"{path}.{key}", f"is required (a number {bound})")
         return None
     if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
             or value < 0 or (positive and value == 0)):
-        raise SpecError(f"spec.{key}", f"must be a number {bound}, got {value!r}")
+        raise SpecError(f"{path}.{key}", f"must be a number {bound}, got {value!r}")
     return float(value)
 
 
@@ -144,6 +147,54 @@ def queue_from_manifest(doc: Mapping[str, Any]) -> QueueSpec:
                      borrowing_limit_gpus=_number(spec, "borrowingLimitGPUs"),
                      cohort=cohort, weight=1.0 if weight is None else weight,
                      max_priority=max_priority, default_flexibility=flexibility)
+
+
+def budget_schedule_from_manifest(doc: Mapping[str, Any]) -> tuple[BudgetWindow, ...]:
+    """A PowerBudget's ``spec.schedule``: daily (``HH:MM`` in ``spec.timeZone``) or
+    one-off (RFC 3339) windows at some watts or a percent of ``spec.watts``."""
+    spec = _spec(doc)
+    zone = spec.get("timeZone")
+    if zone is not None:
+        try:
+            ZoneInfo(str(zone))
+        except (ZoneInfoNotFoundError, ValueError):
+            raise SpecError("spec.timeZone", f"{zone!r} is not an IANA time zone; write e.g. "
+                            "America/Phoenix or UTC") from None
+    raw = spec.get("schedule") or []
+    if not isinstance(raw, list):
+        raise SpecError("spec.schedule", "must be a list of windows {start, end, daily, "
+                        "watts or percent}")
+    out: list[BudgetWindow] = []
+    for i, w in enumerate(raw):
+        path = f"spec.schedule[{i}]"
+        if not isinstance(w, Mapping):
+            raise SpecError(path, f"must be a window {{start, end, percent}}, got {w!r}")
+        watts = _number(w, "watts", positive=True, path=path)
+        percent = _number(w, "percent", path=path)
+        if (watts is None) == (percent is None) or (percent is not None and percent > 100):
+            raise SpecError(f"{path}.percent", "give exactly one of watts or percent (0-100)")
+        daily = bool(w.get("daily", False))
+        start, end = (w.get("start"), w.get("end"))
+        if not isinstance(start, str) or not isinstance(end, str):
+            raise SpecError(f"{path}.start", "start and end are required strings")
+        if daily:
+            a = parse_time_of_day(start, f"{path}.start")
+            b = parse_time_of_day(end, f"{path}.end")
+        else:
+            a, b = _when(start, f"{path}.start"), _when(end, f"{path}.end")
+            if b <= a:
+                raise SpecError(f"{path}.end", f"must be after start {start}")
+        out.append(BudgetWindow(a, b, watts=watts, percent=percent, daily=daily,
+                                time_zone=None if zone is None else str(zone)))
+    return tuple(out)
+
+
+def _when(text: str, path: str) -> float:
+    got = parse_time(text)
+    if got is None:
+        raise SpecError(path, f"{text!r} is not an RFC 3339 time such as 2026-07-14T17:00:00Z "
+                        "(or set daily: true and write HH:MM)")
+    return got
 
 
 def budget_from_manifest(doc: Mapping[str, Any]) -> PowerBudgetSpec:

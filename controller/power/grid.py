@@ -16,7 +16,9 @@ flexibility tier (``FLEX_SLOWDOWN``); tier 0 is never touched.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+import datetime as dt
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
 from aifactory.controller.core.errors import SpecError
 
@@ -53,11 +55,19 @@ class BudgetWindow:
     percent: float | None = None
     daily: bool = False
     utc_offset_seconds: float = 0.0
+    time_zone: str | None = None  # IANA name (daylight saving followed); None: the offset
+
+    def local_seconds(self, t: float) -> float:
+        """Seconds after local midnight at epoch ``t``."""
+        if self.time_zone is None:
+            return (t + self.utc_offset_seconds) % DAY
+        at = dt.datetime.fromtimestamp(t, ZoneInfo(self.time_zone))
+        return at.hour * 3600 + at.minute * 60 + at.second + at.microsecond / 1e6
 
     def active(self, t: float) -> bool:
         if not self.daily:
             return self.start <= t < self.end
-        local = (t + self.utc_offset_seconds) % DAY
+        local = self.local_seconds(t)
         if self.start <= self.end:
             return self.start <= local < self.end
         return local >= self.start or local < self.end
@@ -146,7 +156,7 @@ def next_change(windows: Sequence[BudgetWindow], events: Iterable[GridEvent],
     for w in windows:
         if w.daily:
             for edge in (w.start, w.end):
-                day0 = t - (t + w.utc_offset_seconds) % DAY
+                day0 = t - w.local_seconds(t)
                 at = day0 + edge
                 out.append(at if at > t else at + DAY)
         else:

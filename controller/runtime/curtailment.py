@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from aifactory.controller.backends.base import CapsPower, ReportsPower
 from aifactory.controller.core.spec import JobKind
-from aifactory.controller.power.curtail import STRATEGIES, FlexJob, job_watts
+from aifactory.controller.power.curtail import STRATEGIES, FlexJob, flexible, job_watts
 from aifactory.controller.power.grid import (
     DEFAULT_LEVEL_PERCENT,
     MAX_TIER,
@@ -103,6 +103,15 @@ class CurtailmentController:
     def next_wakeup(self, now: float) -> float | None:
         windows = [w for ws in self.windows.values() for w in ws]
         return next_change(windows, self.events.values(), now)
+
+    def sheddable_watts(self) -> float:
+        """Watts the site could still shed now without touching tier 0: every flexible
+        job at its tier's lowest cap, or paused (what a VEN reports to its utility)."""
+        jobs = [j for j, _ in self._flex_jobs(self.cp.now)]
+        uncapped = sum(job_watts(j, None) for j in jobs)
+        now = sum(job_watts(j, self.capped.get(j.key)) for j in jobs)
+        most = flexible(jobs, uncapped, 0.0).shed_watts
+        return max(0.0, most - (uncapped - now))
 
     # ----------------------------------------------------------------- the loop
 
