@@ -26,7 +26,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
-	$(PIP) install -q -e '.[operator,ray,report,nvml,test,lint]'
+	$(PIP) install -q -e '.[operator,ray,report,nvml,grid,test,lint]'
 	touch $@
 
 link: $(VENV)/.dev
