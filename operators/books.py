@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from aifactory.controller.core.clock import Clock
 from aifactory.controller.runtime.controlplane import ControlPlane
 from aifactory.operators.configstatus import ConfigEntry
+from aifactory.operators.grid import GridLink
 from aifactory.operators.objects import Tracked
 from aifactory.operators.outbox import Outbox
 
@@ -137,6 +138,7 @@ class EngineView(Protocol):
     last_gpu_power: list[float]
     snapshot: dict[str, Any]
     on_admitted: list[Callable[[Tracked, str], None]]
+    grid: GridLink
 
     def note(self, obj: Tracked, type_: str, reason: str, message: str,
              phase_change: bool = True) -> None: ...

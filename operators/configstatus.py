@@ -9,7 +9,7 @@ the control plane, writes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +48,11 @@ def _queue_usage(cp: ControlPlane) -> dict[str, tuple[float, int, int]]:
 
 
 def config_statuses(cp: ControlPlane, configs: Iterable[ConfigEntry],
-                    gpu_power: Sequence[float]) -> list[tuple[ConfigEntry, dict[str, Any]]]:
-    """The status dict of every GPUQueue and PowerBudget."""
+                    gpu_power: Sequence[float],
+                    grid: Mapping[str, Mapping[str, Any]] | None = None,
+                    ) -> list[tuple[ConfigEntry, dict[str, Any]]]:
+    """The status dict of every GPUQueue and PowerBudget (``grid``: a budget's grid-event
+    fields, ``operators.grid.GridLink.budget_status``)."""
     usage = _queue_usage(cp)
     state, topo = cp.state, cp.topo
     budgets = state.budgets
@@ -73,6 +76,7 @@ def config_statuses(cp: ControlPlane, configs: Iterable[ConfigEntry],
             status.update(limitWatts=round(budgets.limits[b]), estimatedWatts=round(estimated),
                           measuredWatts=None if measured is None else round(measured),
                           headroomWatts=round(budgets.limits[b] - estimated), nodes=len(nodes))
+            status.update((grid or {}).get(config.name, {}))
             if not nodes:
                 status["message"] = ("the nodeSelector matches no node in the inventory; "
                                      "this budget limits nothing")

@@ -48,11 +48,13 @@ from aifactory.controller.core.spec import (
     replica_index,
     replica_jobs,
 )
+from aifactory.controller.power.grid import BudgetWindow, GridEvent
 from aifactory.controller.runtime.controlplane import ControlPlane, JobRecord
 from aifactory.controller.runtime.resync import Reconciler
 from aifactory.operators import publish
 from aifactory.operators.books import EngineOptions, StatusBooks
 from aifactory.operators.configstatus import ConfigEntry
+from aifactory.operators.grid import GridLink, GridOptions
 from aifactory.operators.kube import KubeClient
 from aifactory.operators.nodes import NodeBook
 from aifactory.operators.objects import StatusContext, Tracked
@@ -64,6 +66,7 @@ from aifactory.operators.translate import (
     QUEUE_KIND,
     SERVICE_KIND,
     budget_from_manifest,
+    budget_schedule_from_manifest,
     format_time,
     job_spec_from_manifest,
     parse_time,
@@ -92,7 +95,8 @@ class Engine:
     def __init__(self, cp: ControlPlane, kube: KubeClient, clock: Clock,
                  options: EngineOptions | None = None,
                  reconciler: Reconciler | None = None,
-                 may_write: Callable[[], bool] | None = None) -> None:
+                 may_write: Callable[[], bool] | None = None,
+                 grid: GridOptions | None = None) -> None:
         self.cp = cp
         self.reconciler = reconciler
         self.lock = threading.Lock()  # held while the plane changes; scrapes take it to read
@@ -124,6 +128,8 @@ class Engine:
         self._next_refresh = 0.0
         self._last_forced = 0.0
         self._last_pass_seconds = 0.0
+        self.grid = GridLink(cp, grid, clock.to_wall)
+        self.grid_windows: dict[str, tuple[BudgetWindow, ...]] = {}
         cp.listeners.append(lambda reason, rec, msg: on_core_event(self, reason, rec, msg))
 
     # ----------------------------------------------------------------- requests (handlers)
@@ -149,6 +155,14 @@ class Engine:
     def apply_config(self, kind: str, body: dict[str, Any], deleted: bool) -> None:
         """A GPUQueue or PowerBudget appeared, changed or went away."""
         self._request("config", (kind, body, deleted))
+
+    def grid_event(self, event_id: str, events: list[GridEvent]) -> None:
+        """A utility's event arrived, changed or ended (``events`` empty)."""
+        self._request("grid", (event_id, events))
+
+    def grid_problem(self, text: str) -> None:
+        """The grid signal's source has a problem (``""``: it works again)."""
+        self._request("grid_problem", text)
 
     def _request(self, verb: str, args: Any) -> None:
         self._requests.append((verb, args))
@@ -224,6 +238,8 @@ class Engine:
         force = mono - self._last_forced >= 1.0
         if force:
             self._last_forced = mono
+        if self.grid.step(mono):
+            self.books.config_dirty = True
         if self.reconciler is None:
             book = self.node_book
             grown = book.grow(self.cp) if book is not None else None
@@ -256,6 +272,11 @@ class Engine:
     def _handle(self, verb: str, args: Any) -> None:
         if verb == "apply":
             self._apply(*args)
+        elif verb == "grid":
+            self.grid.event(*args)
+        elif verb == "grid_problem":
+            self.grid.set_problem(args)
+            self.books.config_dirty = True
         elif verb == "delete":
             kind, namespace, name, uid, done = args
             obj = self.objects.get((kind, namespace, name))
@@ -424,6 +445,7 @@ class Engine:
         if deleted:
             if old is not None and (not meta.get("uid") or meta.get("uid") == old.uid):
                 del self.configs[ident]
+                self.grid_windows.pop(name, None)
                 self._reconfigure(kind)
             return
         generation = int(meta.get("generation") or 1)
@@ -432,9 +454,12 @@ class Engine:
         try:
             spec: QueueSpec | PowerBudgetSpec | None = (
                 queue_from_manifest(body) if kind == QUEUE_KIND else budget_from_manifest(body))
+            if kind != QUEUE_KIND:
+                self.grid_windows[name] = budget_schedule_from_manifest(body)
             invalid = None
         except SpecError as exc:
             spec, invalid = None, str(exc)
+            self.grid_windows.pop(name, None)
         self.configs[ident] = ConfigEntry(kind, name, str(meta.get("uid") or ""), generation,
                                           spec, invalid)
         self._reconfigure(kind)
@@ -452,6 +477,7 @@ class Engine:
             self.cp.reconfigure(queues=queues)
         else:
             budgets = tuple(c.spec for c in entries if isinstance(c.spec, PowerBudgetSpec))
+            self.grid.budgets_changed(budgets, self.grid_windows)
             if budgets == self.cp.factory.power_budgets:
                 return
             self.cp.reconfigure(power_budgets=budgets)
@@ -492,6 +518,7 @@ class Engine:
         """The reconciler rebuilt the plane over a grown inventory (same jobs, new node
         numbering): follow it, and tell the metrics server."""
         self.cp = cp
+        self.grid.rebind(cp)
         for obj in self.objects.values():
             for key in obj.keys:
                 rec = cp.jobs.get(key)

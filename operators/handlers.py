@@ -25,6 +25,7 @@ from aifactory.controller.core.errors import AifactoryError
 from aifactory.operators.engine import Engine
 from aifactory.operators.kube import KubeClient, load_configuration
 from aifactory.operators.metrics_server import serve_metrics
+from aifactory.operators.openadr import OpenADRVen
 from aifactory.operators.startup import OperatorOptions, RecoveryReport, build_engine
 from aifactory.operators.translate import (
     BUDGET_KIND,
@@ -54,6 +55,7 @@ class OperatorApp:
     engine: Engine | None = None
     report: RecoveryReport | None = None
     may_write: Callable[[], bool] | None = None  # the leader election's fence
+    ven: OpenADRVen | None = None  # the OpenADR VEN (--openadr-vtn-url)
 
     def running_engine(self) -> Engine:
         if self.engine is None:
@@ -160,9 +162,14 @@ def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
                 raise kopf.PermanentError(f"--metrics-port {port}: {exc}") from exc
         engine.start()
         app.engine, app.report = engine, report
+        app.ven = engine.grid.open_ven(engine.grid_event, engine.grid_problem)
+        if app.ven is not None:
+            await app.ven.start()
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
+        if app.ven is not None:
+            await app.ven.stop()
         if app.engine is not None:
             await app.engine.stop()
 

@@ -44,6 +44,7 @@ from aifactory.controller.inputs.factory import load_factory
 from aifactory.controller.observe.exporter import DEFAULT_METRICS_PORT
 from aifactory.controller.placement.registry import POLICY_NAMES
 from aifactory.operators.books import EngineOptions
+from aifactory.operators.grid import GridOptions
 from aifactory.operators.inventory import INVENTORY_MODES
 from aifactory.operators.leader import LeaderElector, LeaseTimings
 from aifactory.operators.metrics_server import TELEMETRY_CHOICES
@@ -135,6 +136,21 @@ def parser() -> argparse.ArgumentParser:
                    help="a standby takes over this long after the leader's last renewal; "
                         "the leader stops writing after 0.7 of it without renewing "
                         "(default 10)")
+    p.add_argument("--grid-strategy", choices=("flexible", "uniform", "pause-newest"),
+                   default="flexible", help="how load is shed when a PowerBudget's schedule "
+                   "or a grid event lowers it: flexible (caps by spec.flexibility tier, then "
+                   "pauses; tier 0 never touched), or a baseline")
+    p.add_argument("--grid-levels", default="100,90,75,50",
+                   help="percent of a budget's spec.watts for OpenADR SIMPLE levels 0,1,2,3")
+    p.add_argument("--openadr-vtn-url", default=None,
+                   help="act as an OpenADR 2.0b VEN of this VTN (e.g. https://vtn.utility."
+                   "example/OpenADR2/Simple/2.0b): its events lower the power budgets")
+    p.add_argument("--openadr-ven-name", default="aifactory", help="our VEN name at the VTN")
+    p.add_argument("--openadr-credentials", default=None, metavar="DIR",
+                   help="a mounted Secret with tls.crt, tls.key, ca.crt and optionally "
+                   "vtn-fingerprint (only paths are logged)")
+    p.add_argument("--openadr-budgets", default="",
+                   help="comma-separated PowerBudgets the VTN's events lower (default: all)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
 
@@ -170,6 +186,24 @@ def _ray_options(args: argparse.Namespace) -> RayOptions:
                       telemetry="model" if args.telemetry == "model" else "auto")
 
 
+def _grid_options(args: argparse.Namespace) -> GridOptions:
+    try:
+        levels = [float(x) for x in args.grid_levels.split(",")]
+    except ValueError:
+        levels = []
+    if len(levels) != 4 or not all(0 <= x <= 100 for x in levels):
+        raise BackendError(f"--grid-levels: four percents 0-100 for levels 0,1,2,3, e.g. "
+                           f"100,90,75,50; got {args.grid_levels!r}")
+    if args.openadr_credentials and not os.path.isdir(args.openadr_credentials):
+        raise BackendError(f"--openadr-credentials: {args.openadr_credentials} is not a "
+                           "directory (mount the Secret there)")
+    return GridOptions(strategy=args.grid_strategy, levels=dict(enumerate(levels)),
+                       vtn_url=args.openadr_vtn_url, ven_name=args.openadr_ven_name,
+                       credentials_dir=args.openadr_credentials,
+                       budgets=tuple(b.strip() for b in args.openadr_budgets.split(",")
+                                     if b.strip()))
+
+
 def options_from(args: argparse.Namespace) -> OperatorOptions:
     if args.backend != "sim" and args.sim_speed != 1.0:
         raise BackendError("--sim-speed applies to --backend sim only")
@@ -183,7 +217,8 @@ def options_from(args: argparse.Namespace) -> OperatorOptions:
     if not 0 <= args.metrics_port <= 65535:
         raise BackendError(f"--metrics-port: must be a port number (0 disables), got "
                            f"{args.metrics_port}")
-    return OperatorOptions(backend=args.backend, cluster=args.cluster or DEFAULT_CLUSTER,
+    return OperatorOptions(grid=_grid_options(args),
+                           backend=args.backend, cluster=args.cluster or DEFAULT_CLUSTER,
                            inventory=args.inventory, sim_speed=args.sim_speed,
                            policy=args.policy, ray=ray, engine=engine,
                            metrics_port=args.metrics_port, telemetry=args.telemetry,

@@ -101,6 +101,15 @@ OPERATOR_METRICS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("aifactory_operator_jobs", "gauge", ("phase",)),
     ("aifactory_operator_gpus", "gauge", ("state",)),
     *((name, "gauge", ()) for _, name, _ in GAUGES),
+    ("aifactory_grid_actions_total", "counter", ("kind",)),
+    ("aifactory_grid_lost_gpu_seconds_total", "counter", ("tier",)),
+    ("aifactory_grid_shed_watts", "gauge", ("budget",)),
+    ("aifactory_grid_short_watts", "gauge", ("budget",)),
+    ("aifactory_grid_overrun_watts", "gauge", ("budget",)),
+    ("aifactory_grid_sheddable_watts", "gauge", ()),
+    ("aifactory_grid_events", "gauge", ()),
+    ("aifactory_grid_caps_unhonoured", "gauge", ()),
+    ("aifactory_grid_signal_problem", "gauge", ()),
 )
 
 
@@ -130,6 +139,46 @@ class OperatorCollector(Collector):
         gauges = snap.get("gauges", {})
         for key, name, doc in GAUGES:
             yield GaugeMetricFamily(name, doc, value=float(gauges.get(key, 0.0)))
+        yield from _grid_families(snap.get("grid", {}))
+
+
+def _grid_families(grid: dict[str, Any]) -> Iterator[Any]:
+    """``aifactory_grid_*``: what grid-event curtailment did (``operators.grid``)."""
+    actions = CounterMetricFamily(
+        "aifactory_grid_actions", "Curtailment actions by kind: cap (a running job's power "
+        "cap lowered in place), pause (checkpointed and held), restore, resume.",
+        labels=["kind"])
+    for kind, n in sorted(grid.get("actions", {}).items()):
+        actions.add_metric([kind], float(n))
+    yield actions
+    lost = CounterMetricFamily(
+        "aifactory_grid_lost_gpu_seconds", "GPU-seconds of work lost to grid events by "
+        "flexibility tier: slowdown under caps, time paused, work since the last checkpoint "
+        "at a pause.", labels=["tier"])
+    for tier, s in sorted(grid.get("lost_gpu_seconds", {}).items()):
+        lost.add_metric([tier], float(s))
+    yield lost
+    for key, name, doc in (
+            ("shed_watts", "aifactory_grid_shed_watts",
+             "Watts shed below a budget's uncapped draw by caps and pauses."),
+            ("short_watts", "aifactory_grid_short_watts",
+             "Watts still over a lowered budget with every flexible job capped or paused."),
+            ("overrun_watts", "aifactory_grid_overrun_watts",
+             "Measured watts over a lowered budget after the actions settled (escalated).")):
+        family = GaugeMetricFamily(name, doc, labels=["budget"])
+        for budget, watts in sorted(grid.get(key, {}).items()):
+            family.add_metric([budget], float(watts))
+        yield family
+    for key, name, doc in (
+            ("sheddable_watts", "aifactory_grid_sheddable_watts",
+             "Watts the site could still shed without tier 0 (reported to the utility)."),
+            ("events", "aifactory_grid_events", "Grid events the OpenADR VEN holds."),
+            ("unhonoured", "aifactory_grid_caps_unhonoured",
+             "Jobs whose GPUs draw more than the cap curtailment set (closed loop)."),
+            ("signal_problem", "aifactory_grid_signal_problem",
+             "1 while the grid signal source has a problem (malformed event, VTN "
+             "unreachable); the last good budgets are kept.")):
+        yield GaugeMetricFamily(name, doc, value=float(grid.get(key, 0.0)))
 
 
 def choose(cp: ControlPlane, telemetry: str) -> TelemetryChoice:

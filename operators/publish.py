@@ -77,7 +77,8 @@ def publish(engine: EngineView, refresh: bool) -> None:
     _write_meters(engine, ctx, mono)
     if refresh or engine.books.config_dirty:
         for config, status in config_statuses(engine.cp, engine.configs.values(),
-                                              engine.last_gpu_power):
+                                              engine.last_gpu_power,
+                                              engine.grid.budget_status()):
             if status != config.written:
                 config.written = status
                 engine.outbox.put_status((config.kind, "", config.name), status)
@@ -240,4 +241,5 @@ def take_snapshot(engine: EngineView) -> None:
                    "meter_waiting": float(len(engine.books.meters)),
                    "status_backlog": float(engine.outbox.status_backlog),
                    "event_backlog": float(len(engine.outbox.events))},
+        "grid": engine.grid.snapshot(),
     }

@@ -44,6 +44,7 @@ from aifactory.controller.runtime.controlplane import ControlPlane
 from aifactory.controller.runtime.resync import Reconciler
 from aifactory.operators.books import EngineOptions
 from aifactory.operators.engine import Engine
+from aifactory.operators.grid import GridOptions
 from aifactory.operators.inventory import choose_factory
 from aifactory.operators.kube import KubeClient, KubeError
 from aifactory.operators.nodes import NodeBook
@@ -90,6 +91,7 @@ class OperatorOptions:
     telemetry: str = "auto"
     per_gpu_metrics: bool = True
     node_grace_seconds: float = 40.0  # NotReady this long fails a node's gangs
+    grid: GridOptions = field(default_factory=GridOptions)  # grid events (operators.grid)
 
 
 @dataclass(slots=True)
@@ -201,7 +203,7 @@ def _assemble(kube: KubeClient, options: OperatorOptions,
                            power_budgets=have.power_budgets)
 
         reconciler = Reconciler(cp, backend, grown)
-    engine = Engine(cp, kube, clock, options.engine, reconciler, may_write)
+    engine = Engine(cp, kube, clock, options.engine, reconciler, may_write, options.grid)
     engine.on_stop.append(session.close)
     for kind, entries in ((QUEUE_KIND, queues), (BUDGET_KIND, budgets)):
         for item, spec, invalid in entries:

@@ -15,8 +15,8 @@ flexibility tier (``FLEX_SLOWDOWN``); tier 0 is never touched.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
 import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 

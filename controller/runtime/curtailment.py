@@ -22,7 +22,7 @@ metrics, the report and the benchmark. Tier-0 jobs are never capped or paused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aifactory.controller.backends.base import CapsPower, ReportsPower
@@ -65,7 +65,8 @@ class CurtailmentController:
                  windows: Mapping[str, Sequence[BudgetWindow]] | None = None,
                  strategy: str = "flexible",
                  levels: Mapping[int, float] = DEFAULT_LEVEL_PERCENT,
-                 settle_seconds: float = 30.0) -> None:
+                 settle_seconds: float = 30.0,
+                 to_wall: Callable[[float], float] | None = None) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
         self.cp = cp
@@ -75,6 +76,9 @@ class CurtailmentController:
         self.strategy = STRATEGIES[strategy]
         self.levels = levels
         self.settle_seconds = settle_seconds
+        # Windows and events are in wall time; the plane's clock may run faster (the
+        # operator's --sim-speed). None: the same clock (the simulator's virtual time).
+        self.to_wall = to_wall or (lambda t: t)
         self.limits: dict[str, BudgetLimit] = {}
         self.capped: dict[str, float] = {}  # job -> grid cap (W per GPU) in force
         self._own: dict[str, float | None] = {}  # job -> its cap before the grid's
@@ -93,6 +97,11 @@ class CurtailmentController:
         for ev in events:
             self.events[ev.id] = ev
 
+    def rebind(self, cp: ControlPlane) -> None:
+        """Follow a rebuilt control plane (same jobs, new node numbering)."""
+        self.cp = cp
+        self._node_base = None
+
     def set_windows(self, budget: str, windows: Sequence[BudgetWindow]) -> None:
         self.windows[budget] = tuple(windows)
 
@@ -101,6 +110,7 @@ class CurtailmentController:
         self.base = dict(base)
 
     def next_wakeup(self, now: float) -> float | None:
+        """The next plane time a window or event starts or ends (same clock as events)."""
         windows = [w for ws in self.windows.values() for w in ws]
         return next_change(windows, self.events.values(), now)
 
@@ -120,9 +130,10 @@ class CurtailmentController:
         now = cp.now
         self._account_until(now)
         index = cp.state.budgets
+        wall = self.to_wall(now)
         self.limits = {
             name: effective_limit(name, self.base.get(name, index.limits[b]),
-                                  self.windows.get(name, ()), self.events.values(), now,
+                                  self.windows.get(name, ()), self.events.values(), wall,
                                   self.levels)
             for b, name in enumerate(index.names)}
         cp.set_budget_limits({n: lim.watts for n, lim in self.limits.items()})
