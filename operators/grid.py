@@ -104,10 +104,14 @@ class GridLink:
 
     def step(self, mono: float) -> bool:
         """Step the controller if it is due (or something changed); True if it ran."""
-        if not self._dirty and (mono < self._next or not self.active):
+        if not self._dirty and mono < self._next:
+            return False
+        self._next = mono + self.options.period_seconds
+        if not self._dirty and not self.active:
+            if self.options.vtn_url:  # the utility asks what we could shed at any time
+                self.sheddable_watts = self.controller.sheddable_watts()
             return False
         self._dirty = False
-        self._next = mono + self.options.period_seconds
         self.controller.step()
         self.sheddable_watts = self.controller.sheddable_watts()
         return True
