@@ -309,3 +309,39 @@ def test_inference_replicas_report_requests_in_flight_and_scale_out(
     assert len({backend.endpoints(k)[0] for k in keys}) == 3
     for k in keys:
         plane.cancel(k)
+
+
+def test_a_grid_cap_goes_to_each_gpu_of_the_gang_and_is_reset_when_it_ends(
+        ray_cluster: Any, tmp_path: Path) -> None:
+    """Curtailment's in-place cap on Ray: every GPU of the gang gets the limit through the
+    actuator (a recording fake here: no GPU's settings change in tests), the power model
+    follows, lifting the cap resets the limits, and so does the gang's end."""
+    from aifactory.controller.backends.actuators import RecordingActuator
+
+    actuator = RecordingActuator()
+    backend = RayBackend(checkpoint_root=str(tmp_path), cpus_per_worker=0.1,
+                         serve_host="127.0.0.1", start_timeout_seconds=30,
+                         poll_interval_seconds=0.05, actuator=actuator)
+    try:
+        plane = plane_for(backend)
+        capped = job("capped", workers=2, gpus=4, env={"HOLD_SECONDS": "60"})
+        plane.submit(capped)
+        wait_for(plane.step, lambda: backend.status(capped.key) is not None and
+                 backend.status(capped.key).phase is WorkloadPhase.RUNNING,  # type: ignore[union-attr]
+                 what="the gang running")
+        rec = plane.jobs[capped.key]
+        assert rec.placement is not None
+        gpus = {(plane.topo.nodes[s.node].name, g - plane.topo.gpu_start[s.node])
+                for s in rec.placement.slots for g in s.gpus}
+        plane.recap(rec, 300.0, "capped to 300 W per GPU for grid event test")
+        assert actuator.limits == dict.fromkeys(gpus, 300.0)
+        power = {(g.node, g.index): g.power_watts for g in backend.telemetry().gpus}
+        assert all(power[k] <= 300.0 + 1e-6 for k in gpus)
+        plane.recap(rec, None, "power cap restored")
+        assert actuator.limits == {}
+        plane.recap(rec, 450.0, "capped again")
+        plane.cancel(capped.key)  # the gang ends capped: its GPUs are reset
+        assert actuator.limits == {}
+        assert {(n, i) for n, i, w in actuator.calls if w is None} == gpus
+    finally:
+        backend.close()

@@ -19,9 +19,10 @@ nodes have GPUs, else from the power model.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
+from aifactory.controller.backends.actuators import PowerActuator
 from aifactory.controller.backends.base import TelemetrySnapshot, WorkloadPhase, WorkloadStatus
 from aifactory.controller.backends.energy import GpuKey, Owner
 from aifactory.controller.backends.ray.gang import (
@@ -61,6 +63,8 @@ from aifactory.controller.core.topology import NodeInfo, Topology
 from aifactory.controller.core.units import MILLI_PER_GPU
 from aifactory.controller.inputs.factory import FactorySpec, factory_from_nodes
 from aifactory.controller.power.utilisation import default_utilization
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AdoptableGang", "RayBackend", "RayBackendError", "default_checkpoint_root",
            "make_ray_backend"]
@@ -111,6 +115,7 @@ class _Gang:
     lost: dict[int, str] = field(default_factory=dict)
     final: WorkloadStatus | None = None
     logs: dict[int, str] = field(default_factory=dict)
+    capped: bool = False  # GPU limits set by set_power_cap (reset at teardown)
 
     @property
     def job(self) -> str:
@@ -126,7 +131,8 @@ class RayBackend:
                  checkpoint_root: str | None = None, cpus_per_worker: float = 1.0,
                  clock: Callable[[], float] = time.time,
                  start_timeout_seconds: float = 120.0, poll_interval_seconds: float = 0.2,
-                 serve_host: str | None = None, telemetry: str = "auto") -> None:
+                 serve_host: str | None = None, telemetry: str = "auto",
+                 actuator: PowerActuator | None = None) -> None:
         if not ray.is_initialized():
             ray.init(address=address, namespace=namespace, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
@@ -146,6 +152,9 @@ class RayBackend:
         self._nodes_at = -1.0
         self._refreshed_at = -1.0
         self.power = GpuPower(telemetry)
+        # Where grid-event caps go: NVML on each node through its telemetry actor, unless
+        # another actuator is given (tests: a RecordingActuator, which touches no GPU).
+        self.actuator: PowerActuator = actuator or _NodeNvml(self)
         self.local_cluster: Any = None  # a LocalRayCluster this backend started and stops
 
     # ----------------------------------------------------------------- inventory
@@ -287,6 +296,8 @@ class RayBackend:
         gang.pg = None  # type: ignore[assignment]
         gang.pending.clear()
         self.power.release(gang.job, self._clock())
+        if gang.capped:  # the next job on these GPUs must not inherit the cap
+            self._cap_gpus(gang, None)
 
     def _kill_named(self, name: str) -> None:
         with contextlib.suppress(Exception):
@@ -479,6 +490,21 @@ class RayBackend:
 
     # ----------------------------------------------------------------- telemetry
 
+    def set_power_cap(self, job: str, watts_per_gpu: float | None) -> None:
+        """``CapsPower``: every GPU of the running gang to ``watts_per_gpu`` (None: the
+        GPU's default), through the actuator; the power model follows."""
+        gang = self._gangs.get(job)
+        if gang is None or gang.final is not None:
+            return
+        gang.spec = replace(gang.spec, power_cap_watts_per_gpu=watts_per_gpu)
+        self._cap_gpus(gang, watts_per_gpu)
+        self._own_gpus(gang.spec, gang.plans, self._clock())
+
+    def _cap_gpus(self, gang: _Gang, watts: float | None) -> None:
+        for plan in gang.plans:
+            self.actuator.set_power_limits(plan.node, dict.fromkeys(plan.local_gpus, watts))
+        gang.capped = watts is not None
+
     def _own_gpus(self, spec: JobSpec, plans: Sequence[WorkerPlan], now: float) -> None:
         self._sample_energy(now)
         owner = Owner(spec.key, plans[0].milli if plans else MILLI_PER_GPU,
@@ -557,3 +583,17 @@ def make_ray_backend(address: str | None = None, *,
     backend.local_cluster = cluster
     return backend
 
+
+class _NodeNvml:
+    """The default actuator: NVML on the gang's nodes, through their telemetry actors."""
+
+    def __init__(self, backend: RayBackend) -> None:
+        self.backend = backend
+
+    def set_power_limits(self, node: str, limits: Mapping[int, float | None]) -> None:
+        ray_node = next((n for n in self.backend.ray_nodes() if n.info.name == node), None)
+        if ray_node is None:
+            log.warning("power limits for %s not set: the node left", node)
+            return
+        for index, error in self.backend.power.set_power_limits(ray_node, limits).items():
+            log.warning("power limit of GPU %d on %s not set: %s", index, node, error)

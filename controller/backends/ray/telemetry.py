@@ -17,6 +17,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from aifactory.controller.backends.actuators import nvml_set_power_limits
 from aifactory.controller.backends.base import GPUReading, TelemetrySnapshot
 from aifactory.controller.backends.energy import EnergyLedger, GpuKey, ModelMeter, Owner
 from aifactory.controller.backends.ray.gang import RayNode
@@ -76,6 +77,9 @@ class NodeTelemetry:
 
     def read(self) -> list[dict[str, Any]] | None:
         return nvml_readings()
+
+    def set_power_limits(self, limits: Mapping[int, float | None]) -> dict[int, str]:
+        return nvml_set_power_limits(limits)
 
 
 class GpuPower:
@@ -190,6 +194,21 @@ class GpuPower:
                 used = int(reading.memory_total_bytes * 0.9 * share)
             out.append(replace(reading, memory_used_bytes=used, jobs=tuple(sorted(held))))
         return TelemetrySnapshot(now, "nvml" if self.nvml else "model", tuple(out))
+
+    def set_power_limits(self, node: RayNode, limits: Mapping[int, float | None],
+                         timeout: float = 10.0) -> dict[int, str]:
+        """NVML power limits on one node, through its telemetry actor (what failed)."""
+        if node.node_id not in self._probes:
+            self._probes[node.node_id] = self._actor_cls.options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    node.node_id, soft=False)).remote()
+        try:
+            got: dict[int, str] = ray.get(
+                self._probes[node.node_id].set_power_limits.remote(dict(limits)),
+                timeout=timeout)
+        except Exception as exc:
+            return dict.fromkeys(limits, f"node {node.info.name}: {exc}")
+        return got
 
     def close(self) -> None:
         for actor in self._probes.values():
