@@ -22,6 +22,7 @@ metrics, the report and the benchmark. Tier-0 jobs are never capped or paused.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -162,7 +163,10 @@ class CurtailmentController:
                 self._own.pop(key, None)
                 continue
             cap = caps.get(key)
-            if cap is not None and abs(cap - self.capped.get(key, -1.0)) < 1.0:
+            held = self.capped.get(key)
+            # A cap within 1 W above the one in force is left alone; a lower one is
+            # applied however small the step (else the draw stays over the limit).
+            if cap is not None and held is not None and held <= cap < held + 1.0:
                 continue
             own = self._own.setdefault(key, cp.running_spec(rec).power_cap_watts_per_gpu)
             if cap is None:
@@ -172,7 +176,8 @@ class CurtailmentController:
                 del self.capped[key]
                 self.account.actions["restore"] += 1
             else:
-                cap = round(cap if own is None else min(cap, own), 1)
+                # Rounded down to 0.1 W: rounding up would leave the draw over the limit.
+                cap = math.floor(10.0 * (cap if own is None else min(cap, own))) / 10.0
                 cp.recap(rec, cap, f"capped to {cap:.0f} W per GPU for "
                          f"{self._cause_of(rec)}")
                 self.capped[key] = cap

@@ -169,3 +169,28 @@ def test_a_cap_the_hardware_ignores_is_named_and_the_controller_escalates() -> N
     sim.run(until=3_800)
     assert grid.account.overrun_watts.get("site", 0) > 0
     assert grid.account.actions["pause"] > 0  # escalated past caps
+
+
+@pytest.mark.parametrize("percent", [70.0, 72.9, 74.1, 77.7, 81.1, 84.4])
+def test_caps_keep_the_draw_at_or_under_the_limit_to_the_watt(percent: float) -> None:
+    """Caps applied are never above the plan's (rounding a cap up left the draw a watt
+    or so over the limit for the whole event)."""
+    sim = _sim(40_000.0)
+    for i in range(6):
+        sim.submit_at(JobSpec(f"j{i}", workers=1, gpus_per_worker=8, flexibility=3 - i % 2,
+                              expected_runtime_seconds=20_000,
+                              checkpoint_interval_seconds=600), at=0)
+    grid = CurtailmentController(sim)
+    grid.set_events("file", [GridEvent("ev", 1_000.0, 5_000.0, percent=percent)])
+    sim.attach_grid(grid)
+    over: list[float] = []
+
+    def check(a: float, b: float) -> None:
+        excess = sim.metrics.budget_actual[0] - sim.state.budgets.limits[0]
+        if excess > 1e-6 and grid.account.short_watts.get("site", 0.0) == 0:
+            over.append(excess)
+
+    sim.on_advance.append(check)
+    sim.run(until=6_000)
+    assert grid.account.actions["cap"] > 0
+    assert not over, f"over the limit by up to {max(over):.3f} W"
