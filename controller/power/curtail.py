@@ -4,12 +4,13 @@ Given the running jobs in a budget's scope (each with its flexibility tier, GPUs
 profile, utilization and own cap), the budget's modelled draw with no grid-event cap on any
 job, and the new limit, a strategy returns the caps and pauses that bring the draw under it:
 
-- ``flexible`` (ours): caps first, most flexible tier first, every job of a tier slowed
-  alike and no further than its tier allows (``FLEX_SLOWDOWN``); capping saves far more
-  watts per unit of lost speed than pausing (dynamic power ~ speed^3). Only when every
-  tier's caps are not enough, checkpoint and pause jobs, most flexible tier first and the
-  least work lost since the last checkpoint first. Tier 0 is never touched; what cannot be
-  shed without it is reported as ``short_watts``.
+- ``flexible`` (ours): caps first, for the least work lost: every flexible job slowed
+  alike until the less flexible reach their tier's allowance (``FLEX_SLOWDOWN``: 10, 25,
+  50 %), then only the more flexible further; capping saves far more watts per unit of lost
+  speed than pausing, and many small slowdowns more than a few deep ones (dynamic power ~
+  speed^3). Only when every tier's caps are not enough, checkpoint and
+  pause jobs, most flexible tier first and the least work lost since the last checkpoint
+  first. Tier 0 is never touched; what cannot be shed without it is ``short_watts``.
 - ``uniform``: one cap on every GPU in scope, whatever the tier (a baseline).
 - ``pause_newest``: pause the most recently started jobs until under (a baseline).
 
@@ -19,8 +20,12 @@ difference and a rising limit relaxes caps by the same rule.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import bisect
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from aifactory.controller.power.grid import FLEX_SLOWDOWN
 from aifactory.controller.power.model import GPUPowerProfile
@@ -90,82 +95,149 @@ def cap_for_slowdown(job: FlexJob, slowdown: float) -> float | None:
     (None: no cap needed, i.e. no slowdown)."""
     if slowdown <= 0 or not job.slots:
         return None
-    profile = job.slots[0][0]
-    target = job.speed(job.own_cap) * (1.0 - slowdown)
-    low, high = profile.min_power_limit_watts, profile.effective_cap_watts(job.own_cap)
-    if job.speed(low) >= target:
+    return _cap_for(job.slots[0][0], job.utilization, job.own_cap, slowdown)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _cap_for(profile: GPUPowerProfile, utilization: float, own_cap: float | None,
+             slowdown: float) -> float:
+    def speed(cap: float | None) -> float:
+        return speed_under_cap(profile, utilization, cap)
+
+    target = speed(own_cap) * (1.0 - slowdown)
+    low, high = profile.min_power_limit_watts, profile.effective_cap_watts(own_cap)
+    if speed(low) >= target:
         return low
     for _ in range(30):
         mid = (low + high) / 2
-        if job.speed(mid) >= target:
+        if speed(mid) >= target:
             high = mid
         else:
             low = mid
     return high
 
 
-def _caps_at(jobs: Sequence[FlexJob], slowdown: float) -> tuple[dict[str, float], float]:
-    caps: dict[str, float] = {}
-    saved = 0.0
+_STEPS = 200  # a shape's savings curve, sampled in slowdown from 0 to its tier's allowance
+
+
+@functools.lru_cache(maxsize=4096)
+def _curve(profile: GPUPowerProfile, utilization: float, own_cap: float | None,
+           allowance: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Caps and watts saved per GPU at slowdowns ``allowance * i / _STEPS``."""
+    full = profile.power_watts(utilization, own_cap)
+    caps, saved = [profile.effective_cap_watts(own_cap)], [0.0]
+    for i in range(1, _STEPS + 1):
+        cap = _cap_for(profile, utilization, own_cap, allowance * i / _STEPS)
+        caps.append(cap)
+        saved.append(max(saved[-1], full - profile.power_watts(utilization, cap)))
+    return tuple(caps), tuple(saved)
+
+
+def _shape(job: FlexJob) -> tuple[GPUPowerProfile, float, float | None, float]:
+    return (job.slots[0][0], job.utilization, job.own_cap, FLEX_SLOWDOWN.get(job.tier, 0.0))
+
+
+def _marginals(saved: tuple[float, ...], allowance: float) -> tuple[float, ...]:
+    """Watts saved per GPU per unit of slowdown, step by step, made non-increasing (the
+    curve is concave: dynamic power ~ speed^3), negated for ``bisect``."""
+    ds = allowance / _STEPS
+    out: list[float] = []
+    last = math.inf
+    for i in range(_STEPS):
+        last = min(last, (saved[i + 1] - saved[i]) / ds)
+        out.append(-last)
+    return tuple(out)
+
+
+def _caps_shared(jobs: Sequence[FlexJob], need: float) -> tuple[dict[str, float], float]:
+    """Caps shedding at least ``need`` watts if they can, for the least work lost: each
+    flexible job is slowed until the watts one more step of slowdown saves fall below a
+    price common to all, no job past its tier's allowance; the highest price that covers
+    ``need`` (every allowance if none does). With one kind of GPU and load that is the same
+    slowdown for every flexible job until the less flexible reach their allowance (10 %,
+    then 25 %), after which only the more flexible slow further. Sharing beats slowing a
+    few jobs deeply: dynamic power goes ~ speed^3, so many small slowdowns shed more watts
+    per lost GPU-hour."""
+    groups: dict[tuple[GPUPowerProfile, float, float | None, float], float] = {}
     for j in jobs:
-        cap = cap_for_slowdown(j, min(slowdown, FLEX_SLOWDOWN.get(j.tier, 0.0)))
-        if cap is None:
+        if j.tier > 0 and j.slots:
+            key = _shape(j)
+            groups[key] = groups.get(key, 0.0) + j.gpus
+    if not groups or need <= _EPS:
+        return {}, 0.0
+    curves = {key: _curve(*key) for key in groups}
+    marginals = {key: _marginals(curves[key][1], key[3]) for key in groups}
+
+    def steps(price: float) -> dict[tuple[GPUPowerProfile, float, float | None, float], int]:
+        return {key: bisect.bisect_right(marginals[key], -price) for key in groups}
+
+    def saved(at: Mapping[tuple[GPUPowerProfile, float, float | None, float], int]) -> float:
+        return sum(gpus * curves[key][1][at[key]] for key, gpus in groups.items())
+
+    top = max(-m[0] for m in marginals.values())
+    if saved(steps(0.0)) <= need:
+        chosen = steps(0.0)
+    else:
+        low, high = 0.0, top  # saved(steps(low)) >= need > saved(steps(high)) or equal
+        for _ in range(50):
+            mid = (low + high) / 2
+            if saved(steps(mid)) >= need:
+                low = mid
+            else:
+                high = mid
+        chosen = steps(low)
+    caps: dict[str, float] = {}
+    total = 0.0
+    for j in jobs:
+        if j.tier <= 0 or not j.slots:
             continue
+        i = chosen[_shape(j)]
+        if i == 0:
+            continue
+        cap = curves[_shape(j)][0][i]
         s = job_watts(j, None) - job_watts(j, cap)
         if s > _EPS:
             caps[j.key] = cap
-            saved += s
-    return caps, saved
+            total += s
+    return caps, total
 
 
-def _caps_by_tier(jobs: Sequence[FlexJob], need: float) -> tuple[dict[str, float], float]:
-    """Caps shedding at least ``need`` watts if they can: tiers from the most flexible,
-    each tier slowed alike by the least common slowdown that covers what is left."""
-    caps: dict[str, float] = {}
-    saved = 0.0
-    for tier in sorted({j.tier for j in jobs if j.tier > 0}, reverse=True):
-        rest = need - saved
-        if rest <= _EPS:
-            break
-        group = [j for j in jobs if j.tier == tier]
-        full_caps, full = _caps_at(group, FLEX_SLOWDOWN.get(tier, 0.0))
-        if full <= rest:
-            caps.update(full_caps)
-            saved += full
-            continue
-        low, high = 0.0, FLEX_SLOWDOWN.get(tier, 0.0)
-        for _ in range(30):
-            mid = (low + high) / 2
-            if _caps_at(group, mid)[1] >= rest:
-                high = mid
-            else:
-                low = mid
-        got, s = _caps_at(group, high)
-        caps.update(got)
-        saved += s
-    return caps, saved
-
-
-def flexible(jobs: Sequence[FlexJob], draw: float, limit: float) -> CurtailPlan:
-    """Ours: caps by tier first, then pauses (see the module doc)."""
+def flexible(jobs: Sequence[FlexJob], draw: float, limit: float,
+             lost: Callable[[FlexJob], float] | None = None) -> CurtailPlan:
+    """Ours: caps shared by tier first, then pauses (see the module doc). ``lost``: work
+    a pause would lose (default ``lost_if_paused``), asked only when pauses are needed."""
     need = draw - limit
     if need <= _EPS:
         return CurtailPlan({}, (), 0.0, 0.0)
+    caps, by_caps = _caps_shared(jobs, need)
+    if by_caps >= need - _EPS:
+        return CurtailPlan(caps, (), by_caps, 0.0)
+    # Caps at every tier's allowance are not enough: pause, most flexible tier first and
+    # least work lost first, counting what pausing adds beyond the job's full cap.
+    at_full, _ = _caps_shared(jobs, math.inf)
+    cost = lost or (lambda j: j.lost_if_paused)
     candidates = sorted((j for j in jobs if j.tier > 0 and j.pausable),
-                        key=lambda j: (-j.tier, j.lost_if_paused, -j.started_at, j.key))
+                        key=lambda j: (-j.tier, cost(j), -j.started_at, j.key))
+    short = need - by_caps
     paused: list[FlexJob] = []
-    while True:
-        by_pause = sum(job_watts(j, None) - _idle_watts(j) for j in paused)
-        keys = {j.key for j in paused}
-        caps, by_caps = _caps_by_tier([j for j in jobs if j.key not in keys], need - by_pause)
-        if by_pause + by_caps >= need - _EPS or not candidates:
+    for j in candidates:
+        if short <= _EPS:
             break
-        paused.append(candidates.pop(0))
+        capped = job_watts(j, at_full[j.key]) if j.key in at_full else job_watts(j, None)
+        gain = capped - _idle_watts(j)
+        if gain <= _EPS:
+            continue
+        paused.append(j)
+        short -= gain
+    keys = {j.key for j in paused}
+    by_pause = sum(job_watts(j, None) - _idle_watts(j) for j in paused)
+    caps, by_caps = _caps_shared([j for j in jobs if j.key not in keys], need - by_pause)
     shed = by_pause + by_caps
     return CurtailPlan(caps, tuple(j.key for j in paused), shed, max(0.0, need - shed))
 
 
-def uniform(jobs: Sequence[FlexJob], draw: float, limit: float) -> CurtailPlan:
+def uniform(jobs: Sequence[FlexJob], draw: float, limit: float,
+            lost: Callable[[FlexJob], float] | None = None) -> CurtailPlan:
     """Baseline: one cap on every GPU in scope (tier 0 included), the highest that is
     enough."""
     need = draw - limit
@@ -194,7 +266,8 @@ def uniform(jobs: Sequence[FlexJob], draw: float, limit: float) -> CurtailPlan:
     return CurtailPlan(caps, (), shed, max(0.0, need - shed))
 
 
-def pause_newest(jobs: Sequence[FlexJob], draw: float, limit: float) -> CurtailPlan:
+def pause_newest(jobs: Sequence[FlexJob], draw: float, limit: float,
+                 lost: Callable[[FlexJob], float] | None = None) -> CurtailPlan:
     """Baseline: pause the most recently started pausable jobs (any tier) until under."""
     need = draw - limit
     paused: list[str] = []
@@ -207,7 +280,12 @@ def pause_newest(jobs: Sequence[FlexJob], draw: float, limit: float) -> CurtailP
     return CurtailPlan({}, tuple(paused), shed, max(0.0, need - shed))
 
 
-Strategy = Callable[[Sequence[FlexJob], float, float], CurtailPlan]
+class Strategy(Protocol):
+    def __call__(self, jobs: Sequence[FlexJob], draw: float, limit: float,
+                 lost: Callable[[FlexJob], float] | None = None) -> CurtailPlan: ...
+
+
+
 STRATEGIES: dict[str, Strategy] = {
     "flexible": flexible,
     "uniform": uniform,

@@ -38,7 +38,7 @@ from aifactory.controller.power.grid import (
     effective_limit,
     next_change,
 )
-from aifactory.controller.power.model import profile_for
+from aifactory.controller.power.model import GPUPowerProfile, profile_for
 from aifactory.controller.power.utilisation import default_utilization
 from aifactory.controller.runtime.controlplane import ControlPlane, JobRecord
 
@@ -89,6 +89,11 @@ class CurtailmentController:
         self._acted_at: dict[str, float] = {}
         self._node_base: list[float] | None = None
         self._lowered_since: dict[str, float] = {}
+        self._profiles: list[GPUPowerProfile] | None = None  # per node of cp.topo
+        self._flex_cache: dict[str, tuple[object, float | None, int, FlexJob]] = {}
+        self._last_jobs: dict[str, FlexJob] = {}  # as of the last step: the interval since
+        self._measured_at = -math.inf
+        self.measure_seconds = 10.0
 
     # ----------------------------------------------------------------- inputs
 
@@ -102,6 +107,8 @@ class CurtailmentController:
         """Follow a rebuilt control plane (same jobs, new node numbering)."""
         self.cp = cp
         self._node_base = None
+        self._profiles = None
+        self._flex_cache.clear()
 
     def set_windows(self, budget: str, windows: Sequence[BudgetWindow]) -> None:
         self.windows[budget] = tuple(windows)
@@ -146,9 +153,11 @@ class CurtailmentController:
             scope = [j for j, budgets in jobs if b in budgets]
             uncapped = cp.metrics.budget_actual[b] + sum(
                 job_watts(j, None) - job_watts(j, self.capped[j.key])
-                for j in scope if j.key in self.capped)
+                for j in scope if j.key in self.capped) if self.capped else \
+                cp.metrics.budget_actual[b]
             limit = self.limits[name].watts - self.account.overrun_watts.get(name, 0.0)
-            plan = self.strategy(scope, uncapped, limit)
+            plan = self.strategy(scope, uncapped, limit,
+                                 lambda j: self._unsaved(cp.jobs[j.key], now))
             for key, cap in plan.caps.items():
                 want_caps[key] = min(cap, want_caps.get(key, cap))
             for key in plan.pauses:
@@ -231,8 +240,12 @@ class CurtailmentController:
         and caps the hardware does not honour."""
         cp = self.cp
         backend = cp.backend
-        if not isinstance(backend, ReportsPower):
+        lowered = any(lim.cause for lim in self.limits.values())
+        if not isinstance(backend, ReportsPower) or \
+                (not lowered and not self.capped and not self.account.overrun_watts) or \
+                now - self._measured_at < self.measure_seconds:
             return
+        self._measured_at = now
         index = cp.state.budgets
         node_of = cp.topo.node_index
         measured = [0.0] * len(index.names)
@@ -285,11 +298,10 @@ class CurtailmentController:
             return
         dt = now - last
         cp = self.cp
-        for key, cap in self.capped.items():
-            rec = cp.jobs.get(key)
-            if rec is None or rec.placement is None:
+        for key, cap in self.capped.items():  # as they ran since the last step
+            job = self._last_jobs.get(key)
+            if job is None:
                 continue
-            job = self._flex(rec, now)
             slow = 1.0 - job.speed(cap) / max(1e-9, job.speed(None))
             self.account.lost_gpu_seconds[job.tier] += job.gpus * dt * max(0.0, slow)
         for key in self.paused:
@@ -309,20 +321,36 @@ class CurtailmentController:
             budgets = frozenset(b for s in rec.placement.slots for b in index.node_budgets[s.node])
             if budgets:
                 out.append((self._flex(rec, now), budgets))
+        self._last_jobs = {j.key: j for j, _ in out}
+        live = self._last_jobs.keys()
+        for key in [k for k in self._flex_cache if k not in live]:
+            del self._flex_cache[key]
         return out
 
     def _flex(self, rec: JobRecord, now: float) -> FlexJob:
+        """The job as the planner sees it (cached while its placement, cap and tier hold)."""
         assert rec.placement is not None
-        topo = self.cp.topo
-        slots = tuple((profile_for(topo.nodes[s.node].gpu_model),
-                       len(s.gpus) * s.milli / 1000.0) for s in rec.placement.slots if s.gpus)
         own = self._own[rec.spec.key] if rec.spec.key in self.capped \
             else self.cp.running_spec(rec).power_cap_watts_per_gpu
+        tier = self._tier(rec)
+        hit = self._flex_cache.get(rec.spec.key)
+        if hit is not None and hit[0] is rec.placement and hit[1] == own and hit[2] == tier:
+            return hit[3]
+        if self._profiles is None:
+            self._profiles = [profile_for(n.gpu_model) for n in self.cp.topo.nodes]
+        profiles = self._profiles
+        slots = tuple((profiles[s.node], len(s.gpus) * s.milli / 1000.0)
+                      for s in rec.placement.slots if s.gpus)
+        job = self._new_flex(rec, slots, own, tier)
+        self._flex_cache[rec.spec.key] = (rec.placement, own, tier, job)
+        return job
+
+    def _new_flex(self, rec: JobRecord, slots: tuple[tuple[GPUPowerProfile, float], ...],
+                  own: float | None, tier: int) -> FlexJob:
         return FlexJob(
-            key=rec.spec.key, tier=self._tier(rec), slots=slots,
+            key=rec.spec.key, tier=tier, slots=slots,
             utilization=default_utilization(rec.spec), own_cap=own,
-            lost_if_paused=self._unsaved(rec, now) if rec.spec.kind is JobKind.TRAINING
-            else 0.0,
+            lost_if_paused=0.0,  # asked of the backend only when a pause is planned
             started_at=rec.started_at or 0.0,
             pausable=rec.spec.kind is JobKind.TRAINING)
 

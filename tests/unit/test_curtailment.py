@@ -20,6 +20,7 @@ from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec
 from aifactory.controller.inputs.factory import factory_from_nodes
 from aifactory.controller.power.curtail import (
     FlexJob,
+    cap_for_slowdown,
     flexible,
     job_watts,
     pause_newest,
@@ -70,16 +71,37 @@ def test_a_plan_meets_the_limit_without_touching_tier_0(raw: list[tuple[int, int
         assert j.speed(cap) >= (1 - FLEX_SLOWDOWN[j.tier]) * j.speed(None) - 1e-3
 
 
-def test_caps_come_before_pauses_and_the_most_flexible_tier_first() -> None:
+def test_caps_come_before_pauses_and_only_the_more_flexible_go_past_an_allowance() -> None:
     jobs = [_job(0, 3, 8), _job(1, 1, 8), _job(2, 0, 8)]
     draw = sum(job_watts(j, None) for j in jobs)
     small = flexible(jobs, draw, draw - 500)
-    assert set(small.caps) == {"j0"} and not small.pauses  # tier 3 alone covers 500 W
+    assert set(small.caps) == {"j0", "j1"} and not small.pauses  # caps shared, no pause
+    slow = {k: 1 - jobs[int(k[1])].speed(c) for k, c in small.caps.items()}
+    assert slow["j0"] == pytest.approx(slow["j1"], abs=0.01)  # alike: the least loss
+    assert slow["j0"] < 0.1
+    assert small.shed_watts >= 500
+    more = flexible(jobs, draw, draw - 3000)  # past what 10 % of the tier-1 job sheds
+    slow = {k: 1 - jobs[int(k[1])].speed(c) for k, c in more.caps.items()}
+    assert slow["j1"] == pytest.approx(0.10, abs=0.005)
+    assert 0.10 < slow["j0"] <= 0.5 + 1e-3
     big = flexible(jobs, draw, draw * 0.55)
     assert "j2" not in big.caps and "j2" not in big.pauses
     assert big.pauses  # caps within the tiers cannot shed 45 %: someone is paused
     first = flexible([_job(0, 2, 8, lost=900), _job(1, 2, 8, lost=100)], 2 * 8 * 700, 1000)
     assert first.pauses[0] == "j1"  # least work lost first
+
+
+def test_sharing_loses_less_work_than_slowing_one_tier_to_its_limit() -> None:
+    jobs = [_job(i, 1 + i % 3, 8) for i in range(9)]
+    draw = sum(job_watts(j, None) for j in jobs)
+    plan = flexible(jobs, draw, draw * 0.85)
+    shared = sum(j.gpus * (1 - j.speed(plan.caps[j.key])) for j in jobs if j.key in plan.caps)
+    # Slowing only the tier-3 jobs (to their 50 %) first, as a tier-by-tier rule would:
+    tier3 = [j for j in jobs if j.tier == 3]
+    deep = sum(j.gpus * (1 - j.speed(cap_for_slowdown(j, 0.5))) for j in tier3)
+    deep_shed = sum(job_watts(j, None) - job_watts(j, cap_for_slowdown(j, 0.5)) for j in tier3)
+    assert plan.shed_watts >= draw * 0.15 - 1e-6 and deep_shed >= draw * 0.15
+    assert shared < deep
 
 
 def test_the_baselines_ignore_tiers() -> None:
