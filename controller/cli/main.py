@@ -87,6 +87,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
+    from aifactory.controller.cli.grid import attach_grid
     from aifactory.controller.cli.live import sampler_for
     from aifactory.controller.core.topology import Topology
     from aifactory.controller.inputs.factory import load_factory
@@ -133,7 +134,7 @@ def _simulate(args: argparse.Namespace) -> int:
         else:
             sim = Simulation(factory, name, seed=args.seed)
             sampler = sampler_for(sim, args)
-            grid = _attach_grid(sim, args) if args.grid_events else None
+            grid = attach_grid(sim, args) if args.grid_events else None
             sim.submit_all(arrivals)
             if args.no_progress or len(arrivals) < 200:
                 res = sim.run()
@@ -162,17 +163,6 @@ def _simulate(args: argparse.Namespace) -> int:
         Path(args.json_path).write_text(json.dumps({"results": results}, indent=2) + "\n")
         console.print(f"wrote {args.json_path}")
     return 0
-
-
-def _attach_grid(sim: Any, args: argparse.Namespace) -> Any:
-    from aifactory.controller.inputs.grid_events import load_grid_events
-    from aifactory.controller.runtime.curtailment import CurtailmentController
-
-    names = [b.name for b in sim.factory.power_budgets]
-    grid = CurtailmentController(sim, strategy=args.grid_strategy)
-    grid.set_events("file", load_grid_events(args.grid_events, names))
-    sim.attach_grid(grid)
-    return grid
 
 
 def _grid_row(grid: Any, strategy: str) -> dict[str, Any]:

@@ -35,6 +35,12 @@ def add_report_command(sub: Any) -> None:
     rep.add_argument("--sample-seconds", type=float, default=60.0,
                      help="sampling interval of a simulation in simulated seconds "
                           "(default 60)")
+    rep.add_argument("--grid-events", default=None, metavar="FILE",
+                     help="simulate with a utility's grid events (see aifactory simulate "
+                          "--grid-events): the picture draws the limit over time, the events "
+                          "and the GPU draw per flexibility tier")
+    rep.add_argument("--grid-strategy", default="flexible",
+                     choices=("flexible", "uniform", "pause-newest"))
     rep.add_argument("--prometheus", default=None, metavar="URL",
                      help="read the series from Prometheus at URL instead")
     rep.add_argument("--start", type=float, default=None, help="with --prometheus: Unix "
@@ -89,6 +95,10 @@ def _simulate(args: argparse.Namespace) -> Any:
     workload = Path(args.workload) if args.workload else default_workload()
     sim = Simulation(factory, args.policy or "aifactory")
     sampler = TimeSeriesSampler(sim, args.sample_seconds)
+    if args.grid_events:
+        from aifactory.controller.cli.grid import attach_grid
+
+        attach_grid(sim, args)
     sim.submit_all(load_workload(workload))
     sim.run()
     name = workload.name if workload.name != "samples" else "sample jobs"

@@ -68,12 +68,26 @@ def _power(ax: Any, series: TimeSeries, x: list[float], xlabel: str) -> None:
     ax.plot(x, [w / 1000 for w in series.power_watts], color="black", linewidth=2,
             label="factory draw (GPUs + node base)", drawstyle="steps-post")
     colours = ["tab:red", "tab:purple", "tab:orange", "tab:brown", "tab:pink"]
+    if series.tier_draw and len(series.tier_draw[0]) == len(x):
+        ax.stackplot(x, *[[w / 1000 for w in t] for t in series.tier_draw], step="post",
+                     alpha=0.45, colors=["#1b9e77", "#7570b3", "#d95f02", "#e7298a"],
+                     labels=[f"GPU draw above idle, tier {t}" for t in range(4)])
+    t0 = series.times[0] if series.times else 0.0
+    unit = (series.times[-1] - t0) / (x[-1] - x[0]) if len(x) > 1 and x[-1] != x[0] else 1.0
+    for i, (ident, start, end) in enumerate(series.grid_events):
+        ax.axvspan((start - t0) / unit, (end - t0) / unit, color="grey", alpha=0.15,
+                   label="grid event" if i == 0 else None)
+        ax.annotate(ident, ((start - t0) / unit, 0), fontsize=7, rotation=90, va="bottom")
     for i, b in enumerate(series.budgets):
         colour = colours[i % len(colours)]
         if b.name != "factory" and len(series.budgets) > 1:
             ax.plot(x, [w / 1000 for w in b.draw_watts], color=colour, linewidth=1.2,
                     label=f"{b.name} draw", drawstyle="steps-post")
-        if not math.isnan(b.limit_watts):
+        if b.limits_watts and len(b.limits_watts) == len(x):
+            ax.plot(x, [w / 1000 for w in b.limits_watts], color=colour, linestyle="--",
+                    linewidth=1.4, drawstyle="steps-post",
+                    label=f"{b.name} limit (base {b.limit_watts / 1000:,.0f} kW)")
+        elif not math.isnan(b.limit_watts):
             ax.axhline(b.limit_watts / 1000, color=colour, linestyle="--", linewidth=1.2,
                        label=f"{b.name} budget {b.limit_watts / 1000:,.0f} kW")
     ax.set_xlabel(xlabel)

@@ -362,6 +362,10 @@ class CurtailmentController:
             status.last_checkpoint_at is not None else rec.last_checkpoint_at
         return rec.placement.gpu_equivalents * max(0.0, now - at)
 
+    def tier_of(self, rec: JobRecord) -> int:
+        """The job's flexibility tier: its own, else its queue's default, else 0."""
+        return self._tier(rec)
+
     def _tier(self, rec: JobRecord) -> int:
         if rec.spec.flexibility is not None:
             return rec.spec.flexibility

@@ -33,9 +33,13 @@ __all__ = ["BudgetSeries", "TimeSeries", "TimeSeriesSampler", "Totals"]
 
 @dataclass(frozen=True, slots=True)
 class BudgetSeries:
+    """A budget's draw over time; ``limits_watts`` its limit at each time when it moved
+    (a schedule window or a grid event), else empty and ``limit_watts`` held throughout."""
+
     name: str
     limit_watts: float
     draw_watts: tuple[float, ...]
+    limits_watts: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,10 @@ class TimeSeries:
     totals: tuple[Totals, ...] = ()  # per queue
     namespace_totals: tuple[Totals, ...] = ()
     summary: dict[str, float] = field(default_factory=dict)
+    # With grid events: GPU draw above idle per flexibility tier 0-3 over ``times``, and
+    # the events as (id, start, end) in the same seconds.
+    tier_draw: tuple[tuple[float, ...], ...] = ()
+    grid_events: tuple[tuple[str, float, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +88,8 @@ class TimeSeries:
                 title=str(doc.get("title", "")), source=str(doc.get("source", "")),
                 times=_floats(doc["times"]), power_watts=_floats(doc["power_watts"]),
                 budgets=tuple(BudgetSeries(str(b["name"]), float(b["limit_watts"]),
-                                           _floats(b["draw_watts"]))
+                                           _floats(b["draw_watts"]),
+                                           _floats(b.get("limits_watts", ())))
                               for b in doc.get("budgets", ())),
                 racks=tuple(str(r) for r in doc.get("racks", ())),
                 rack_utilization=tuple(_floats(r) for r in doc.get("rack_utilization", ())),
@@ -89,7 +98,10 @@ class TimeSeries:
                 queue_gpus=tuple(_floats(q) for q in doc.get("queue_gpus", ())),
                 totals=_totals(doc.get("totals", ())),
                 namespace_totals=_totals(doc.get("namespace_totals", ())),
-                summary={str(k): float(v) for k, v in (doc.get("summary") or {}).items()})
+                summary={str(k): float(v) for k, v in (doc.get("summary") or {}).items()},
+                tier_draw=tuple(_floats(t) for t in doc.get("tier_draw", ())),
+                grid_events=tuple((str(e[0]), float(e[1]), float(e[2]))
+                                  for e in doc.get("grid_events", ())))
         except KeyError as exc:
             raise SpecError(f"timeseries.{exc.args[0]}", "is required (write it with "
                             "aifactory simulate --json PATH --sample-seconds N)") from exc
@@ -128,10 +140,14 @@ class TimeSeriesSampler:
         self.times: list[float] = []
         self.power: list[float] = []
         self.budget_draw: list[list[float]] = [[] for _ in sim.state.budgets.names]
+        self.budget_limit: list[list[float]] = [[] for _ in sim.state.budgets.names]
+        self.tier_draw: list[list[float]] = [[] for _ in range(4)]
         self.rack_util: list[list[float]] = [[] for _ in self.racks]
         self.pending: dict[str, list[float]] = {q: [] for q in self.queues}
         self.gpus: dict[str, list[float]] = {q: [] for q in self.queues}
         self._next = sim.now
+        self._limits: list[float] = list(sim.state.budgets.limits)
+        self._tiers: list[float] = [0.0] * 4
         self._live: set[str] = set(sim.jobs)
         self._racks_of: dict[str, tuple[Placement, list[tuple[int, float]]]] = {}
         sim.on_advance.append(self._advance)
@@ -179,6 +195,15 @@ class TimeSeriesSampler:
         self._live.difference_update(done)
         for key in done:
             self._racks_of.pop(key, None)
+        tiers = [0.0] * 4
+        grid = sim.grid
+        if grid is not None:
+            for key, watts in metrics.job_delta.items():
+                rec = sim.jobs.get(key)
+                if rec is not None:
+                    tiers[grid.tier_of(rec)] += watts
+        self._limits = list(sim.state.budgets.limits)
+        self._tiers = tiers
         return (metrics.total_watts + self.base_watts, list(metrics.budget_actual), util,
                 pending, gpus)
 
@@ -209,6 +234,10 @@ class TimeSeriesSampler:
         self.power.append(power)
         for column, value in zip(self.budget_draw, budgets, strict=True):
             column.append(value)
+        for column, value in zip(self.budget_limit, self._limits, strict=True):
+            column.append(value)
+        for column, value in zip(self.tier_draw, self._tiers, strict=True):
+            column.append(value)
         for column, value in zip(self.rack_util, util, strict=True):
             column.append(value)
         for queue in self.queues:
@@ -225,6 +254,8 @@ class TimeSeriesSampler:
         self.times = half(self.times)
         self.power = half(self.power)
         self.budget_draw = [half(c) for c in self.budget_draw]
+        self.budget_limit = [half(c) for c in self.budget_limit]
+        self.tier_draw = [half(c) for c in self.tier_draw]
         self.rack_util = [half(c) for c in self.rack_util]
         self.pending = {q: half(c) for q, c in self.pending.items()}
         self.gpus = {q: half(c) for q, c in self.gpus.items()}
@@ -258,8 +289,15 @@ class TimeSeriesSampler:
         return TimeSeries(
             title=title or f"{sim.factory.name} / {sim.policy.name}", source="simulation",
             times=tuple(self.times), power_watts=tuple(self.power),
-            budgets=tuple(BudgetSeries(n, lim, tuple(c))
-                          for n, lim, c in zip(names, limits, self.budget_draw, strict=True)),
+            budgets=tuple(BudgetSeries(n, lim, tuple(c),
+                                       tuple(moved) if len(set(moved)) > 1 else ())
+                          for n, lim, c, moved in zip(names, limits, self.budget_draw,
+                                                      self.budget_limit, strict=True)),
+            tier_draw=tuple(tuple(c) for c in self.tier_draw) if sim.grid is not None
+            else (),
+            grid_events=tuple((e.id, e.start, e.end if e.end is not None else sim.now)
+                              for e in sim.grid.events.values()) if sim.grid is not None
+            else (),
             racks=self.racks, rack_utilization=tuple(tuple(c) for c in self.rack_util),
             queues=tuple(self.queues),
             queue_pending=tuple(tuple(self.pending[q]) for q in self.queues),

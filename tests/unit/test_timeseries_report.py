@@ -125,3 +125,26 @@ def test_simulate_json_feeds_report_input(tmp_path: Path,
     run.write_text(json.dumps(doc))
     assert main(["report", "--input", str(run), "--out", str(tmp_path / "x")]) == 2
     assert "no time series" in capsys.readouterr().err
+
+
+def test_a_grid_event_run_records_the_moving_limit_and_the_draw_per_tier(
+        tmp_path: Path) -> None:
+    events = tmp_path / "events.yaml"
+    events.write_text("events:\n- {id: peak, start: 900, durationSeconds: 3600, "
+                      "percent: 50, budgets: [factory]}\n")
+    run = tmp_path / "run.json"
+    assert main(["simulate", "--json", str(run), "--sample-seconds", "300", "--no-progress",
+                 "--grid-events", str(events)]) == 0
+    doc = json.loads(run.read_text())["results"][0]
+    series = TimeSeries.from_dict(doc["timeseries"])
+    factory = next(b for b in series.budgets if b.name == "factory")
+    during = [lim for t, lim in zip(series.times, factory.limits_watts, strict=True)
+              if 900 <= t < 4500]
+    after = [lim for t, lim in zip(series.times, factory.limits_watts, strict=True)
+             if t >= 4500]
+    assert set(during) == {factory.limit_watts / 2} and set(after) == {factory.limit_watts}
+    assert series.grid_events == (("peak", 900.0, 4500.0),)
+    assert len(series.tier_draw) == 4 and max(series.tier_draw[0]) > 0
+    assert doc["grid"]["actions"]["pause"] >= 1  # the tier-3 sample job
+    assert main(["report", "--input", str(run), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
