@@ -247,8 +247,16 @@ def uniform(jobs: Sequence[FlexJob], draw: float, limit: float,
         any(j.slots for j in jobs) else 0.0
     top = max(p.power_limit_watts for j in jobs for p, _ in j.slots) if floor else 0.0
 
+    # Jobs of one shape (GPU profile, utilization, own cap) save alike: sum GPUs per shape.
+    shapes: dict[tuple[GPUPowerProfile, float, float | None], float] = {}
+    for j in jobs:
+        for profile, gpus in j.slots:
+            key = (profile, j.utilization, j.own_cap)
+            shapes[key] = shapes.get(key, 0.0) + gpus
+
     def saved(cap: float) -> float:
-        return sum(job_watts(j, None) - job_watts(j, cap) for j in jobs)
+        return sum(gpus * (p.power_watts(u, own) - p.power_watts(
+            u, cap if own is None else min(cap, own))) for (p, u, own), gpus in shapes.items())
 
     low, high = floor, top
     if saved(low) < need:
