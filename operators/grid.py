@@ -57,7 +57,7 @@ class GridLink:
                                                 levels=options.levels, to_wall=to_wall)
         self._events: dict[str, list[GridEvent]] = {}  # utility event id -> its intervals
         self.problem = ""  # the grid signal's latest problem; "" while all is well
-        self.sheddable_watts = 0.0  # as of the last step (what the VEN reports)
+        self.sheddable_watts = 0.0  # as of the last snapshot (what the VEN reports)
         self._dirty = False
         self._next = 0.0
 
@@ -108,12 +108,9 @@ class GridLink:
             return False
         self._next = mono + self.options.period_seconds
         if not self._dirty and not self.active:
-            if self.options.vtn_url:  # the utility asks what we could shed at any time
-                self.sheddable_watts = self.controller.sheddable_watts()
             return False
         self._dirty = False
         self.controller.step()
-        self.sheddable_watts = self.controller.sheddable_watts()
         return True
 
     # ----------------------------------------------------------------- what it shows
@@ -160,7 +157,11 @@ class GridLink:
                           ca_file=secret("ca.crt"), vtn_fingerprint=secret("vtn-fingerprint"))
 
     def snapshot(self) -> dict[str, Any]:
-        """Numbers for the metrics thread (a new dict each time)."""
+        """Numbers for the metrics thread (a new dict each time), taken at each status
+        refresh; also what the site could still shed, which the VEN reports to the
+        utility at any time (so worked out with a VTN configured even with no event)."""
+        if self.options.vtn_url or self.active:
+            self.sheddable_watts = self.controller.sheddable_watts()
         acc = self.controller.account
         return {"actions": dict(acc.actions),
                 "lost_gpu_seconds": {str(t): s for t, s in acc.lost_gpu_seconds.items()},

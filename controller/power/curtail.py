@@ -29,7 +29,7 @@ from typing import Protocol
 
 from aifactory.controller.power.grid import FLEX_SLOWDOWN
 from aifactory.controller.power.model import GPUPowerProfile
-from aifactory.controller.power.utilisation import speed_under_cap
+from aifactory.controller.power.utilisation import lowest_cap_for_speed, speed_under_cap
 
 __all__ = [
     "STRATEGIES",
@@ -101,20 +101,12 @@ def cap_for_slowdown(job: FlexJob, slowdown: float) -> float | None:
 @functools.lru_cache(maxsize=65_536)
 def _cap_for(profile: GPUPowerProfile, utilization: float, own_cap: float | None,
              slowdown: float) -> float:
-    def speed(cap: float | None) -> float:
-        return speed_under_cap(profile, utilization, cap)
-
-    target = speed(own_cap) * (1.0 - slowdown)
-    low, high = profile.min_power_limit_watts, profile.effective_cap_watts(own_cap)
-    if speed(low) >= target:
+    target = speed_under_cap(profile, utilization, own_cap) * (1.0 - slowdown)
+    low = profile.min_power_limit_watts
+    if speed_under_cap(profile, utilization, low) >= target:
         return low
-    for _ in range(30):
-        mid = (low + high) / 2
-        if speed(mid) >= target:
-            high = mid
-        else:
-            low = mid
-    return high
+    return lowest_cap_for_speed(profile, utilization, target,
+                                profile.effective_cap_watts(own_cap), steps=30)
 
 
 _STEPS = 200  # a shape's savings curve, sampled in slowdown from 0 to its tier's allowance

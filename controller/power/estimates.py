@@ -13,7 +13,7 @@ from collections.abc import Callable
 from aifactory.controller.core.spec import JobKind, JobSpec
 from aifactory.controller.core.topology import Topology
 from aifactory.controller.power.model import profile_for
-from aifactory.controller.power.utilisation import default_utilization, speed_under_cap
+from aifactory.controller.power.utilisation import default_utilization, lowest_cap_for_speed
 
 __all__ = ["power_cap_options", "watts_estimator"]
 
@@ -64,15 +64,8 @@ def power_cap_options(topo: Topology, min_speed: float
         profiles = [profile_for(m) for m in models]
         top = min(p.effective_cap_watts(spec.power_cap_watts_per_gpu) for p in profiles)
         floor = 0.0
-        for p in profiles:  # lowest cap with speed >= min_speed, by bisection
-            low, high = p.min_power_limit_watts, p.power_limit_watts
-            for _ in range(40):
-                mid = (low + high) / 2
-                if speed_under_cap(p, util, mid) >= min_speed:
-                    high = mid
-                else:
-                    low = mid
-            floor = max(floor, high)
+        for p in profiles:
+            floor = max(floor, lowest_cap_for_speed(p, util, min_speed))
         out: tuple[tuple[float, float], ...] = ()
         if floor < top:
             cap = round(floor, 1)

@@ -13,7 +13,8 @@ import math
 from aifactory.controller.core.spec import JobKind, JobSpec
 from aifactory.controller.power.model import GPUPowerProfile
 
-__all__ = ["DEFAULT_MEMORY_GIB", "GIB", "default_utilization", "speed_under_cap"]
+__all__ = ["DEFAULT_MEMORY_GIB", "GIB", "default_utilization", "lowest_cap_for_speed",
+           "speed_under_cap"]
 
 GIB = 1024**3
 
@@ -40,3 +41,19 @@ def speed_under_cap(profile: GPUPowerProfile, utilization: float,
         return 1.0
     share: float = (capped - base) / (full - base)
     return max(0.05, math.pow(share, 1.0 / 3.0))
+
+
+def lowest_cap_for_speed(profile: GPUPowerProfile, utilization: float, min_speed: float,
+                         high: float | None = None, steps: int = 40) -> float:
+    """The lowest power cap, between the GPU's lowest settable limit and ``high`` (its
+    limit by default), at which it keeps ``min_speed`` (``speed_under_cap``), by
+    bisection in ``steps`` halvings."""
+    low = profile.min_power_limit_watts
+    high = profile.power_limit_watts if high is None else high
+    for _ in range(steps):
+        mid = (low + high) / 2
+        if speed_under_cap(profile, utilization, mid) >= min_speed:
+            high = mid
+        else:
+            low = mid
+    return high

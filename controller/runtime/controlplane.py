@@ -95,7 +95,6 @@ class JobRecord:
     energy_joules: float = 0.0
     where: str = ""
     power_cap_watts: float | None = None  # imposed by power-capped admission while running
-    held: str = ""  # why it is held out of the queue (paused for a grid event), if it is
     history: list[str] = field(default_factory=list)
 
     @property
@@ -293,7 +292,7 @@ class ControlPlane:
         self.backend.stop(key)
         if self._queued.pop(key, None) is not None:
             self._held[key] = rec
-        rec.held = rec.reason = why
+        rec.reason = why
         self._dirty = True
         self._emit("Paused", rec, why)
 
@@ -302,14 +301,10 @@ class ControlPlane:
         rec = self._held.pop(key, None)
         if rec is None or rec.done:
             return
-        rec.held = ""
         rec.reason = why
         self._queued[key] = rec
         self._dirty = True
         self._emit("Resumed", rec, why)
-
-    def held(self) -> list[JobRecord]:
-        return list(self._held.values())
 
     def _emit(self, reason: str, rec: JobRecord, message: str) -> None:
         for listener in self.listeners:

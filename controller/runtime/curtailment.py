@@ -257,11 +257,9 @@ class CurtailmentController:
                 for b in index.node_budgets[n]:
                     measured[b] += watts
         if self._node_base is None or len(self._node_base) != len(index.names):
-            # the budget's baseline counts node base power besides the GPUs' idle draw
-            self._node_base = [index.baseline_watts[b] - sum(
-                profile_for(cp.topo.nodes[n].gpu_model).idle_power_watts()
-                * cp.topo.nodes[n].gpus for n, bs in enumerate(index.node_budgets) if b in bs)
-                for b in range(len(index.names))]
+            # measured covers the GPUs; a budget also counts its nodes' base power
+            self._node_base = [cp.factory.base_watts_per_node * sum(
+                b in bs for bs in index.node_budgets) for b in range(len(index.names))]
         for b, name in enumerate(index.names):
             over = measured[b] + self._node_base[b] - self.limits[name].watts
             since = self._lowered_since.get(name)

@@ -22,7 +22,6 @@ from aifactory.controller.backends.base import (
     ClusterBackend,
     FoundGang,
     G,
-    WorkloadPhase,
     WorkloadStatus,
 )
 from aifactory.controller.core.errors import SpecError
@@ -207,6 +206,12 @@ class Reconciler:
                 self._suspects_gone.discard(name)
         return listed
 
+    def _unlisted(self) -> frozenset[int]:
+        """Indices of the topology's nodes the inventory no longer lists."""
+        listed = self._listed()
+        return frozenset(i for i, node in enumerate(self.cp.topo.nodes)
+                         if node.name not in listed)
+
     def step(self, force: bool = True) -> CycleResult | None:
         """Poll, follow the inventory, then a scheduling cycle: always with ``force``, else
         only when something changed (a job came, went or moved, or a node left or came).
@@ -232,8 +237,7 @@ class Reconciler:
         """Hot swap the running gangs with workers on nodes that left the inventory (before
         their workers are seen to fail)."""
         cp = self.cp
-        listed = self._listed()
-        dead = frozenset(i for i, node in enumerate(cp.topo.nodes) if node.name not in listed)
+        dead = self._unlisted()
         if not dead:
             return False
         moved = False
@@ -247,11 +251,8 @@ class Reconciler:
     def _repair(self, rec: JobRecord, status: WorkloadStatus) -> bool:
         """``ControlPlane.poll``'s repair: a gang whose status names lost nodes."""
         self._suspect(status.lost_nodes)
-        cp = self.cp
-        listed = self._listed()
-        index = cp.topo.node_index
-        lost = frozenset(i for i, node in enumerate(cp.topo.nodes) if node.name not in listed)
-        lost |= frozenset(index[n] for n in status.lost_nodes if n in index)
+        index = self.cp.topo.node_index
+        lost = self._unlisted() | frozenset(index[n] for n in status.lost_nodes if n in index)
         self._move(rec, lost)
         self._repaired = True
         return True
@@ -273,9 +274,3 @@ class Reconciler:
         for name in names:
             self._suspects.setdefault(name, now)
 
-
-def _lost_nodes(status: WorkloadStatus | None) -> tuple[str, ...]:
-    """Nodes a failed gang's status names as where its workers were lost."""
-    if status is None or status.phase is not WorkloadPhase.FAILED or not status.retryable:
-        return ()
-    return status.lost_nodes

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from aifactory.controller.backends.base import WorkloadPhase, WorkloadStatus
 from aifactory.controller.backends.simulated import SimulatedBackend
+from aifactory.controller.core.clock import VirtualClock
 from aifactory.controller.core.spec import JobSpec
 from aifactory.controller.core.state import Placement
 from aifactory.controller.inputs.factory import factory_from_nodes
@@ -25,19 +26,11 @@ from tests.factories import grid_nodes
 NODES = grid_nodes(1, 2, 2)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 class LateNodeNews(SimulatedBackend):
     """A simulated backend where a gang can lose its workers on a node that the inventory
     still lists (the worker's death seen first), as a Ray cluster reports it."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: VirtualClock) -> None:
         super().__init__(factory_from_nodes("t", NODES).topology().nodes, clock)
         self.lost: dict[str, str] = {}  # job -> node its workers were lost on
 
@@ -60,8 +53,8 @@ class LateNodeNews(SimulatedBackend):
                        lost_nodes=(node,), retryable=True)
 
 
-def _plane() -> tuple[ControlPlane, LateNodeNews, Clock]:
-    clock = Clock()
+def _plane() -> tuple[ControlPlane, LateNodeNews, VirtualClock]:
+    clock = VirtualClock(1000.0)
     factory = replace(factory_from_nodes("t", NODES), queues=())
     topo = factory.topology()
     backend = LateNodeNews(clock)
@@ -83,7 +76,7 @@ def test_a_gang_that_lost_its_only_node_is_not_put_back_on_it() -> None:
     loop.step()
     (victim,) = set(_nodes(cp, job.key))
     backend.lose_workers(job.key, victim)
-    clock.t += 5
+    clock.now += 5
     loop.step()  # requeued whole (every worker was there) and placed again at once
     rec = cp.jobs[job.key]
     assert rec.phase == JobPhase.RUNNING and rec.restarts == 1, rec.history
@@ -95,7 +88,7 @@ def test_a_gang_that_lost_its_only_node_is_not_put_back_on_it() -> None:
     loop.step()
     assert cp.jobs[other.key].phase == JobPhase.QUEUED
     # ... and it takes work again once it stayed listed for suspect_seconds (its node lived).
-    clock.t += 30
+    clock.now += 30
     loop.step()
     assert not loop.suspected()
     assert cp.jobs[other.key].phase == JobPhase.RUNNING
@@ -131,7 +124,7 @@ def test_a_gang_whose_status_names_one_lost_node_is_hot_swapped_not_requeued() -
     cp.listeners.append(lambda reason, rec, msg: repaired.append(msg)
                         if reason == "Repaired" else None)
     backend.lose_workers(job.key, victim)  # seen first by the poll, not the inventory
-    clock.t += 5
+    clock.now += 5
     loop.step()
     rec = cp.jobs[job.key]
     assert repaired and "hot swap moved 1 worker(s)" in repaired[0], rec.history
