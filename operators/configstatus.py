@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aifactory.controller.core.spec import PowerBudgetSpec, QueueSpec
+from aifactory.controller.power.grid import BudgetWindow
 from aifactory.controller.runtime.controlplane import ControlPlane
 from aifactory.operators.translate import QUEUE_KIND
 
@@ -31,6 +32,7 @@ class ConfigEntry:
     spec: QueueSpec | PowerBudgetSpec | None
     invalid: str | None = None
     written: dict[str, Any] | None = None
+    windows: tuple[BudgetWindow, ...] = ()  # a PowerBudget's spec.schedule
 
 
 def _queue_usage(cp: ControlPlane) -> dict[str, tuple[float, int, int]]:

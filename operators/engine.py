@@ -65,12 +65,10 @@ from aifactory.operators.transitions import end_run, on_core_event
 from aifactory.operators.translate import (
     QUEUE_KIND,
     SERVICE_KIND,
-    budget_from_manifest,
-    budget_schedule_from_manifest,
+    config_from_manifest,
     format_time,
     job_spec_from_manifest,
     parse_time,
-    queue_from_manifest,
     service_base,
 )
 
@@ -129,7 +127,6 @@ class Engine:
         self._last_forced = 0.0
         self._last_pass_seconds = 0.0
         self.grid = GridLink(cp, grid, clock.to_wall)
-        self.grid_windows: dict[str, tuple[BudgetWindow, ...]] = {}
         cp.listeners.append(lambda reason, rec, msg: on_core_event(self, reason, rec, msg))
 
     # ----------------------------------------------------------------- requests (handlers)
@@ -429,12 +426,17 @@ class Engine:
         self.books.claims.gone(obj.ident)
 
     def load_config(self, kind: str, body: dict[str, Any],
-                    spec: QueueSpec | PowerBudgetSpec | None, invalid: str | None) -> None:
-        """Record a GPUQueue/PowerBudget the core was built with (start-up)."""
+                    spec: QueueSpec | PowerBudgetSpec | None, invalid: str | None,
+                    windows: tuple[BudgetWindow, ...] = ()) -> None:
+        """Record a GPUQueue/PowerBudget the core was built with (start-up); a budget's
+        schedule goes to the grid link."""
         meta = body.get("metadata") or {}
         name = str(meta.get("name"))
         self.configs[(kind, name)] = ConfigEntry(kind, name, str(meta.get("uid") or ""),
-                                                 int(meta.get("generation") or 1), spec, invalid)
+                                                 int(meta.get("generation") or 1), spec, invalid,
+                                                 windows=windows)
+        if isinstance(spec, PowerBudgetSpec):
+            self.grid.set_windows(name, windows)
         self.books.config_dirty = True
 
     def _apply_config(self, kind: str, body: dict[str, Any], deleted: bool) -> None:
@@ -445,23 +447,14 @@ class Engine:
         if deleted:
             if old is not None and (not meta.get("uid") or meta.get("uid") == old.uid):
                 del self.configs[ident]
-                self.grid_windows.pop(name, None)
                 self._reconfigure(kind)
             return
         generation = int(meta.get("generation") or 1)
         if old is not None and old.generation == generation and old.uid == meta.get("uid"):
             return  # our own status write coming back
-        try:
-            spec: QueueSpec | PowerBudgetSpec | None = (
-                queue_from_manifest(body) if kind == QUEUE_KIND else budget_from_manifest(body))
-            if kind != QUEUE_KIND:
-                self.grid_windows[name] = budget_schedule_from_manifest(body)
-            invalid = None
-        except SpecError as exc:
-            spec, invalid = None, str(exc)
-            self.grid_windows.pop(name, None)
+        spec, invalid, windows = config_from_manifest(kind, body)
         self.configs[ident] = ConfigEntry(kind, name, str(meta.get("uid") or ""), generation,
-                                          spec, invalid)
+                                          spec, invalid, windows=windows)
         self._reconfigure(kind)
         self.books.config_dirty = True
 
@@ -477,7 +470,8 @@ class Engine:
             self.cp.reconfigure(queues=queues)
         else:
             budgets = tuple(c.spec for c in entries if isinstance(c.spec, PowerBudgetSpec))
-            self.grid.budgets_changed(budgets, self.grid_windows)
+            self.grid.budgets_changed(budgets, {c.name: c.windows for c in entries
+                                                if isinstance(c.spec, PowerBudgetSpec)})
             if budgets == self.cp.factory.power_budgets:
                 return
             self.cp.reconfigure(power_budgets=budgets)

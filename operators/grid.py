@@ -75,6 +75,11 @@ class GridLink:
             self.controller.set_windows(name, windows.get(name, ()))
         self._dirty = True
 
+    def set_windows(self, budget: str, windows: Sequence[BudgetWindow]) -> None:
+        """A PowerBudget's ``spec.schedule`` (start-up)."""
+        self.controller.set_windows(budget, windows)
+        self._dirty = True
+
     def event(self, event_id: str, events: Sequence[GridEvent]) -> None:
         """A utility event arrived, changed (its intervals), or ended (``events`` empty)."""
         if events:

@@ -39,6 +39,7 @@ from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec, QueueSpec, 
 from aifactory.controller.core.state import Placement
 from aifactory.controller.core.topology import Topology
 from aifactory.controller.inputs.factory import FactorySpec
+from aifactory.controller.power.grid import BudgetWindow
 from aifactory.controller.runtime.clock import WallClock
 from aifactory.controller.runtime.controlplane import ControlPlane
 from aifactory.controller.runtime.resync import Reconciler
@@ -62,12 +63,11 @@ from aifactory.operators.translate import (
     QUEUE_KIND,
     SERVICE_KIND,
     TRAINING_KIND,
-    budget_from_manifest,
+    config_from_manifest,
     format_time,
     job_spec_from_manifest,
     parse_time,
     placement_from_status,
-    queue_from_manifest,
 )
 
 __all__ = ["OperatorOptions", "RecoveryReport", "build_engine", "recover", "wait_for_crds"]
@@ -129,17 +129,12 @@ async def wait_for_crds(kube: KubeClient, timeout_seconds: float = 120.0) -> Non
         await asyncio.sleep(2.0)
 
 
-def _configs(items: Iterable[Mapping[str, Any]], kind: str
-             ) -> list[tuple[Mapping[str, Any], QueueSpec | PowerBudgetSpec | None, str | None]]:
-    out: list[tuple[Mapping[str, Any], QueueSpec | PowerBudgetSpec | None, str | None]] = []
-    for item in items:
-        try:
-            spec: QueueSpec | PowerBudgetSpec = (
-                queue_from_manifest(item) if kind == QUEUE_KIND else budget_from_manifest(item))
-            out.append((item, spec, None))
-        except SpecError as exc:
-            out.append((item, None, str(exc)))
-    return out
+ParsedConfig = tuple[Mapping[str, Any], QueueSpec | PowerBudgetSpec | None, str | None,
+                     tuple[BudgetWindow, ...]]
+
+
+def _configs(items: Iterable[Mapping[str, Any]], kind: str) -> list[ParsedConfig]:
+    return [(item, *config_from_manifest(kind, item)) for item in items]
 
 
 async def build_engine(kube: KubeClient, options: OperatorOptions,
@@ -187,10 +182,10 @@ def _assemble(kube: KubeClient, options: OperatorOptions,
     budgets = _configs(listing[BUDGET_KIND], BUDGET_KIND)
     factory = replace(
         factory,
-        queues=tuple(sorted((s for _, s, _ in queues if isinstance(s, QueueSpec)),
+        queues=tuple(sorted((s for _, s, _, _ in queues if isinstance(s, QueueSpec)),
                             key=lambda q: q.name)),
-        power_budgets=tuple(sorted((s for _, s, _ in budgets if isinstance(s, PowerBudgetSpec)),
-                                   key=lambda b: b.name)))
+        power_budgets=tuple(sorted((s for _, s, _, _ in budgets
+                                    if isinstance(s, PowerBudgetSpec)), key=lambda b: b.name)))
     cp = ControlPlane(factory, backend, options.policy, clock=clock, topology=topo)
     reconciler: Reconciler | None = None
     if session.rebuild_factory is not None:
@@ -206,8 +201,8 @@ def _assemble(kube: KubeClient, options: OperatorOptions,
     engine = Engine(cp, kube, clock, options.engine, reconciler, may_write, options.grid)
     engine.on_stop.append(session.close)
     for kind, entries in ((QUEUE_KIND, queues), (BUDGET_KIND, budgets)):
-        for item, spec, invalid in entries:
-            engine.load_config(kind, dict(item), spec, invalid)
+        for item, spec, invalid, windows in entries:
+            engine.load_config(kind, dict(item), spec, invalid, windows)
     if namespaces is not None:
         engine.namespaces = {}
         for item in namespaces:

@@ -47,6 +47,7 @@ __all__ = [
     "VERSION",
     "budget_from_manifest",
     "budget_schedule_from_manifest",
+    "config_from_manifest",
     "format_time",
     "job_spec_from_manifest",
     "parse_time",
@@ -187,6 +188,19 @@ def budget_schedule_from_manifest(doc: Mapping[str, Any]) -> tuple[BudgetWindow,
         out.append(BudgetWindow(a, b, watts=watts, percent=percent, daily=daily,
                                 time_zone=None if zone is None else str(zone)))
     return tuple(out)
+
+
+def config_from_manifest(kind: str, doc: Mapping[str, Any]
+                         ) -> tuple[QueueSpec | PowerBudgetSpec | None, str | None,
+                                    tuple[BudgetWindow, ...]]:
+    """A GPUQueue or PowerBudget (with its ``spec.schedule``), or None and why it is
+    invalid: what start-up and a later change of the object both read."""
+    try:
+        if kind == QUEUE_KIND:
+            return queue_from_manifest(doc), None, ()
+        return budget_from_manifest(doc), None, budget_schedule_from_manifest(doc)
+    except SpecError as exc:
+        return None, str(exc), ()
 
 
 def _when(text: str, path: str) -> float:

@@ -429,3 +429,33 @@ def test_a_status_write_landing_after_its_object_was_deleted_claims_nothing() ->
     engine.forget(engine.objects[("TrainingJob", "ns", "a")])
     engine._written(("TrainingJob", "ns", "a"), written)  # the write lands late
     assert engine.books.claims.by_object == {} and engine.books.claims.by_slot == {}
+
+
+def test_a_power_budget_schedule_listed_at_start_up_lowers_its_limit() -> None:
+    """A PowerBudget that exists when the operator starts has its spec.schedule followed
+    (not only one applied later); one whose schedule is invalid is refused whole, as when
+    it changes while the operator runs."""
+    from aifactory.operators.session import BackendSession
+    from aifactory.operators.startup import OperatorOptions, _assemble
+    from aifactory.operators.translate import format_time
+
+    clock = ManualClock()
+    factory = factory_from_nodes("t", NODES)
+    topo = factory.topology()
+    session = BackendSession(SimulatedBackend(topo.nodes, clock), factory, topo)
+    window = {"start": format_time(clock.t - 60), "end": format_time(clock.t + 600),
+              "percent": 50}
+    site = {"metadata": {"name": "site", "uid": "b1", "generation": 1},
+            "spec": {"watts": 10_000, "schedule": [window]}}
+    bad = {"metadata": {"name": "bad", "uid": "b2", "generation": 1},
+           "spec": {"watts": 10_000, "schedule": [{**window, "start": "tomorrow"}]}}
+    listing = {"GPUQueue": [], "PowerBudget": [site, bad], "TrainingJob": [],
+               "InferenceService": []}
+    engine, _ = _assemble(FakeKube(), OperatorOptions(), listing,  # type: ignore[arg-type]
+                          clock, session, factory, topo)
+    assert [b.name for b in engine.cp.factory.power_budgets] == ["site"]
+    assert "spec.schedule[0].start" in (engine.configs[("PowerBudget", "bad")].invalid or "")
+    engine.iterate()
+    index = engine.cp.state.budgets
+    assert index.limits[index.names.index("site")] == 5_000
+    assert engine.grid.budget_status()["site"]["limitCause"] == "schedule"
