@@ -30,10 +30,13 @@ __all__ = [
     "CapsPower",
     "ClusterBackend",
     "FailsNodes",
+    "FollowsLoad",
     "ForgetsJobs",
     "FoundGang",
     "GPUReading",
     "MetersJobEnergy",
+    "ReplicaLoad",
+    "ReportsLoad",
     "SavesWork",
     "TelemetrySnapshot",
     "WorkloadPhase",
@@ -183,6 +186,38 @@ class CapsPower(Protocol):
 
     def set_power_cap(self, job: str, watts_per_gpu: float | None) -> None:
         """Cap each GPU of the running job at ``watts_per_gpu`` (None: the GPU's default)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaLoad:
+    """What one serving inference replica reports: requests in flight now, and counters
+    since it started (requests answered, the seconds they took in all) from which request
+    rate and mean latency follow; ``endpoint`` is where it takes requests (None: unknown)."""
+
+    in_flight: float
+    requests_total: float = 0.0
+    latency_seconds_total: float = 0.0
+    endpoint: str | None = None
+
+
+@runtime_checkable
+class ReportsLoad(Protocol):
+    """A source of inference load: the Ray backend's serving workers, or the simulator's
+    traffic model. The autoscaler (``controller.runtime.scaler``) reads it every sync."""
+
+    def replica_load(self, job: str) -> ReplicaLoad | None:
+        """The replica's load; None while it does not serve (not ready)."""
+        ...
+
+
+@runtime_checkable
+class FollowsLoad(Protocol):
+    """A backend whose modelled GPUs are as busy as their jobs' traffic says (the simulated
+    factory, where an inference replica's load comes from a request-rate curve)."""
+
+    def set_utilization(self, job: str, utilization: float) -> None:
+        """The running job's GPUs are ``utilization`` (0-1) busy from now on."""
         ...
 
 

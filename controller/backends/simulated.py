@@ -361,6 +361,19 @@ class SimulatedBackend:
         self._changed.add(job)
         self._schedule(job, work, now)
 
+    def set_utilization(self, job: str, utilization: float) -> None:
+        """``FollowsLoad``: the running job's GPUs draw at ``utilization`` from now on
+        (energy up to now is settled at the old draw)."""
+        work = self._jobs.get(job)
+        if work is None or work.phase is not WorkloadPhase.RUNNING:
+            return
+        now = self._clock()
+        work.utilization = min(1.0, max(0.0, utilization))
+        for slot in work.placement.slots:
+            for g in slot.gpus:
+                self._settle(g, now)
+                self._repower(g)
+
     def failed_gpus(self) -> list[tuple[str, int]]:
         return [(self._nodes[gpu.node].name, g - self._node_first_gpu[gpu.node])
                 for g, gpu in enumerate(self._gpus) if gpu.failed]

@@ -62,8 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     from aifactory.controller.cli.live import add_simulate_arguments
     from aifactory.controller.cli.ray_run import add_parser as add_run_parser
     from aifactory.controller.cli.report import add_report_command
+    from aifactory.controller.cli.traffic import add_traffic_arguments
 
     add_simulate_arguments(sim)
+    add_traffic_arguments(sim)
     add_report_command(sub)
     add_run_parser(sub, DEFAULT_WORKLOAD)
     # The operator parses its own flags (operators/main.py); only its name lives here.
@@ -89,6 +91,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from aifactory.controller.cli.grid import attach_grid
     from aifactory.controller.cli.live import sampler_for
+    from aifactory.controller.cli.traffic import attach_traffic
     from aifactory.controller.core.topology import Topology
     from aifactory.controller.inputs.factory import load_factory
     from aifactory.controller.inputs.workload import load_workload
@@ -135,9 +138,11 @@ def _simulate(args: argparse.Namespace) -> int:
             sim = Simulation(factory, name, seed=args.seed)
             sampler = sampler_for(sim, args)
             grid = attach_grid(sim, args) if args.grid_events else None
+            scaler = attach_traffic(sim, args, workload) if args.traffic else None
+            until = sim.now + args.traffic_hours * 3600.0 if scaler is not None else None
             sim.submit_all(arrivals)
             if args.no_progress or len(arrivals) < 200:
-                res = sim.run()
+                res = sim.run(until)
             else:
                 with Progress(console=console, transient=True) as bar:
                     task = bar.add_task(f"{name}", total=len(arrivals))
@@ -146,8 +151,11 @@ def _simulate(args: argparse.Namespace) -> int:
                                 ) -> None:
                         bar.update(task, completed=done)
 
-                    res = sim.run(progress=advance)
+                    res = sim.run(until, progress=advance)
             row = res.to_dict()
+            if scaler is not None:
+                row["autoscaling"] = _scaling_row(scaler)
+                _print_scaling(console, name, row["autoscaling"])
             if grid is not None:
                 row["grid"] = _grid_row(grid, args.grid_strategy)
                 _print_grid(console, name, row["grid"])
@@ -163,6 +171,29 @@ def _simulate(args: argparse.Namespace) -> int:
         Path(args.json_path).write_text(json.dumps({"results": results}, indent=2) + "\n")
         console.print(f"wrote {args.json_path}")
     return 0
+
+
+def _scaling_row(scaler: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in scaler.tracked():
+        changes = [c for c in scaler.changes if c.service == key]
+        counts = [c.replicas_to for c in changes]
+        view = scaler.view(key)
+        out[key] = {"scale_ups": sum(1 for c in changes if c.replicas_to > c.replicas_from),
+                    "scale_downs": sum(1 for c in changes
+                                       if c.replicas_to < c.replicas_from),
+                    "replicas_min": min(counts, default=view.desired),
+                    "replicas_max": max(counts, default=view.desired),
+                    "replicas_now": view.desired, "ready_now": view.ready}
+    return out
+
+
+def _print_scaling(console: Any, policy: str, rows: dict[str, Any]) -> None:
+    for key, row in rows.items():
+        console.print(
+            f"[bold]autoscaling[/] {policy}, {key}: {row['scale_ups']} scale-ups, "
+            f"{row['scale_downs']} scale-downs, replicas {row['replicas_min']}-"
+            f"{row['replicas_max']} (now {row['replicas_now']}, {row['ready_now']} ready)")
 
 
 def _grid_row(grid: Any, strategy: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aifactory.controller.cli.traffic import add_traffic_arguments
 from aifactory.controller.core.errors import AifactoryError, InputFileError
 
 __all__ = ["add_report_command", "run_report"]
@@ -41,6 +42,7 @@ def add_report_command(sub: Any) -> None:
                           "and the GPU draw per flexibility tier")
     rep.add_argument("--grid-strategy", default="flexible",
                      choices=("flexible", "uniform", "pause-newest"))
+    add_traffic_arguments(rep)
     rep.add_argument("--prometheus", default=None, metavar="URL",
                      help="read the series from Prometheus at URL instead")
     rep.add_argument("--start", type=float, default=None, help="with --prometheus: Unix "
@@ -99,8 +101,14 @@ def _simulate(args: argparse.Namespace) -> Any:
         from aifactory.controller.cli.grid import attach_grid
 
         attach_grid(sim, args)
+    until = None
+    if args.traffic:
+        from aifactory.controller.cli.traffic import attach_traffic
+
+        attach_traffic(sim, args, workload)
+        until = sim.now + args.traffic_hours * 3600.0
     sim.submit_all(load_workload(workload))
-    sim.run()
+    sim.run(until)
     name = workload.name if workload.name != "samples" else "sample jobs"
     return sampler.series(args.title or f"factory {factory.name}: {name}, policy "
                                         f"{sim.policy.name} (simulated)")

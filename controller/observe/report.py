@@ -51,12 +51,16 @@ def render_png(series: TimeSeries, dpi: int = 110) -> bytes:
     """The four panels as PNG bytes."""
     plt = _pyplot()
     x, xlabel = _time_axis(series.times)
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9.5), constrained_layout=True)
+    rows = 3 if series.services else 2
+    fig, axes = plt.subplots(rows, 2, figsize=(14, 4.75 * rows), constrained_layout=True)
     fig.suptitle(series.title or "aifactory report", fontsize=14, fontweight="bold")
     _power(axes[0][0], series, x, xlabel)
     _heatmap(fig, axes[0][1], series, x, xlabel)
     _queues(axes[1][0], series, x, xlabel)
     _totals(axes[1][1], series)
+    if series.services:
+        _replicas(axes[2][0], series, x, xlabel)
+        _service_watts(axes[2][1], series, x, xlabel)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
@@ -136,6 +140,41 @@ def _queues(ax: Any, series: TimeSeries, x: list[float], xlabel: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _replicas(ax: Any, series: TimeSeries, x: list[float], xlabel: str) -> None:
+    """Each service's replicas (wanted solid, serving dotted) against its request rate."""
+    ax.set_title("Inference replicas following load")
+    rate_ax = ax.twinx()
+    for i, name in enumerate(series.services):
+        colour = f"C{i % 10}"
+        ax.plot(x, series.service_desired[i], color=colour, linewidth=2,
+                drawstyle="steps-post", label=f"{name}: replicas wanted")
+        ax.plot(x, series.service_ready[i], color=colour, linewidth=1, linestyle=":",
+                drawstyle="steps-post", label=f"{name}: replicas serving")
+        rate_ax.plot(x, series.service_rate[i], color=colour, linewidth=1, alpha=0.5,
+                     label=f"{name}: requests/s")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("replicas")
+    rate_ax.set_ylabel("requests per second (thin)")
+    ax.set_ylim(bottom=0)
+    rate_ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    lines = ax.get_legend_handles_labels()
+    more = rate_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=7)
+
+
+def _service_watts(ax: Any, series: TimeSeries, x: list[float], xlabel: str) -> None:
+    ax.set_title("GPU power of each service's replicas")
+    for i, name in enumerate(series.services):
+        ax.plot(x, [w / 1000 for w in series.service_watts[i]], color=f"C{i % 10}",
+                linewidth=1.5, drawstyle="steps-post", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("kW")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
 
 
 def _totals(ax: Any, series: TimeSeries) -> None:

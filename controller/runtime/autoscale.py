@@ -3,11 +3,12 @@
 A pure function in the Kubernetes HPA manner: ``desired = ceil(in_flight / target)`` where
 ``target`` is ``spec.autoscaling.targetInFlightRequests`` per replica, no change while the
 load per replica is within ``tolerance`` of the target, clamped to ``[minReplicas,
-maxReplicas]``, at most ``max_step_up`` replicas added at once, and scale-down held to the
-highest recent recommendation (HPA's stabilization window: the caller keeps the recent
-recommendations). Replicas are gangs named ``<service>:r<i>``
-(``controller.core.spec.replica_name``); ``replica_changes`` says which to submit and which
-to stop.
+maxReplicas]``, a scale-up at once but at most doubling the replicas (``max_step_up``
+replicas when set), and a scale-down held to the highest recommendation of the last
+``scale_down_stabilization_seconds`` (HPA's stabilization window, 300 s by default: the
+caller, ``controller.runtime.scaler``, keeps the recent recommendations). Replicas are
+gangs named ``<service>:r<i>`` (``controller.core.spec.replica_name``); ``replica_changes``
+says which to submit and which to stop.
 """
 
 from __future__ import annotations
@@ -20,19 +21,23 @@ from typing import Any
 from aifactory.controller.core.errors import SpecError
 from aifactory.controller.core.spec import JobKind, JobSpec, replica_name, replica_parts
 
-__all__ = ["AutoscalePolicy", "ScaleDecision", "decide", "policy_from_manifest",
-           "replica_changes"]
+__all__ = ["DEFAULT_STABILIZATION_SECONDS", "AutoscalePolicy", "ScaleDecision", "decide",
+           "policy_from_manifest", "replica_changes"]
+
+DEFAULT_STABILIZATION_SECONDS = 300.0  # the HPA's scale-down stabilization window
 
 
 @dataclass(frozen=True, slots=True)
 class AutoscalePolicy:
-    """Bounds and target of one service. ``target_in_flight`` is per replica (> 0)."""
+    """Bounds and target of one service. ``target_in_flight`` is per replica (> 0);
+    ``max_step_up`` None doubles at most (from 0: one)."""
 
     min_replicas: int
     max_replicas: int
     target_in_flight: float
     tolerance: float = 0.1
     max_step_up: int | None = None
+    scale_down_stabilization_seconds: float = DEFAULT_STABILIZATION_SECONDS
 
     def __post_init__(self) -> None:
         if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
@@ -42,42 +47,56 @@ class AutoscalePolicy:
         if not self.target_in_flight > 0:
             raise SpecError("spec.autoscaling.targetInFlightRequests",
                             f"must be a number > 0, got {self.target_in_flight}")
+        if not self.scale_down_stabilization_seconds >= 0:
+            raise SpecError("spec.autoscaling.scaleDownStabilizationSeconds",
+                            "must be a number of seconds >= 0, got "
+                            f"{self.scale_down_stabilization_seconds}")
 
 
 @dataclass(frozen=True, slots=True)
 class ScaleDecision:
+    """``replicas`` to run now; ``recommendation`` is what the load alone asks for (within
+    bounds), which the caller keeps for the stabilization window."""
+
     replicas: int
     reason: str
+    recommendation: int = 0
 
 
-def decide(policy: AutoscalePolicy, current: int, in_flight: Sequence[int],
+def decide(policy: AutoscalePolicy, current: int, in_flight: Sequence[float],
            recent: Sequence[int] = ()) -> ScaleDecision:
     """Replicas to run given ``current`` replicas and the in-flight count of each ready one.
 
     ``recent`` are earlier recommendations inside the stabilization window: a scale-down
     goes no lower than the highest of them."""
     lo, hi = policy.min_replicas, policy.max_replicas
-    total = sum(max(0, n) for n in in_flight)
+    total = sum(max(0.0, n) for n in in_flight)
     ready = len(in_flight)
     if ready == 0:
         want = min(hi, max(lo, current))
-        return ScaleDecision(want, f"no ready replica reports load: keep {want}")
+        return ScaleDecision(want, f"no ready replica reports load: keep {want}", want)
     per_replica = total / ready
     ratio = per_replica / policy.target_in_flight
-    load = (f"{total} requests in flight over {ready} replicas, target "
+    load = (f"{total:g} requests in flight over {ready} replicas, target "
             f"{policy.target_in_flight:g} per replica")
     if abs(ratio - 1.0) <= policy.tolerance:
         want = min(hi, max(lo, current))
         return ScaleDecision(want, f"{load}: within {policy.tolerance:.0%} of target, "
-                             f"keep {want}")
-    want = math.ceil(total / policy.target_in_flight - 1e-9)
-    if policy.max_step_up is not None and want > current:
-        want = min(want, current + policy.max_step_up)
+                             f"keep {want}", want)
+    raw = min(hi, max(lo, math.ceil(total / policy.target_in_flight - 1e-9)))
+    want = raw
+    if want > current:
+        step = policy.max_step_up if policy.max_step_up is not None else max(current, 1)
+        want = min(want, current + step)
+    held = ""
     if want < current and recent:
-        want = min(current, max(want, *recent))
+        floor = min(current, max(recent))
+        if floor > want:
+            want, held = floor, (f" (held at {floor} by a recommendation of the last "
+                                 f"{policy.scale_down_stabilization_seconds:g} s)")
     want = min(hi, max(lo, want))
     verb = "scale up" if want > current else "scale down" if want < current else "keep"
-    return ScaleDecision(want, f"{load}: {verb} {current} -> {want}")
+    return ScaleDecision(want, f"{load}: {verb} {current} -> {want}{held}", raw)
 
 
 def replica_changes(service: JobSpec, running: Sequence[str], desired: int
@@ -120,4 +139,9 @@ def policy_from_manifest(doc: Mapping[str, Any]) -> AutoscalePolicy | None:
     hi = spec.get("maxReplicas", max(lo, 1) if isinstance(lo, int) else 1)
     if not isinstance(lo, int) or not isinstance(hi, int):
         raise SpecError("spec.minReplicas/maxReplicas", "must be integers")
-    return AutoscalePolicy(lo, hi, float(target))
+    window = auto.get("scaleDownStabilizationSeconds", DEFAULT_STABILIZATION_SECONDS)
+    if isinstance(window, bool) or not isinstance(window, int | float):
+        raise SpecError("spec.autoscaling.scaleDownStabilizationSeconds",
+                        f"must be a number of seconds >= 0, got {window!r}")
+    return AutoscalePolicy(lo, hi, float(target),
+                           scale_down_stabilization_seconds=float(window))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from aifactory.controller.backends.base import (
     CapsPower,
     ClusterBackend,
+    FollowsLoad,
     ForgetsJobs,
     ReportsChanges,
     SavesWork,
@@ -95,6 +96,7 @@ class JobRecord:
     energy_joules: float = 0.0
     where: str = ""
     power_cap_watts: float | None = None  # imposed by power-capped admission while running
+    utilization: float | None = None  # its GPUs' load now, when known (inference traffic)
     history: list[str] = field(default_factory=list)
 
     @property
@@ -324,10 +326,31 @@ class ControlPlane:
 
     @staticmethod
     def running_spec(rec: JobRecord) -> JobSpec:
-        """The spec a job runs with: its own, under the power cap admission imposed."""
-        if rec.power_cap_watts is None:
+        """The spec a job runs with: its own, under the power cap admission imposed, at
+        the GPU load its traffic gives it (when known)."""
+        if rec.power_cap_watts is None and rec.utilization is None:
             return rec.spec
-        return replace(rec.spec, power_cap_watts_per_gpu=rec.power_cap_watts)
+        spec = rec.spec
+        if rec.power_cap_watts is not None:
+            spec = replace(spec, power_cap_watts_per_gpu=rec.power_cap_watts)
+        if rec.utilization is not None:
+            spec = replace(spec, expected_utilization=rec.utilization)
+        return spec
+
+    def set_utilization(self, rec: JobRecord, utilization: float) -> None:
+        """A running job's GPUs are now ``utilization`` busy (an inference replica's load
+        moved): its modelled draw follows, and so does the backend's where it
+        ``FollowsLoad``. The budget estimate it was admitted with is kept."""
+        if rec.placement is None or rec.utilization == utilization:
+            return
+        now = self.now
+        self.metrics.job_stopped(self.running_spec(rec), now)
+        rec.utilization = utilization
+        spec = self.running_spec(rec)
+        self._running[rec.spec.key] = replace(self._running[rec.spec.key], spec=spec)
+        if isinstance(self.backend, FollowsLoad):
+            self.backend.set_utilization(rec.spec.key, utilization)
+        self.metrics.job_running(spec, rec.placement, now)
 
     def _not_running(self, key: str) -> None:
         job = self._running.pop(key, None)
@@ -423,6 +446,7 @@ class ControlPlane:
         rec.placement = None
         rec.started_at = None
         rec.power_cap_watts = None
+        rec.utilization = None
         rec.generation += 1
         self._not_running(rec.spec.key)
         if self.jobs.get(rec.spec.key) is rec:

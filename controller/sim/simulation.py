@@ -25,7 +25,9 @@ from aifactory.controller.placement.base import PlacementPolicy
 from aifactory.controller.runtime.controlplane import ControlPlane, JobRecord
 from aifactory.controller.runtime.curtailment import CurtailmentController
 from aifactory.controller.runtime.measurements import SimResult
+from aifactory.controller.runtime.scaler import Autoscaler
 from aifactory.controller.scheduling.cycle_io import CycleResult
+from aifactory.controller.sim.traffic import TrafficModel
 
 __all__ = ["FailureEvent", "Simulation"]
 
@@ -63,6 +65,9 @@ class Simulation(ControlPlane):
         self.on_advance: list[Callable[[float, float], None]] = []
         self.grid: CurtailmentController | None = None
         self.grid_period_seconds = 5.0
+        self.scaler: Autoscaler | None = None
+        self.traffic: TrafficModel | None = None
+        self._scale_until = 0.0
 
     def _advance_clock(self, to: float) -> None:
         if to > self.clock.now:
@@ -106,6 +111,24 @@ class Simulation(ControlPlane):
         # Ticks never keep a finished replay alive (a daily window recurs forever).
         if at is not None and (self._events or self._running or self._queued or grid.paused):
             self._push(at, "grid", None)
+
+    def attach_autoscaler(self, scaler: Autoscaler, traffic: TrafficModel | None,
+                          until: float) -> None:
+        """Sync ``scaler`` every ``scaler.sync_seconds`` of virtual time up to ``until``,
+        with ``traffic`` (the services' request load) refreshed just before each sync."""
+        self.scaler = scaler
+        self.traffic = traffic
+        self._scale_until = until
+        self._push(self.now, "scale", None)
+
+    def _scale_tick(self) -> None:
+        assert self.scaler is not None
+        if self.traffic is not None:
+            self.traffic.refresh()
+        self.scaler.step(force=True)
+        at = self.now + self.scaler.sync_seconds
+        if at <= self._scale_until:
+            self._push(at, "scale", None)
 
     def recap(self, rec: JobRecord, watts_per_gpu: float | None, why: str) -> None:
         super().recap(rec, watts_per_gpu, why)
@@ -167,6 +190,8 @@ class Simulation(ControlPlane):
             self._fail(payload)
         elif kind == "grid":
             self._grid_tick()
+        elif kind == "scale":
+            self._scale_tick()
         elif kind == "repair":
             assert isinstance(payload, str)
             self.sim_backend.repair_node(payload)

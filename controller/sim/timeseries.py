@@ -21,14 +21,18 @@ from typing import TYPE_CHECKING, Any
 from aifactory.controller.backends.base import MetersJobEnergy
 from aifactory.controller.core.errors import SpecError
 from aifactory.controller.core.spec import JobSpec
+from aifactory.controller.power.model import profile_for
 from aifactory.controller.power.utilisation import default_utilization
+from aifactory.controller.runtime.scaler import replicas_of
 
 if TYPE_CHECKING:
     from aifactory.controller.core.state import Placement
     from aifactory.controller.runtime.controlplane import JobRecord
     from aifactory.controller.sim.simulation import Simulation
 
-__all__ = ["BudgetSeries", "TimeSeries", "TimeSeriesSampler", "Totals"]
+__all__ = ["SERVICE_COLUMNS", "BudgetSeries", "TimeSeries", "TimeSeriesSampler", "Totals"]
+
+SERVICE_COLUMNS = ("service_desired", "service_ready", "service_rate", "service_watts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,13 @@ class TimeSeries:
     # the events as (id, start, end) in the same seconds.
     tier_draw: tuple[tuple[float, ...], ...] = ()
     grid_events: tuple[tuple[str, float, float], ...] = ()
+    # With autoscaled inference: per service (``services``) over ``times``, replicas wanted
+    # and serving, requests per second offered, and its replicas' GPU draw in watts.
+    services: tuple[str, ...] = ()
+    service_desired: tuple[tuple[float, ...], ...] = ()
+    service_ready: tuple[tuple[float, ...], ...] = ()
+    service_rate: tuple[tuple[float, ...], ...] = ()
+    service_watts: tuple[tuple[float, ...], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,7 +112,9 @@ class TimeSeries:
                 summary={str(k): float(v) for k, v in (doc.get("summary") or {}).items()},
                 tier_draw=tuple(_floats(t) for t in doc.get("tier_draw", ())),
                 grid_events=tuple((str(e[0]), float(e[1]), float(e[2]))
-                                  for e in doc.get("grid_events", ())))
+                                  for e in doc.get("grid_events", ())),
+                services=tuple(str(s) for s in doc.get("services", ())),
+                **{k: tuple(_floats(c) for c in doc.get(k, ())) for k in SERVICE_COLUMNS})
         except KeyError as exc:
             raise SpecError(f"timeseries.{exc.args[0]}", "is required (write it with "
                             "aifactory simulate --json PATH --sample-seconds N)") from exc
@@ -150,6 +163,9 @@ class TimeSeriesSampler:
         self._tiers: list[float] = [0.0] * 4
         self._live: set[str] = set(sim.jobs)
         self._racks_of: dict[str, tuple[Placement, list[tuple[int, float]]]] = {}
+        self.services: list[str] = []
+        self.service_cols: dict[str, list[list[float]]] = {}  # service -> 4 columns
+        self._services_now: dict[str, tuple[float, float, float, float]] = {}
         sim.on_advance.append(self._advance)
         sim.listeners.append(self._event)
 
@@ -204,8 +220,33 @@ class TimeSeriesSampler:
                     tiers[grid.tier_of(rec)] += watts
         self._limits = list(sim.state.budgets.limits)
         self._tiers = tiers
+        self._services_now = self._measure_services()
         return (metrics.total_watts + self.base_watts, list(metrics.budget_actual), util,
                 pending, gpus)
+
+    def _measure_services(self) -> dict[str, tuple[float, float, float, float]]:
+        """(desired, ready, requests/s, watts) of every autoscaler-tracked service."""
+        sim = self.sim
+        scaler = sim.scaler
+        if scaler is None:
+            return {}
+        out: dict[str, tuple[float, float, float, float]] = {}
+        job_delta = sim.metrics.job_delta
+        for key in scaler.tracked():
+            view = scaler.view(key)
+            if view is None:
+                continue
+            watts = 0.0
+            for rec in replicas_of(sim, key):
+                if rec.placement is not None:
+                    idle = profile_for(sim.topo.nodes[rec.placement.slots[0].node]
+                                       .gpu_model).idle_power_watts() \
+                        if rec.placement.slots else 0.0
+                    watts += job_delta.get(rec.spec.key, 0.0) + \
+                        idle * rec.placement.gpu_equivalents
+            rate = sim.traffic.demand(key) if sim.traffic is not None else 0.0
+            out[key] = (float(view.desired), float(view.ready), rate, watts)
+        return out
 
     def _rack_shares(self, spec: JobSpec, placement: Placement) -> list[tuple[int, float]]:
         """(rack index, utilization x GPU-equivalents) of a job, cached per placement."""
@@ -243,6 +284,14 @@ class TimeSeriesSampler:
         for queue in self.queues:
             self.pending[queue].append(float(pending.get(queue, 0)))
             self.gpus[queue].append(gpus.get(queue, 0.0))
+        for key in self._services_now:
+            if key not in self.service_cols:
+                self.services.append(key)
+                self.service_cols[key] = [[0.0] * (len(self.times) - 1) for _ in range(4)]
+        for key in self.services:
+            now = self._services_now.get(key, (0.0, 0.0, 0.0, 0.0))
+            for column, value in zip(self.service_cols[key], now, strict=True):
+                column.append(value)
         if len(self.times) > self.max_points:
             self._coarsen()
 
@@ -259,6 +308,8 @@ class TimeSeriesSampler:
         self.rack_util = [half(c) for c in self.rack_util]
         self.pending = {q: half(c) for q, c in self.pending.items()}
         self.gpus = {q: half(c) for q, c in self.gpus.items()}
+        self.service_cols = {k: [half(c) for c in cols]
+                             for k, cols in self.service_cols.items()}
         self.interval *= 2
         self._next = self.times[-1] + self.interval
 
@@ -298,6 +349,9 @@ class TimeSeriesSampler:
             grid_events=tuple((e.id, e.start, e.end if e.end is not None else sim.now)
                               for e in sim.grid.events.values()) if sim.grid is not None
             else (),
+            services=tuple(self.services),
+            **{name: tuple(tuple(self.service_cols[k][i]) for k in self.services)
+               for i, name in enumerate(SERVICE_COLUMNS)},
             racks=self.racks, rack_utilization=tuple(tuple(c) for c in self.rack_util),
             queues=tuple(self.queues),
             queue_pending=tuple(tuple(self.pending[q]) for q in self.queues),

@@ -40,7 +40,12 @@ from ray.util.scheduling_strategies import (
 )
 
 from aifactory.controller.backends.actuators import PowerActuator
-from aifactory.controller.backends.base import TelemetrySnapshot, WorkloadPhase, WorkloadStatus
+from aifactory.controller.backends.base import (
+    ReplicaLoad,
+    TelemetrySnapshot,
+    WorkloadPhase,
+    WorkloadStatus,
+)
 from aifactory.controller.backends.energy import GpuKey, Owner
 from aifactory.controller.backends.ray.gang import (
     RAY_NAMESPACE,
@@ -340,6 +345,20 @@ class RayBackend:
 
     def in_flight(self, job: str) -> int:
         return sum(r.in_flight for r in self.workers(job))
+
+    def replica_load(self, job: str) -> ReplicaLoad | None:
+        """``ReportsLoad``: an inference replica's requests in flight and counters, from its
+        worker's last report (the poll's, not a fresh one); None until it serves."""
+        gang = self._gangs.get(job)
+        reports = [] if gang is None or gang.final is not None else \
+            [r for r in gang.reports.values() if r.endpoint]
+        if not reports:
+            return None
+        return ReplicaLoad(in_flight=float(sum(r.in_flight for r in reports)),
+                           requests_total=sum(r.requests_total for r in reports),
+                           latency_seconds_total=sum(r.latency_seconds_total
+                                                     for r in reports),
+                           endpoint=reports[0].endpoint)
 
     def logs(self, job: str, lines: int = 100) -> str:
         """Kept output of a command job's workers, rank by rank."""

@@ -255,4 +255,5 @@ class WorkerReport:
     endpoint: str | None = None
     in_flight: int = 0
     requests_total: int = 0
+    latency_seconds_total: float = 0.0  # summed over the requests answered
     metrics: tuple[tuple[str, float], ...] = field(default=())

@@ -127,6 +127,7 @@ class GangWorker:
         self._endpoint: str | None = None
         self._in_flight = 0
         self._requests = 0
+        self._latency_total = 0.0
         self._metrics: dict[str, float] = {}
         self._lines: collections.deque[str] = collections.deque(maxlen=LOG_LINES_KEPT)
         self._proc: subprocess.Popen[str] | None = None
@@ -165,6 +166,7 @@ class GangWorker:
                 finished_at=self._finished_at, message=self._message,
                 retryable=self._retryable, endpoint=self._endpoint,
                 in_flight=self._in_flight, requests_total=self._requests,
+                latency_seconds_total=self._latency_total,
                 metrics=tuple(sorted(self._metrics.items())))
 
     def describe(self) -> WorkerPlan:
@@ -351,14 +353,17 @@ class GangWorker:
         server.server_close()
         self._set("failed", "stopped")
 
-    def _enter(self) -> None:
+    def _enter(self) -> float:
         with self._lock:
             self._in_flight += 1
             self._requests += 1
+        return time.monotonic()
 
-    def _leave(self) -> None:
+    def _leave(self, entered: float) -> None:
+        took = time.monotonic() - entered
         with self._lock:
             self._in_flight -= 1
+            self._latency_total += took
 
 
 def _echo(body: bytes) -> bytes:
@@ -388,7 +393,7 @@ def _request_handler(worker: GangWorker, handler: Callable[[bytes], Any]
             self._handle(self.rfile.read(length) if length > 0 else b"")
 
         def _handle(self, body: bytes) -> None:
-            worker._enter()
+            entered = worker._enter()
             try:
                 out = handler(body)
                 data = out.encode() if isinstance(out, str) else bytes(out)
@@ -396,6 +401,6 @@ def _request_handler(worker: GangWorker, handler: Callable[[bytes], Any]
             except Exception as exc:
                 self._answer(500, f"{type(exc).__name__}: {exc}".encode())
             finally:
-                worker._leave()
+                worker._leave(entered)
 
     return Handler
