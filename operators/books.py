@@ -21,6 +21,7 @@ from aifactory.operators.configstatus import ConfigEntry
 from aifactory.operators.grid import GridLink
 from aifactory.operators.objects import Tracked
 from aifactory.operators.outbox import Outbox
+from aifactory.operators.scaling import ServiceScaling
 
 __all__ = ["Claims", "EngineOptions", "EngineView", "StatusBooks", "StatusKey", "claimed_slots"]
 
@@ -93,6 +94,10 @@ class EngineOptions:
     writers: int = 16
     delete_timeout_seconds: float = 30.0
     finished_retention_seconds: float = 300.0  # wall seconds a finished job stays in the core
+    autoscale_sync_seconds: float = 15.0  # the autoscaler's period (the HPA's default)
+    # With --backend sim: InferenceService load from this curve ('diurnal' or a CSV path,
+    # re-read when it changes); None: no simulated traffic.
+    sim_traffic: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -139,6 +144,7 @@ class EngineView(Protocol):
     snapshot: dict[str, Any]
     on_admitted: list[Callable[[Tracked, str], None]]
     grid: GridLink
+    scaling: ServiceScaling
 
     def note(self, obj: Tracked, type_: str, reason: str, message: str,
              phase_change: bool = True) -> None: ...

@@ -49,6 +49,7 @@ from aifactory.controller.core.spec import (
     replica_jobs,
 )
 from aifactory.controller.power.grid import BudgetWindow, GridEvent
+from aifactory.controller.runtime.autoscale import policy_from_manifest
 from aifactory.controller.runtime.controlplane import ControlPlane, JobRecord
 from aifactory.controller.runtime.resync import Reconciler
 from aifactory.operators import publish
@@ -59,6 +60,7 @@ from aifactory.operators.kube import KubeClient
 from aifactory.operators.nodes import NodeBook
 from aifactory.operators.objects import StatusContext, Tracked
 from aifactory.operators.outbox import Outbox
+from aifactory.operators.scaling import ServiceScaling
 from aifactory.operators.status import Conditions, Phase
 from aifactory.operators.tenancy import NamespaceGrant, priority_refusal
 from aifactory.operators.transitions import end_run, on_core_event
@@ -127,6 +129,8 @@ class Engine:
         self._last_forced = 0.0
         self._last_pass_seconds = 0.0
         self.grid = GridLink(cp, grid, clock.to_wall)
+        self.scaling = ServiceScaling(self, options.autoscale_sync_seconds,
+                                      options.sim_traffic)
         cp.listeners.append(lambda reason, rec, msg: on_core_event(self, reason, rec, msg))
 
     # ----------------------------------------------------------------- requests (handlers)
@@ -251,6 +255,7 @@ class Engine:
             self.reconciler.step(force=force)
             if self.reconciler.cp is not self.cp:
                 self._replace_plane(self.reconciler.cp)
+        self.scaling.step()
         refresh = mono >= self._next_refresh
         if refresh:
             self._next_refresh = mono + self.opts.status_interval_seconds
@@ -337,7 +342,12 @@ class Engine:
             return
         obj.invalid = None
         if kind == SERVICE_KIND:
-            self._reconcile_service(obj, spec)
+            try:
+                policy = policy_from_manifest(body)
+            except SpecError as exc:
+                self.fail_invalid(obj, str(exc))
+                return
+            self.reconcile_service(obj, self.scaling.replicas_for(spec, policy))
         elif not obj.keys:
             obj.spec = spec
             self.submit(obj, spec)
@@ -392,7 +402,7 @@ class Engine:
             obj.keys.append(spec.key)
         return self.cp.submit(spec, at=at)
 
-    def _reconcile_service(self, obj: Tracked, service: JobSpec) -> None:
+    def reconcile_service(self, obj: Tracked, service: JobSpec) -> None:
         """Scale replicas up or down (the highest indices go first); any other change
         replaces every replica."""
         if obj.spec is not None and service_base(obj.spec) != service_base(service):
@@ -421,6 +431,8 @@ class Engine:
         """The object is gone: release everything it holds."""
         for key in list(obj.keys):
             self._cancel(obj, key)
+        if obj.is_service:
+            self.scaling.forget(f"{obj.namespace}/{obj.name}")
         self.objects.pop(obj.ident, None)
         self.books.drop(obj)
         self.books.claims.gone(obj.ident)
@@ -513,6 +525,7 @@ class Engine:
         numbering): follow it, and tell the metrics server."""
         self.cp = cp
         self.grid.rebind(cp)
+        self.scaling.rebind(cp)
         for obj in self.objects.values():
             for key in obj.keys:
                 rec = cp.jobs.get(key)

@@ -2,7 +2,8 @@
 
     aifactory operator [--backend sim] [--cluster small|PATH] [--inventory auto|nodes|factory]
                        [--sim-speed N] [--status-interval SECONDS] [--kubeconfig PATH]
-                       [--status-writes-per-second 20]
+                       [--status-writes-per-second 20] [--autoscale-sync-seconds 15]
+                       [--sim-traffic diurnal|FILE]
                        [--health-port 8080] [--metrics-port 9402] [--policy aifactory]
                        [--telemetry auto|nvml|model|sim] [--node-metrics]
     aifactory operator --backend ray (--ray-address ADDRESS | --ray-local [--cluster SPEC])
@@ -90,6 +91,14 @@ def parser() -> argparse.ArgumentParser:
                    help="budget of status writes that only refresh meters (energy, power, "
                         "cost, GPU-hours) or words, over all objects; phase and placement "
                         "changes are written at once, outside it (default 20)")
+    p.add_argument("--autoscale-sync-seconds", type=_positive, default=15.0,
+                   help="seconds between autoscaling decisions of InferenceServices with "
+                        "spec.autoscaling (default 15, as the HorizontalPodAutoscaler)")
+    p.add_argument("--sim-traffic", default=None, metavar="diurnal|FILE",
+                   help="--backend sim: drive every InferenceService with simulated requests "
+                        "('diurnal', relative to operator start, or a CSV of seconds,"
+                        "requests_per_second or seconds,relative_load, re-read when it "
+                        "changes), so replicas autoscale and watts follow load")
     p.add_argument("--tick", type=_positive, default=0.1,
                    help="seconds between engine passes when nothing happens (default 0.1)")
     p.add_argument("--policy", choices=POLICY_NAMES, default="aifactory",
@@ -212,8 +221,13 @@ def options_from(args: argparse.Namespace) -> OperatorOptions:
         raise BackendError("--ray-local, --ray-address and --ray-cpus-per-worker apply to "
                            "--backend ray only")
     ray = _ray_options(args) if args.backend == "ray" else RayOptions()
+    if args.sim_traffic and args.backend != "sim":
+        raise BackendError("--sim-traffic drives the simulated backend's InferenceServices; "
+                           "with --backend ray the replicas report their own load")
     engine = EngineOptions(tick_seconds=args.tick, status_interval_seconds=args.status_interval,
-                           meter_writes_per_second=args.status_writes_per_second)
+                           meter_writes_per_second=args.status_writes_per_second,
+                           autoscale_sync_seconds=args.autoscale_sync_seconds,
+                           sim_traffic=args.sim_traffic)
     if not 0 <= args.metrics_port <= 65535:
         raise BackendError(f"--metrics-port: must be a port number (0 disables), got "
                            f"{args.metrics_port}")

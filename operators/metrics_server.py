@@ -207,14 +207,16 @@ def serve_metrics(engine: Engine, port: int = DEFAULT_METRICS_PORT, host: str = 
     log.info("metrics on :%d/metrics; GPU telemetry: %s (requested %s)", port,
              "the backend's own" if source == "backend" else source, telemetry)
     server = start_metrics_server(engine.cp, port, host, lock=engine.lock, per_gpu=per_gpu,
-                                  telemetry=choice, extra=[OperatorCollector(engine)])
+                                  telemetry=choice, extra=[OperatorCollector(engine)],
+                                  services=engine.scaling.autoscaler)
 
     def follow(cp: ControlPlane) -> None:  # called by the engine, holding its lock
         old = server.collector.observer
         source = old.telemetry
         if isinstance(source.source, ModelTelemetry):  # models the old topology's GPUs
             source = choose(cp, telemetry)
-        server.collector.observer = PlaneObserver(cp, source, per_gpu=old.per_gpu)
+        server.collector.observer = PlaneObserver(cp, source, per_gpu=old.per_gpu,
+                                                  services=old.services)
 
     engine.on_plane_replaced.append(follow)
     engine.on_stop.append(server.close)

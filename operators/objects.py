@@ -19,6 +19,7 @@ from aifactory.controller.core.state import Placement
 from aifactory.controller.core.topology import Topology
 from aifactory.controller.power.model import CostModel
 from aifactory.controller.runtime.controlplane import JobRecord
+from aifactory.controller.runtime.scaler import ServiceView
 from aifactory.operators.status import Conditions, Phase, energy_fields, wait_reason
 from aifactory.operators.translate import (
     GROUP,
@@ -87,6 +88,8 @@ class StatusContext:
     describe: Callable[[Placement], str]
     run_energy: Callable[[str], float]  # joules of the key's current run
     now: str  # RFC 3339, for condition transitions
+    # An InferenceService's replicas as the autoscaler sees them (None: not tracked).
+    service_view: Callable[[str], ServiceView | None] = lambda key: None
 
 
 def _energy(obj: Tracked, ctx: StatusContext, running: list[str], power: float
@@ -161,6 +164,14 @@ def job_status(obj: Tracked, ctx: StatusContext) -> dict[str, Any]:
     }
 
 
+def _serving(view: ServiceView | None) -> dict[str, Any]:
+    """Where to send requests and what the autoscaler last decided."""
+    if view is None:
+        return {}
+    return {"endpoints": list(view.endpoints), "inFlightRequests": round(view.in_flight, 2),
+            "scaling": view.reason}
+
+
 def service_status(obj: Tracked, ctx: StatusContext) -> dict[str, Any]:
     """Status of an InferenceService from its replicas' records; conditions are derived."""
     base: dict[str, Any] = {"observedGeneration": obj.generation, **_queue(obj)}
@@ -211,13 +222,15 @@ def service_status(obj: Tracked, ctx: StatusContext) -> dict[str, Any]:
     elif failed:
         message = conds.items["Failed"]["message"]
     running_keys = [k for k, _ in placed]
+    view = ctx.service_view(f"{obj.namespace}/{obj.name}")
     return {
         **base,
         "phase": phase,
         "message": message,
         "replicas": len(placed),
-        "readyReplicas": len(placed),
+        "readyReplicas": view.ready if view is not None else len(placed),
         "desiredReplicas": desired,
+        **_serving(view),
         "gpus": round(gpus, 3),
         "conditions": conds.as_list(),
         "restarts": sum(r.restarts for _, r in records if r is not None),

@@ -39,7 +39,8 @@ from aifactory.operators.translate import format_time
 
 __all__ = ["METERS", "publish", "status_context", "take_snapshot"]
 
-METERS = ("message", "energyJoules", "energyKWh", "gpuHours", "costDollars", "powerWatts")
+METERS = ("message", "energyJoules", "energyKWh", "gpuHours", "costDollars", "powerWatts",
+          "inFlightRequests", "scaling")
 EXTRA_CHECKS = 16  # meter checks a pass may make beyond its write allowance (unchanged ones)
 
 
@@ -62,7 +63,8 @@ def status_context(engine: EngineView) -> StatusContext:
     return StatusContext(engine.cp.topo, engine.cp.factory.cost, engine.cp.jobs,
                          engine.clock.to_wall,
                          functools.partial(describe_placement, topo=engine.cp.topo),
-                         functools.partial(run_energy, engine), format_time(time.time()))
+                         functools.partial(run_energy, engine), format_time(time.time()),
+                         engine.scaling.view)
 
 
 def publish(engine: EngineView, refresh: bool) -> None:

@@ -75,7 +75,8 @@ def serve_simulation(sim: Simulation, port: int, host: str = "0.0.0.0", *,
 
     lock = threading.Lock()
     stop = stop or threading.Event()
-    server = start_metrics_server(sim, port, host, lock=lock, per_gpu=per_gpu)
+    server = start_metrics_server(sim, port, host, lock=lock, per_gpu=per_gpu,
+                                  services=sim.scaler)
     log(f"serving metrics on {server.url} (speed {speed:g}x, "
         f"{'until Ctrl-C' if duration is None else f'for {duration:g} s'})")
     wall_start = time.monotonic()
@@ -97,11 +98,16 @@ def serve_simulation(sim: Simulation, port: int, host: str = "0.0.0.0", *,
 
 
 def serve_from_args(args: argparse.Namespace, factory: FactorySpec,
-                    arrivals: Sequence[Arrival], policy: str, console: Any) -> int:
+                    arrivals: Sequence[Arrival], policy: str, console: Any,
+                    workload: Path) -> int:
     """``aifactory simulate --serve-metrics``: serve, then print the run's results."""
     from aifactory.controller.sim.simulation import Simulation
 
     sim = Simulation(factory, policy, seed=args.seed)
+    if args.traffic:
+        from aifactory.controller.cli.traffic import attach_traffic
+
+        attach_traffic(sim, args, workload)
     sim.submit_all(arrivals)
     res = serve_simulation(sim, args.serve_metrics, args.metrics_host, speed=args.speed,
                            duration=args.duration, per_gpu=not args.node_metrics,

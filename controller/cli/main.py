@@ -116,7 +116,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.serve_metrics is not None:
         from aifactory.controller.cli.live import serve_from_args
 
-        return serve_from_args(args, factory, arrivals, names[0], console)
+        return serve_from_args(args, factory, arrivals, names[0], console, workload)
     topo = Topology.build(factory.nodes, factory.levels)
     console.print(f"[bold]factory[/] {factory.name}: {topo.describe()}")
     cpu_only = sum(1 for a in arrivals if a.spec.cpu_only)

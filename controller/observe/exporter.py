@@ -33,7 +33,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from aifactory.controller.observe.families import Family, TextRenderer, build_families, format_value
-from aifactory.controller.observe.snapshot import PlaneObserver, TelemetryChoice, choose_telemetry
+from aifactory.controller.observe.snapshot import (
+    PlaneObserver,
+    ServiceSource,
+    TelemetryChoice,
+    choose_telemetry,
+)
 
 if TYPE_CHECKING:
     from aifactory.controller.runtime.controlplane import ControlPlane
@@ -193,7 +198,8 @@ def start_metrics_server(plane: ControlPlane, port: int = DEFAULT_METRICS_PORT,
                          lock: AbstractContextManager[object] | None = None,
                          per_gpu: bool = True, telemetry: str | TelemetryChoice = "auto",
                          renderer: str = "fast",
-                         extra: Sequence[Collector] = ()) -> MetricsServer:
+                         extra: Sequence[Collector] = (),
+                         services: ServiceSource | None = None) -> MetricsServer:
     """Serve ``plane``'s metrics on ``http://host:port/metrics`` from a daemon thread.
 
     ``lock``: held while a snapshot is taken; pass the lock your thread holds while it
@@ -201,7 +207,8 @@ def start_metrics_server(plane: ControlPlane, port: int = DEFAULT_METRICS_PORT,
     series only (a 100,000-GPU factory). ``telemetry``: ``auto`` (the simulated backend's
     own, else NVML, else the power model), ``backend``, ``nvml``, ``model``, or a choice
     already made (``choose_telemetry``). ``extra``: more collectors served on the same
-    port. ``port=0`` picks a free port (see ``.port``). Stop it with ``.close()``."""
+    port. ``services``: InferenceServices' replicas and load (the autoscaler).
+    ``port=0`` picks a free port (see ``.port``). Stop it with ``.close()``."""
     if isinstance(telemetry, TelemetryChoice):
         choice = telemetry
     elif lock is not None:
@@ -209,5 +216,5 @@ def start_metrics_server(plane: ControlPlane, port: int = DEFAULT_METRICS_PORT,
             choice = choose_telemetry(plane, telemetry)
     else:
         choice = choose_telemetry(plane, telemetry)
-    observer = PlaneObserver(plane, choice, per_gpu=per_gpu)
+    observer = PlaneObserver(plane, choice, per_gpu=per_gpu, services=services)
     return MetricsServer(FactoryCollector(observer, lock), host, port, renderer, extra)

@@ -119,6 +119,20 @@ METRICS: tuple[MetricDef, ...] = (
     _m("aifactory_job_preemptions_total", "counter", JOB, "Times a job was preempted."),
     _m("aifactory_job_phase", "gauge", (*JOB, "phase"),
        "1 for the job's phase (Queued, Running, Succeeded, Failed), 0 for the others."),
+    # inference services
+    _m("aifactory_inference_replicas", "gauge", ("namespace", "service", "state"),
+       "An InferenceService's replicas: desired (spec.replicas or the autoscaler's choice), "
+       "placed (running) and ready (serving)."),
+    _m("aifactory_inference_in_flight_requests", "gauge", ("namespace", "service"),
+       "Requests in flight over the service's ready replicas."),
+    _m("aifactory_inference_requests_total", "counter", ("namespace", "service"),
+       "Requests the service's replicas answered; rate() is the request rate."),
+    _m("aifactory_inference_request_seconds_total", "counter", ("namespace", "service"),
+       "Seconds the answered requests took in all; divided by the requests' rate, the mean "
+       "latency."),
+    _m("aifactory_inference_scale_events_total", "counter",
+       ("namespace", "service", "direction"),
+       "Autoscaler changes of the replica count, up or down."),
     # scheduler
     _m("aifactory_scheduling_attempts_total", "counter", ("result",),
        "Jobs considered by scheduling cycles: admitted, waiting (no room yet) or failed "
@@ -248,6 +262,15 @@ def build_families(snap: FactorySnapshot) -> list[Family]:
     for j, lab in zip(jobs, rows, strict=True):
         for phase in PHASES:
             add("aifactory_job_phase", (*lab, phase), 1 if j.phase == phase else 0)
+    for v in snap.services:
+        svc = (v.namespace, v.name)
+        for state, n in (("desired", v.desired), ("placed", v.placed), ("ready", v.ready)):
+            add("aifactory_inference_replicas", (*svc, state), n)
+        add("aifactory_inference_in_flight_requests", svc, v.in_flight)
+        add("aifactory_inference_requests_total", svc, v.requests_total)
+        add("aifactory_inference_request_seconds_total", svc, v.request_seconds_total)
+        add("aifactory_inference_scale_events_total", (*svc, "up"), v.scale_ups)
+        add("aifactory_inference_scale_events_total", (*svc, "down"), v.scale_downs)
     for result, count in s.attempts:
         add("aifactory_scheduling_attempts_total", (result,), count)
     fams["aifactory_scheduling_duration_seconds"].histograms.append(((), s.decisions))

@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aifactory.controller.backends.base import GPUReading, MetersJobEnergy
 from aifactory.controller.backends.simulated import SimulatedBackend
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from aifactory.controller.core.spec import JobSpec
     from aifactory.controller.core.state import Placement
     from aifactory.controller.runtime.controlplane import ControlPlane
+    from aifactory.controller.runtime.scaler import ServiceView
 
 __all__ = [
     "BudgetSample",
@@ -125,6 +126,30 @@ class QueueSample:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceSample:
+    """One InferenceService's replicas and load (``ServiceView`` as the metrics see it)."""
+
+    namespace: str
+    name: str
+    desired: int
+    placed: int
+    ready: int
+    in_flight: float
+    requests_total: float
+    request_seconds_total: float
+    scale_ups: int
+    scale_downs: int
+
+
+class ServiceSource(Protocol):
+    """Where services' views come from: the autoscaler (``controller.runtime.scaler``)."""
+
+    scale_counts: dict[tuple[str, str], int]
+
+    def views(self) -> list[tuple[str, ServiceView]]: ...
+
+
+@dataclass(frozen=True, slots=True)
 class SchedulerSample:
     attempts: tuple[tuple[str, int], ...]
     decisions: HistogramCounts
@@ -157,6 +182,7 @@ class FactorySnapshot:
     queues: tuple[QueueSample, ...]
     jobs: tuple[JobSample, ...]
     scheduler: SchedulerSample
+    services: tuple[ServiceSample, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,8 +234,9 @@ class PlaneObserver:
     per-GPU readings (node-level aggregation, for very large factories)."""
 
     def __init__(self, plane: ControlPlane, telemetry: TelemetryChoice | None = None,
-                 per_gpu: bool = True) -> None:
+                 per_gpu: bool = True, services: ServiceSource | None = None) -> None:
         self.plane = plane
+        self.services = services
         self.telemetry = telemetry or choose_telemetry(plane)
         self.per_gpu = per_gpu
         self.attributor = EnergyAttributor()
@@ -243,7 +270,21 @@ class PlaneObserver:
             gpus=gpus, gpu_labels=gpu_labels, nodes=nodes, power_watts=power,
             energy_joules=energy, budgets=self._budgets(node_power),
             domains=self._domains(), levels=self._levels(), queues=self._queues(),
-            jobs=self._jobs(), scheduler=self._scheduler())
+            jobs=self._jobs(), scheduler=self._scheduler(), services=self._services())
+
+    def _services(self) -> tuple[ServiceSample, ...]:
+        source = self.services
+        if source is None:
+            return ()
+        counts = source.scale_counts
+        out = []
+        for key, v in source.views():
+            namespace, _, name = key.partition("/")
+            out.append(ServiceSample(
+                namespace, name, v.desired, v.placed, v.ready, v.in_flight,
+                v.requests_total, v.latency_seconds_total,
+                counts.get((key, "up"), 0), counts.get((key, "down"), 0)))
+        return tuple(out)
 
     # ----------------------------------------------------------------- GPUs and nodes
 

@@ -20,7 +20,6 @@ their watts in the same step.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -124,7 +123,8 @@ class Autoscaler:
         self.target: ScaleTarget = target or ControlPlaneReplicas(cp)
         self.sync_seconds = sync_seconds
         self.services: dict[str, _Tracked] = {}
-        self.changes: list[ScaleChange] = []  # every change, oldest first (bounded)
+        self.changes: list[ScaleChange] = []  # the last 1,000 changes, oldest first
+        self.scale_counts: dict[tuple[str, str], int] = {}  # (service, up|down) -> changes
         self.listeners: list[Callable[[ScaleChange], None]] = []
         self._last_sync: float | None = None
 
@@ -204,6 +204,8 @@ class Autoscaler:
         self.target.scale(tracked.service, decision.replicas, change)
         self.changes.append(change)
         del self.changes[:-1000]
+        direction = (key, "up" if change.replicas_to > current else "down")
+        self.scale_counts[direction] = self.scale_counts.get(direction, 0) + 1
         for listener in self.listeners:
             listener(change)
         return change
@@ -231,11 +233,17 @@ class Autoscaler:
                 latency += last.latency_seconds_total
         tracked.retired, tracked.seen = (requests, latency), loads
         view = view_of(tracked.desired, replicas, loads, tracked.reason)
+        if self.load is None:  # nothing reports serving: a placed replica counts as ready
+            view = replace(view, ready=view.placed)
         return replace(view, requests_total=view.requests_total + requests,
                        latency_seconds_total=view.latency_seconds_total + latency)
 
     def tracked(self) -> Iterable[str]:
         return self.services.keys()
+
+    def views(self) -> list[tuple[str, ServiceView]]:
+        """Every tracked service's view (``ServiceSource``, for the metrics)."""
+        return [(k, v) for k in list(self.services) if (v := self.view(k)) is not None]
 
 
 def view_of(desired: int, replicas: list[JobRecord], load: Mapping[str, ReplicaLoad],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from aifactory.controller.backends.base import ReplicaLoad
@@ -81,13 +81,16 @@ def diurnal(trough: float = 0.1, peak_hour: float = 14.0, step_seconds: float = 
 
 def load_curve_csv(path: str | Path) -> LoadCurve:
     """A recorded rate: a CSV with a header, seconds in the first column and requests per
-    second in the second (further columns ignored), normalised to its peak. Held after its
-    last row (no repeat)."""
+    second in the second (further columns ignored), normalised to its peak; or, when the
+    second column is headed ``relative_load``, the relative load itself (1.0: the sized
+    peak). Held after its last row (no repeat)."""
     p = Path(path)
     try:
         lines = p.read_text().splitlines()
     except OSError as exc:
         raise InputFileError(str(path), str(exc.strerror or exc)) from exc
+    head = lines[0].split(",") if lines else []
+    relative = len(head) > 1 and head[1].strip() == "relative_load"
     rows: list[tuple[float, float]] = []
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -102,7 +105,7 @@ def load_curve_csv(path: str | Path) -> LoadCurve:
         raise InputFileError(str(path), "no rows after the header (seconds,"
                              "requests_per_second)")
     rows.sort()
-    peak = max(r for _, r in rows)
+    peak = 1.0 if relative else max(r for _, r in rows)
     if not peak > 0 or any(r < 0 or not math.isfinite(r) for _, r in rows):
         raise InputFileError(str(path), "requests_per_second must be >= 0, some > 0",
                              column="requests_per_second")
@@ -157,14 +160,43 @@ class _Service:
 class TrafficModel:
     """``ReportsLoad`` for the simulator: call ``refresh()`` before the autoscaler reads."""
 
-    def __init__(self, cp: ControlPlane, services: Mapping[str, ServiceTraffic]) -> None:
+    def __init__(self, cp: ControlPlane, services: Mapping[str, ServiceTraffic], *,
+                 origin: float = 0.0, follow: Path | None = None) -> None:
         self.cp = cp
         self.services = {key: _Service(t) for key, t in services.items()}
+        self.origin = origin  # the curves' time 0 on the plane's clock
+        self.follow = follow  # a CSV re-read when it changes (a live-driven rate)
+        self._mtime = follow.stat().st_mtime_ns if follow is not None else 0
+
+    def add(self, key: str, traffic: ServiceTraffic) -> None:
+        """Drive one more service (or re-size one whose spec changed)."""
+        old = self.services.get(key)
+        self.services[key] = _Service(traffic) if old is None else \
+            _Service(traffic, old.replicas, old.at)
+
+    def remove(self, key: str) -> None:
+        self.services.pop(key, None)
+
+    def _reread(self) -> None:
+        path = self.follow
+        if path is None:
+            return
+        try:
+            mtime = path.stat().st_mtime_ns
+            if mtime == self._mtime:
+                return
+            curve = load_curve_csv(path)
+        except (OSError, InputFileError):
+            return  # mid-write or gone: keep the last good curve
+        self._mtime = mtime
+        for svc in self.services.values():
+            svc.traffic = replace(svc.traffic, curve=curve)
 
     def refresh(self) -> None:
         """Count what was served since the last refresh (the state then held throughout),
         then spread the load now over the ready replicas."""
         now = self.cp.now
+        self._reread()
         for key, svc in self.services.items():
             if svc.at is not None and now > svc.at:
                 dt = now - svc.at
@@ -175,7 +207,8 @@ class TrafficModel:
             svc.at = now
             ready = [r for r in replicas_of(self.cp, key) if r.placement is not None]
             t = svc.traffic
-            offered = t.rate(now) * t.latency_seconds / len(ready) if ready else 0.0
+            offered = t.rate(now - self.origin) * t.latency_seconds / len(ready) \
+                if ready else 0.0
             slow = max(1.0, offered / t.saturation_in_flight)
             kept: dict[str, _Served] = {}
             for rec in ready:
@@ -201,4 +234,4 @@ class TrafficModel:
     def demand(self, service: str) -> float:
         """Requests per second the service is offered now (0 when not modelled)."""
         svc = self.services.get(service)
-        return 0.0 if svc is None else svc.traffic.rate(self.cp.now)
+        return 0.0 if svc is None else svc.traffic.rate(self.cp.now - self.origin)

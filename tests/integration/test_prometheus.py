@@ -9,7 +9,8 @@ and every PromQL expression of every dashboard in deploy/grafana/dashboards retu
 The factory (256 H200 in 2 blocks x 2 racks x 8 nodes) and its jobs:
 
     alpha/pretrain   64 GPUs (8 x 8, one rack), runs the whole test      queue research
-    beta/chat         3 x 2 GPUs (inference replicas), run until stopped  queue serving
+    beta/chat         3-6 x 2 GPUs (autoscaled inference replicas under a diurnal request
+                      rate, --traffic), run until stopped                 queue serving
     delta/finetune   16 GPUs, 120 simulated seconds: done after ~6 s      queue research
     gamma/giant     192 GPUs: never fits while pretrain runs, so it waits queue research
 """
@@ -83,7 +84,8 @@ JOBS = [
     {"apiVersion": "aifactory.io/v1alpha1", "kind": "InferenceService",
      "metadata": {"name": "chat", "namespace": "beta"},
      "spec": {"model": "m", "gpusPerReplica": 2, "replicas": 3, "minReplicas": 3,
-              "maxReplicas": 3, "queue": "serving",
+              "maxReplicas": 6, "autoscaling": {"targetInFlightRequests": 4},
+              "queue": "serving",
               "priority": 200, "runtime": {"command": ["serve"]}}},
     _training("delta", "finetune", 2, "research", 50, 120),
     _training("gamma", "giant", 24, "research", 10, 3600),
@@ -131,7 +133,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         [sys.executable, "-m", "aifactory.controller.cli.main", "simulate",
          "--cluster", str(work / "factory.yaml"), "--workload", str(jobs),
          "--serve-metrics", str(port), "--metrics-host", "127.0.0.1",
-         "--speed", str(SPEED), "--duration", "600", "--no-progress"],
+         "--speed", str(SPEED), "--duration", "600", "--no-progress",
+         "--traffic", "diurnal"],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stdout=log, stderr=subprocess.STDOUT)
     log.close()
