@@ -30,6 +30,8 @@ __all__ = ["METRICS", "Family", "MetricDef", "TextRenderer", "build_families"]
 GPU = ("node", "gpu", "<levels>", "model", "job_namespace", "job_name")
 NODE = ("node", "<levels>", "model")
 JOB = ("job_namespace", "job_name", "queue")
+SERVICE = ("service_namespace", "service_name")  # an InferenceService (not "service":
+# the label kube-prometheus adds to every target of a ServiceMonitor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,18 +122,18 @@ METRICS: tuple[MetricDef, ...] = (
     _m("aifactory_job_phase", "gauge", (*JOB, "phase"),
        "1 for the job's phase (Queued, Running, Succeeded, Failed), 0 for the others."),
     # inference services
-    _m("aifactory_inference_replicas", "gauge", ("namespace", "service", "state"),
+    _m("aifactory_inference_replicas", "gauge", (*SERVICE, "state"),
        "An InferenceService's replicas: desired (spec.replicas or the autoscaler's choice), "
        "placed (running) and ready (serving)."),
-    _m("aifactory_inference_in_flight_requests", "gauge", ("namespace", "service"),
+    _m("aifactory_inference_in_flight_requests", "gauge", SERVICE,
        "Requests in flight over the service's ready replicas."),
-    _m("aifactory_inference_requests_total", "counter", ("namespace", "service"),
+    _m("aifactory_inference_requests_total", "counter", SERVICE,
        "Requests the service's replicas answered; rate() is the request rate."),
-    _m("aifactory_inference_request_seconds_total", "counter", ("namespace", "service"),
+    _m("aifactory_inference_request_seconds_total", "counter", SERVICE,
        "Seconds the answered requests took in all; divided by the requests' rate, the mean "
        "latency."),
     _m("aifactory_inference_scale_events_total", "counter",
-       ("namespace", "service", "direction"),
+       (*SERVICE, "direction"),
        "Autoscaler changes of the replica count, up or down."),
     # scheduler
     _m("aifactory_scheduling_attempts_total", "counter", ("result",),

@@ -122,8 +122,8 @@ def test_replicas_follow_load_up_at_once_and_down_after_the_window(
     first_down = next(t for t, d in seen if t > dropped and d < 7)
     assert first_down - dropped >= WINDOW - 1.5, (first_down - dropped, seen)
     metrics = operator.metrics()
-    assert 'aifactory_inference_replicas{namespace="autoscale",service="chat",' \
-           'state="desired"} 1' in metrics
+    assert 'aifactory_inference_replicas{service_namespace="autoscale",' \
+           'service_name="chat",state="desired"} 1' in metrics
     assert "aifactory_inference_scale_events_total" in metrics
     print(f"autoscale reaction: load step to {status['readyReplicas']} ready replicas in "
           f"{up_seconds:.1f} s (sync 1 s); first scale-down "
