@@ -172,6 +172,24 @@ def overview() -> dict[str, Any]:
     b.add("timeseries", "Queue depth by queue and priority",
           [("sum by (queue, priority) (aifactory_queue_pending_jobs)",
             "{{queue}} p{{priority}}")], w=12, h=8)
+    b.row("Inference")
+    svc = "service_namespace, service_name"
+    name = "{{service_namespace}}/{{service_name}}"
+    b.add("timeseries", "Replicas by service",
+          [(f'sum by ({svc}) (aifactory_inference_replicas{{state="desired"}})',
+            f"{name} wanted"),
+           (f'sum by ({svc}) (aifactory_inference_replicas{{state="ready"}})',
+            f"{name} ready")], w=8, h=8,
+          description="Replicas the autoscaler (or spec.replicas) wants, and those serving")
+    b.add("timeseries", "Requests in flight and request rate",
+          [(f"sum by ({svc}) (aifactory_inference_in_flight_requests)", f"{name} in flight"),
+           (f"sum by ({svc}) (rate(aifactory_inference_requests_total[$__rate_interval]))",
+            f"{name} requests/s")], w=8, h=8)
+    b.add("timeseries", "Mean request latency",
+          [(f"sum by ({svc}) (rate(aifactory_inference_request_seconds_total"
+            f"[$__rate_interval])) / sum by ({svc}) "
+            f"(rate(aifactory_inference_requests_total[$__rate_interval]))", name)],
+          w=8, h=8, unit="s")
     return dashboard("aifactory-overview", "aifactory / Factory overview",
                      "Power against budgets, energy, cost, utilization, GPUs by queue and "
                      "fragmentation of one AI factory.", b, [])

@@ -159,6 +159,11 @@ def test_a_scale_up_over_the_power_budget_waits_with_the_reason(
             and s, 60, "a scale-up waiting on the power budget")
         assert status["replicas"] == 1 < status["desiredReplicas"], status
         assert "autoscale-all" in status["message"], status["message"]
+        waits = wait_for(lambda: [e for e in json.loads(env.kubectl(
+            "get", "events", f"-n={NS}", "-o", "json",
+            "--field-selector=involvedObject.name=hungry").stdout)["items"]
+            if "autoscale-all" in e.get("message", "")], 30, "an Event naming the budget")
+        assert waits[0]["type"] == "Normal"
         # Load gone: the waiting replicas go first and the one running stays.
         _load(traffic, 0.0)
     finally:

@@ -30,9 +30,10 @@ from aifactory.controller.backends.base import WorkloadPhase  # noqa: E402
 from aifactory.controller.backends.ray.backend import RayBackend  # noqa: E402
 from aifactory.controller.core.spec import JobKind, JobSpec, Runtime  # noqa: E402
 from aifactory.controller.core.topology import RACK_LABEL  # noqa: E402
-from aifactory.controller.runtime.autoscale import AutoscalePolicy, decide, replica_changes  # noqa: E402
+from aifactory.controller.runtime.autoscale import AutoscalePolicy, replica_changes  # noqa: E402
 from aifactory.controller.runtime.controlplane import ControlPlane, JobPhase, JobRecord  # noqa: E402
 from aifactory.controller.runtime.resync import Reconciler, adopt_running  # noqa: E402
+from aifactory.controller.runtime.scaler import Autoscaler, replicas_of  # noqa: E402
 from tests.integration.ray_env import NODES, leftovers, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -270,45 +271,54 @@ def test_a_failing_command_keeps_its_output_and_fails_the_job(
     assert "hello from rank 0" in backend.logs(spec.key)
 
 
-def test_inference_replicas_report_requests_in_flight_and_scale_out(
+def test_inference_replicas_report_requests_in_flight_and_the_autoscaler_scales_out(
         plane: ControlPlane, backend: RayBackend) -> None:
+    """The autoscaler on Ray: replicas report their requests in flight, a sync scales out
+    at most doubling, new replicas serve on their own endpoints, and when the load is gone
+    the replicas come back down to the minimum (no stabilization window here)."""
     service = JobSpec(name="chat", kind=JobKind.INFERENCE, namespace="it", workers=1,
-                      gpus_per_worker=1, group="chat", restart_limit=100,
+                      gpus_per_worker=1, group="it/chat", restart_limit=100,
                       runtime=Runtime(entrypoint=f"{PROGRAMS}:slow_echo",
-                                      env=(("DELAY_SECONDS", "2.0"),)))
-    policy = AutoscalePolicy(min_replicas=1, max_replicas=3, target_in_flight=1)
-    first, _ = replica_changes(service, [], 1)
-    plane.submit(first[0])
-    key = first[0].key
+                                      env=(("DELAY_SECONDS", "3.0"),)))
+    policy = AutoscalePolicy(min_replicas=1, max_replicas=3, target_in_flight=1,
+                             scale_down_stabilization_seconds=0)
+    scaler = Autoscaler(plane, backend)
+    (first,) = replica_changes(service, [], scaler.track(service, policy))[0]
+    plane.submit(first)
+    key = first.key
     wait_for(plane.step, lambda: bool(backend.endpoints(key)), what="replica serving")
     (endpoint,) = backend.endpoints(key)
     answers: list[bytes] = []
 
     def ask(i: int) -> None:
         req = urllib.request.Request(endpoint, data=f"q{i}".encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=20) as resp:
             answers.append(resp.read())
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
-    wait_for(lambda: None, lambda: backend.in_flight(key) == 3, timeout=5,
-             what="3 requests in flight")
-    decision = decide(policy, 1, [backend.in_flight(key)])
-    assert decision.replicas == 3, decision.reason
-    add, remove = replica_changes(service, [first[0].name], decision.replicas)
-    assert remove == []
-    for spec in add:
-        plane.submit(spec)
-    keys = [key] + [s.key for s in add]
+    wait_for(plane.step, lambda: (load := backend.replica_load(key)) is not None and
+             load.in_flight == 3, timeout=5, what="3 requests in flight")
+    changes = scaler.step(force=True)
+    assert [c.replicas_to for c in changes] == [2], changes  # at most doubling
+    assert scaler.step(force=True)[0].replicas_to == 3
+    keys = [r.spec.key for r in replicas_of(plane, "it/chat")]
+    assert len(keys) == 3
     wait_for(plane.step, lambda: all(backend.endpoints(k) for k in keys),
              what="3 replicas serving")
+    view = scaler.view("it/chat")
+    assert view is not None and view.ready == 3 and len(set(view.endpoints)) == 3
     for t in threads:
         t.join()
     assert sorted(answers) == [b"rank0:q0", b"rank0:q1", b"rank0:q2"]
-    assert len({backend.endpoints(k)[0] for k in keys}) == 3
-    for k in keys:
-        plane.cancel(k)
+    wait_for(plane.step, lambda: (v := scaler.view("it/chat")) is not None and
+             v.requests_total >= 3 and v.latency_seconds_total >= 9.0,
+             what="the answered requests counted")
+    down = scaler.step(force=True)  # no load now: back to the minimum at once
+    assert down and down[-1].replicas_to == 1, down
+    assert [r.spec.key for r in replicas_of(plane, "it/chat")] == [key]
+    plane.cancel(key)
 
 
 def test_a_grid_cap_goes_to_each_gpu_of_the_gang_and_is_reset_when_it_ends(

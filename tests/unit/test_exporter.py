@@ -26,13 +26,21 @@ from aifactory.controller.inputs.workload import load_workload
 from aifactory.controller.observe.exporter import FactoryCollector
 from aifactory.controller.observe.families import METRICS, Family, TextRenderer, build_families
 from aifactory.controller.observe.snapshot import PlaneObserver
+from aifactory.controller.runtime.scaler import ServiceView
 from aifactory.controller.sim.simulation import FailureEvent, Simulation
 
 SAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "samples"
 
 
 def _run(until: float = 3000.0, failure: FailureEvent | None = None) -> Simulation:
+    """The samples; their InferenceServices under a diurnal request rate, autoscaled."""
+    import argparse
+
+    from aifactory.controller.cli.traffic import attach_traffic
+
     sim = Simulation(load_factory("small"))
+    attach_traffic(sim, argparse.Namespace(traffic="diurnal", traffic_hours=until / 3600),
+                   SAMPLES)
     sim.submit_all(load_workload(SAMPLES))
     if failure is not None:
         sim.inject(failure)
@@ -48,7 +56,7 @@ def sim() -> Simulation:
 @pytest.fixture(scope="module")
 def registry(sim: Simulation) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(FactoryCollector(PlaneObserver(sim)))
+    reg.register(FactoryCollector(PlaneObserver(sim, services=sim.scaler)))
     return reg
 
 
@@ -76,7 +84,23 @@ def _cost(sim: Simulation, key: str) -> float:
     return sim.factory.cost.cost_dollars(joules, sim.metrics.gpu_seconds(key, sim.now))
 
 
+def _service(sim: Simulation, key: str) -> ServiceView:
+    assert sim.scaler is not None
+    view = sim.scaler.view(key)
+    assert view is not None
+    return view
+
+
 CASES = [
+    Case("a service's wanted replicas are the autoscaler's", "aifactory_inference_replicas",
+         {"service_namespace": "serving", "service_name": "chat-70b", "state": "desired"},
+         lambda s: _service(s, "serving/chat-70b").desired),
+    Case("a service's ready replicas", "aifactory_inference_replicas",
+         {"service_namespace": "serving", "service_name": "chat-70b", "state": "ready"},
+         lambda s: _service(s, "serving/chat-70b").ready),
+    Case("requests answered", "aifactory_inference_requests_total",
+         {"service_namespace": "serving", "service_name": "chat-70b"},
+         lambda s: _service(s, "serving/chat-70b").requests_total),
     Case("the factory has 256 GPUs", "aifactory_domain_gpus",
          {"level": "factory", "domain": "factory"}, lambda s: s.topo.total_gpus),
     Case("factory allocation is every GPU that is not free", "aifactory_domain_gpus_allocated",
@@ -175,7 +199,8 @@ def test_node_level_mode_has_no_per_gpu_series(sim: Simulation) -> None:
 
 
 def test_every_catalogued_metric_is_built(sim: Simulation) -> None:
-    families = {f.name: f for f in build_families(PlaneObserver(sim).snapshot())}
+    families = {f.name: f for f in build_families(
+        PlaneObserver(sim, services=sim.scaler).snapshot())}
     assert set(families) == {m.name for m in METRICS}
     for m in METRICS:
         fam = families[m.name]
