@@ -60,6 +60,7 @@ from aifactory.operators.kube import KubeClient
 from aifactory.operators.nodes import NodeBook
 from aifactory.operators.objects import StatusContext, Tracked
 from aifactory.operators.outbox import Outbox
+from aifactory.operators.routing import ServiceRouting
 from aifactory.operators.scaling import ServiceScaling
 from aifactory.operators.status import Conditions, Phase
 from aifactory.operators.tenancy import NamespaceGrant, priority_refusal
@@ -131,6 +132,7 @@ class Engine:
         self.grid = GridLink(cp, grid, clock.to_wall)
         self.scaling = ServiceScaling(self, options.autoscale_sync_seconds,
                                       options.sim_traffic)
+        self.routing = ServiceRouting(kube, may_write)
         cp.listeners.append(lambda reason, rec, msg: on_core_event(self, reason, rec, msg))
 
     # ----------------------------------------------------------------- requests (handlers)
@@ -175,6 +177,7 @@ class Engine:
         self.stats["last_iteration_monotonic"] = time.monotonic()
         self._task = asyncio.create_task(self._run(), name="aifactory-engine")
         self.outbox.start()
+        self.routing.start()
 
     async def stop(self, flush_seconds: float = 5.0) -> None:
         """Stop the loop, give pending writes ``flush_seconds`` to land, then close."""
@@ -183,6 +186,7 @@ class Engine:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         await self.outbox.close(flush_seconds)
+        await self.routing.close()
         await self.kube.close()
         for close in self.on_stop:
             try:
@@ -264,6 +268,7 @@ class Engine:
             self._forget_finished(self.books.finished.popleft()[1])
         if refresh:
             publish.take_snapshot(self)
+            self.routing.want(self.scaling.routes())
         self.stats["iterations"] += 1
         self.stats["last_iteration_monotonic"] = time.monotonic()
         self._last_pass_seconds = time.perf_counter() - started

@@ -29,6 +29,7 @@ from aifactory.controller.sim.traffic import (
     load_curve_csv,
     traffic_for,
 )
+from aifactory.operators.routing import Route
 from aifactory.operators.translate import SERVICE_KIND
 
 if TYPE_CHECKING:
@@ -101,6 +102,16 @@ class ServiceScaling:
     def view(self, key: str) -> ServiceView | None:
         return self.autoscaler.view(key)
 
+
+    def routes(self) -> list[Route]:
+        """Every tracked service's ready endpoints, for its Kubernetes Service."""
+        out = []
+        for key, view in self.autoscaler.views():
+            namespace, _, name = key.partition("/")
+            obj = self.engine.objects.get((SERVICE_KIND, namespace, name))
+            if obj is not None:
+                out.append(Route(namespace, name, obj.uid, view.endpoints))
+        return out
 
     def policy(self, key: str) -> AutoscalePolicy | None:
         tracked = self.autoscaler.services.get(key)

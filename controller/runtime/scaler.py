@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from aifactory.controller.backends.base import ReplicaLoad, ReportsLoad
-from aifactory.controller.core.spec import JobSpec, replica_parts
+from aifactory.controller.core.spec import JobSpec, replica_name
 from aifactory.controller.runtime.autoscale import AutoscalePolicy, decide, replica_changes
 from aifactory.controller.runtime.controlplane import ControlPlane, JobRecord
 
@@ -101,13 +101,23 @@ class _Tracked:
 
 
 def replicas_of(cp: ControlPlane, service: str) -> list[JobRecord]:
-    """The live (not done) replica records of ``service`` (namespace/name), by index."""
-    found = []
-    for key, rec in cp.jobs.items():
-        parts = replica_parts(key)
-        if parts is not None and parts[0] == service and not rec.done:
-            found.append((parts[1], rec))
-    return [rec for _, rec in sorted(found, key=lambda p: p[0])]
+    """The live (not done) replica records of ``service`` (namespace/name), by index.
+
+    Looked up by name, index by index, until two indices in a row are unknown: O(replicas),
+    not O(every job). Replicas are numbered from 0 without gaps (a new one takes the lowest
+    free index, the highest go first), so nothing past that is missed."""
+    found: list[JobRecord] = []
+    misses, i = 0, 0
+    while misses < 2:
+        rec = cp.jobs.get(replica_name(service, i))
+        if rec is None:
+            misses += 1
+        else:
+            misses = 0
+            if not rec.done:
+                found.append(rec)
+        i += 1
+    return found
 
 
 class Autoscaler:
@@ -183,7 +193,7 @@ class Autoscaler:
     def _decide(self, key: str, tracked: _Tracked, now: float) -> ScaleChange | None:
         policy = tracked.policy
         assert policy is not None
-        loads = [load for rec in replicas_of(self.cp, key)
+        loads = [load for rec in self._replicas(tracked)
                  if (load := self._ready_load(rec)) is not None]
         window = policy.scale_down_stabilization_seconds
         recent = tracked.recommendations
@@ -210,6 +220,9 @@ class Autoscaler:
             listener(change)
         return change
 
+    def _replicas(self, tracked: _Tracked) -> list[JobRecord]:
+        return replicas_of(self.cp, tracked.service.key)
+
     def _ready_load(self, rec: JobRecord) -> ReplicaLoad | None:
         if rec.placement is None or self.load is None:
             return None
@@ -222,7 +235,7 @@ class Autoscaler:
         tracked = self.services.get(key)
         if tracked is None:
             return None
-        replicas = replicas_of(self.cp, key)
+        replicas = self._replicas(tracked)
         loads = {rec.spec.key: load for rec in replicas
                  if (load := self._ready_load(rec)) is not None}
         requests, latency = tracked.retired

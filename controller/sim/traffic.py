@@ -147,7 +147,6 @@ class _Served:
     latency: float = 0.0
     requests: float = 0.0
     latency_total: float = 0.0
-    endpoint: str = ""
 
 
 @dataclass(slots=True)
@@ -212,8 +211,7 @@ class TrafficModel:
             slow = max(1.0, offered / t.saturation_in_flight)
             kept: dict[str, _Served] = {}
             for rec in ready:
-                served = svc.replicas.get(rec.spec.key) or _Served(
-                    endpoint=f"sim://{rec.where or rec.spec.name}")
+                served = svc.replicas.get(rec.spec.key) or _Served()
                 served.in_flight = offered * slow
                 served.latency = t.latency_seconds * slow
                 kept[rec.spec.key] = served
@@ -228,8 +226,7 @@ class TrafficModel:
         served = svc.replicas.get(job) if svc is not None else None
         if served is None:
             return None
-        return ReplicaLoad(served.in_flight, served.requests, served.latency_total,
-                           served.endpoint)
+        return ReplicaLoad(served.in_flight, served.requests, served.latency_total)
 
     def demand(self, service: str) -> float:
         """Requests per second the service is offered now (0 when not modelled)."""

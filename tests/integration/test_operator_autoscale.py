@@ -112,7 +112,7 @@ def test_replicas_follow_load_up_at_once_and_down_after_the_window(
     steps = [b for a, b in zip([1, *ups], ups, strict=False) if b > a]
     assert all(b <= 2 * a for a, b in zip([1, *steps], steps, strict=False)), seen
     assert status["replicas"] >= 7 and status["inFlightRequests"] > 0
-    assert len(status["endpoints"]) == status["readyReplicas"]
+    assert status["endpoints"] == []  # simulated replicas serve nothing
     assert "scale up" in status["scaling"]
     assert _events(env, "chat", "Scaled"), "no Scaled Event"
     # Load gone: nothing changes inside the window, then down to the minimum.

@@ -77,14 +77,15 @@ def operator(aifactory_installed: KubeTestEnv, ray_cluster: Any,
     ensure_namespace(env, NS)
     proc = OperatorProcess(
         env, tmp_path, ["--backend=ray", f"--ray-address={ray_cluster.address}",
-                        "--ray-cpus-per-worker=0.1", "--status-interval=1"],
+                        "--ray-cpus-per-worker=0.1", "--status-interval=1",
+                        "--autoscale-sync-seconds=1"],
         environ={"AIFACTORY_CHECKPOINT_ROOT": str(tmp_path / "checkpoints")})
     try:
         yield proc
     finally:
         if proc.alive():
-            env.kubectl("delete", "trainingjobs", "--all", f"-n={NS}", "--timeout=30s",
-                        check=False)
+            env.kubectl("delete", "trainingjobs,inferenceservices", "--all", f"-n={NS}",
+                        "--timeout=30s", check=False)
         proc.stop()
         # Nothing of ours may reach the next tests: objects (held by our finalizer once
         # no operator runs), then gangs.
@@ -173,3 +174,80 @@ def test_operator_runs_gangs_on_the_chosen_ray_nodes_and_adopts_them_after_a_cra
         wait_for(lambda: not _leftovers(), 15, "the deleted gang's group and actors to go")
     finally:
         jobs.close()
+
+
+def _slices(env: KubeTestEnv, name: str) -> list[tuple[str, int]]:
+    """(address, port) of every endpoint the EndpointSlices of Service ``name`` list."""
+    out = json.loads(env.kubectl("get", "endpointslices", f"-n={NS}", "-o", "json",
+                                 f"-l=kubernetes.io/service-name={name}").stdout)
+    return sorted((a, s["ports"][0]["port"]) for s in out["items"]
+                  for e in s["endpoints"] for a in e["addresses"])
+
+
+def test_operator_autoscales_a_service_on_ray_and_routes_a_kubernetes_service_to_it(
+        aifactory_installed: KubeTestEnv, operator: OperatorProcess) -> None:
+    """Replicas report their requests in flight through the operator: three slow requests
+    on one replica scale it to three (1 -> 2 -> 3), each serving on its own port; a
+    selector-less Service ``chat`` and its EndpointSlices list exactly the ready replicas,
+    follow the scale-down, and go with the InferenceService."""
+    import threading
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    env = aifactory_installed
+    services = Watch(env, "inferenceservices")
+    try:
+        operator.start()
+        env.apply({"apiVersion": "aifactory.io/v1alpha1", "kind": "InferenceService",
+                   "metadata": {"name": "chat", "namespace": NS},
+                   "spec": {"model": "m", "gpusPerReplica": 1, "minReplicas": 1,
+                            "maxReplicas": 3, "replicas": 1,
+                            "autoscaling": {"targetInFlightRequests": 1,
+                                            "scaleDownStabilizationSeconds": 0},
+                            "runtime": {"entrypoint": "tests.integration.ray_programs:"
+                                                      "slow_echo",
+                                        "env": [{"name": "DELAY_SECONDS", "value": "6"}]}}})
+        first = wait_for(lambda: (s := services.status(NS, "chat")).get("endpoints") and s,
+                         60, "the first replica serving")
+        (endpoint,) = first["endpoints"]
+        got = wait_for(lambda: (r := env.kubectl("get", "service", "chat", f"-n={NS}", "-o",
+                                                 "json", check=False)).returncode == 0 and r,
+                       15, f"the Service chat: {operator.log_tail(20)}")
+        svc = json.loads(got.stdout)
+        assert "selector" not in svc["spec"] and svc["spec"]["ports"][0]["port"] == 80
+        assert svc["metadata"]["ownerReferences"][0]["kind"] == "InferenceService"
+        wait_for(lambda: len(_slices(env, "chat")) == 1, 15, "one endpoint in the slices")
+        answers: list[bytes] = []
+
+        def ask(i: int) -> None:
+            req = urllib.request.Request(endpoint, data=f"q{i}".encode(), method="POST")
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                answers.append(resp.read())
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        scaled = wait_for(lambda: (s := services.status(NS, "chat")).get(
+            "readyReplicas") == 3 and len(s.get("endpoints") or []) == 3 and s, 60,
+            "three replicas serving")
+        assert scaled["desiredReplicas"] == 3 and "scale up" in scaled["scaling"]
+        routed = wait_for(lambda: len(r := _slices(env, "chat")) == 3 and r, 15,
+                          "three endpoints in the slices")
+        assert sorted(f"http://{a}:{p}" for a, p in routed) == sorted(scaled["endpoints"])
+        for t in threads:
+            t.join()
+        assert sorted(answers) == [b"rank0:q0", b"rank0:q1", b"rank0:q2"]
+        # Load gone (no window): back to one replica, and to one endpoint in the slices.
+        down = wait_for(lambda: (s := services.status(NS, "chat")).get(
+            "desiredReplicas") == 1 and s.get("readyReplicas") == 1 and s, 60,
+            "back to one replica")
+        expected = sorted((str(u.hostname), int(u.port or 0))
+                          for u in map(urlsplit, down["endpoints"]))
+        wait_for(lambda: _slices(env, "chat") == expected, 15,
+                 "the slices to follow the scale-down")
+        env.kubectl("delete", "inferenceservice", "chat", f"-n={NS}", "--timeout=30s")
+        wait_for(lambda: env.kubectl("get", "service", "chat", f"-n={NS}",
+                                     check=False).returncode != 0, 15, "the Service to go")
+        assert _slices(env, "chat") == []
+    finally:
+        services.close()
