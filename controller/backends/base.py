@@ -59,7 +59,10 @@ class WorkloadStatus:
     job's restart limit. False means nothing ran (the chosen node vanished between placement
     and launch): the gang is requeued without counting a restart. ``lost_nodes`` names the
     nodes whose workers were lost, when the backend knows: only those workers need to move
-    (``controller.runtime.repair``)."""
+    (``controller.runtime.repair``). ``fatal_reason`` (a CamelCase reason such as
+    ``RuntimeEnvSetupFailed``) marks a FAILED job no restart can help, because what it asks
+    for cannot be set up (its code cannot be fetched, its image cannot be run): the control
+    plane fails it at once and the reason becomes its Failed condition's."""
 
     job: str
     phase: WorkloadPhase
@@ -71,6 +74,7 @@ class WorkloadStatus:
     retryable: bool = True
     energy_joules: float = 0.0
     lost_nodes: tuple[str, ...] = ()  # FAILED: nodes whose workers were lost (hot swap)
+    fatal_reason: str | None = None  # FAILED for good: never restarted
 
 
 @dataclass(frozen=True, slots=True)
