@@ -34,6 +34,8 @@ __all__ = [
     "FoundGang",
     "GPUReading",
     "MetersJobEnergy",
+    "RefusesRuntimes",
+    "RuntimeRefusal",
     "SavesWork",
     "TelemetrySnapshot",
     "WorkloadPhase",
@@ -153,6 +155,26 @@ class SavesWork(Protocol):
 
     def saved_work(self, job: str) -> float:
         """Seconds of work the job's last checkpoint holds (0 before the first)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeRefusal:
+    """Why a backend can never run a job's runtime as written: ``reason`` is CamelCase (the
+    job's Failed condition reason), ``message`` says what to change."""
+
+    reason: str
+    message: str
+
+
+@runtime_checkable
+class RefusesRuntimes(Protocol):
+    """A backend that knows before placing a job that it cannot run the job's runtime (Ray
+    without container support and a ``runtime.image``): the control plane fails such a job
+    at submission, so it never takes GPUs, nor preempts anyone for them."""
+
+    def runtime_refusal(self, spec: JobSpec) -> RuntimeRefusal | None:
+        """Why ``spec`` can never run here, or None."""
         ...
 
 

@@ -19,6 +19,7 @@ from aifactory.controller.backends.base import (
     CapsPower,
     ClusterBackend,
     ForgetsJobs,
+    RefusesRuntimes,
     ReportsChanges,
     SavesWork,
     WorkloadPhase,
@@ -154,8 +155,20 @@ class ControlPlane:
 
     def submit(self, spec: JobSpec, runtime_seconds: float | None = None,
                at: float | None = None) -> JobRecord:
-        """Queue a job now (idempotent per key while it is not done)."""
-        return self.enqueue(spec, runtime_seconds, at)
+        """Queue a job now (idempotent per key while it is not done). A job the backend can
+        never run as written (``RefusesRuntimes``) fails at once, never placed."""
+        existing = self.jobs.get(spec.key)
+        refusal = self.backend.runtime_refusal(spec) \
+            if isinstance(self.backend, RefusesRuntimes) else None
+        if refusal is None or (existing is not None and not existing.done):
+            return self.enqueue(spec, runtime_seconds, at)
+        rec = JobRecord(spec, self.now if at is None else at, next(self._seq), runtime_seconds,
+                        done=True, failed_reason=refusal.message, fatal_reason=refusal.reason)
+        self.jobs[spec.key] = rec
+        self.metrics.job_submitted(spec)
+        self.metrics.jobs_failed += 1
+        self._emit("Failed", rec, refusal.message)
+        return rec
 
     def enqueue(self, spec: JobSpec, runtime_seconds: float | None = None,
                 at: float | None = None) -> JobRecord:

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from aifactory.controller.backends.base import WorkloadPhase, WorkloadStatus
+from aifactory.controller.backends.base import RuntimeRefusal, WorkloadPhase, WorkloadStatus
 from aifactory.controller.backends.ray.runtime_env import (
+    IMAGE_UNSUPPORTED,
     SETUP_FAILED,
     image_refusal,
     needs_own_worker_process,
@@ -239,3 +240,42 @@ def test_an_inference_service_whose_replicas_cannot_start_says_why() -> None:
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == SETUP_FAILED
 
+
+
+class NoContainers(BrokenRuntimes):
+    """As a Ray cluster without container support: a job with an image is refused."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock)
+        self.launched: list[str] = []
+
+    def launch(self, spec: JobSpec, placement: Placement, work_done: float = 0.0) -> None:
+        self.launched.append(spec.key)
+        super().launch(spec, placement, work_done)
+
+    def runtime_refusal(self, spec: JobSpec) -> RuntimeRefusal | None:
+        why = image_refusal(spec, container_images=False)
+        return None if why is None else RuntimeRefusal(IMAGE_UNSUPPORTED, why)
+
+
+def test_an_image_the_cluster_cannot_run_fails_at_submission_and_preempts_no_one() -> None:
+    """The factory is full of low-priority work; a high-priority job with an image would
+    preempt it if it were placed. It is refused before placement instead."""
+    clock = ManualClock()
+    factory = replace(factory_from_nodes("t", NODES), queues=())
+    backend = NoContainers(clock)
+    cp = ControlPlane(factory, backend, clock=clock, topology=factory.topology())
+    events: list[tuple[str, str]] = []
+    cp.listeners.append(lambda reason, rec, message: events.append((reason, rec.spec.name)))
+    low = JobSpec("low", workers=2, gpus_per_worker=8, priority=0)
+    cp.submit(low)
+    cp.step()
+    imaged = JobSpec("imaged", workers=1, gpus_per_worker=8, priority=100,
+                     runtime=Runtime(entrypoint="m:f", image="ghcr.io/x/y:1"))
+    rec = cp.submit(imaged)
+    cp.step()
+    assert rec.phase == JobPhase.FAILED and rec.fatal_reason == IMAGE_UNSUPPORTED
+    assert rec.failed_reason is not None and "--ray-container-images" in rec.failed_reason
+    assert backend.launched == [low.key]
+    assert cp.jobs[low.key].phase == JobPhase.RUNNING and cp.jobs[low.key].preemptions == 0
+    assert ("Failed", "imaged") in events and ("Admitted", "imaged") not in events

@@ -44,7 +44,12 @@ from ray.util.scheduling_strategies import (
 )
 
 from aifactory.controller.backends.actuators import PowerActuator
-from aifactory.controller.backends.base import TelemetrySnapshot, WorkloadPhase, WorkloadStatus
+from aifactory.controller.backends.base import (
+    RuntimeRefusal,
+    TelemetrySnapshot,
+    WorkloadPhase,
+    WorkloadStatus,
+)
 from aifactory.controller.backends.energy import GpuKey, Owner
 from aifactory.controller.backends.ray.gang import (
     RAY_NAMESPACE,
@@ -259,6 +264,12 @@ class RayBackend:
                                  [b.selector["ray.io/node-id"] for b in bundles], now,
                                  ready_ref=pg.ready())
         self._own_gpus(spec, plans, now)
+
+    def runtime_refusal(self, spec: JobSpec) -> RuntimeRefusal | None:
+        """``RefusesRuntimes``: an image on a cluster that runs none (``container_images``
+        off) fails at submission; ``launch`` refuses it too, for callers that skip that."""
+        why = image_refusal(spec, self.container_images)
+        return None if why is None else RuntimeRefusal(IMAGE_UNSUPPORTED, why)
 
     def _new_worker(self, pg: PlacementGroup, plan: WorkerPlan, gpus: float,
                     runtime_env: Mapping[str, Any]) -> Any:

@@ -10,7 +10,8 @@ aifactory at the cluster's versions). Ray runs an image alone, so the spec refus
 with a workingDir or pip.
 
 An image on a cluster that runs none is refused, not ignored: the job fails with
-``RuntimeImageUnsupported`` before anything starts. Running it in the cluster's own image
+``RuntimeImageUnsupported`` at submission (``RayBackend.runtime_refusal``), never placed, so
+it neither holds GPUs nor preempts anyone. Running it in the cluster's own image
 would run other code than the user built (other packages, most often an ImportError after
 the GPUs were taken), and report it as their job; failing says what to change (start the
 operator with ``--ray-container-images`` where nodes have podman, or drop the image).
