@@ -1,7 +1,8 @@
 """A job's code as users ship it: a zip on an HTTP server, here a loopback ``http.server``.
 
 ``code_zip`` writes a zip whose one top-level folder (as a GitHub archive has) holds a module
-``zipped_<token>.py`` (an entrypoint ``train``) and a script ``run.py`` (a command) that
+``zipped_<token>.py`` (an entrypoint ``train``, an inference handler factory ``serve``) and a
+script ``run.py`` (a command) that
 imports a helper next to it. Both write ``token`` into the job's checkpoint directory, a
 value that exists nowhere but in the zip, so a test sees that the zip's code ran on the
 workers and not something the nodes already had.
@@ -31,6 +32,12 @@ def train(ctx):
     out = Path(ctx.checkpoint_dir) / f"from-zip-{{ctx.rank}}.json"
     out.write_text(json.dumps({{"token": TOKEN, "cwd": os.getcwd()}}))
     ctx.report(progress=0.5, zip_token_length=float(len(TOKEN)))
+
+
+def serve(ctx):
+    def handle(body):
+        return TOKEN.encode() + b":" + body
+    return handle
 '''
 
 _HELPER = 'TOKEN = "{token}"\n'
@@ -57,6 +64,10 @@ class CodeZip:
     @property
     def entrypoint(self) -> str:
         return f"zipped_{self.token}:train"
+
+    @property
+    def handler(self) -> str:
+        return f"zipped_{self.token}:serve"
 
 
 def code_zip(folder: Path, base_url: str) -> CodeZip:

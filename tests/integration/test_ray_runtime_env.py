@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from aifactory.controller.backends.ray.runtime_env import (  # noqa: E402
     IMAGE_UNSUPPORTED,
     SETUP_FAILED,
 )
-from aifactory.controller.core.spec import JobSpec, Runtime  # noqa: E402
+from aifactory.controller.core.spec import JobKind, JobSpec, Runtime  # noqa: E402
 from aifactory.controller.runtime.controlplane import ControlPlane, JobPhase  # noqa: E402
 from tests.integration.code_server import CodeZip, code_zip, serve_folder  # noqa: E402
 from tests.integration.ray_env import leftovers, wait_for  # noqa: E402
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def backend(ray_cluster: Any, tmp_path: Path) -> Iterator[RayBackend]:
     b = RayBackend(checkpoint_root=str(tmp_path / "checkpoints"), cpus_per_worker=0.1,
-                   start_timeout_seconds=30, poll_interval_seconds=0.05,
+                   serve_host="127.0.0.1", start_timeout_seconds=30, poll_interval_seconds=0.05,
                    runtime_env_setup_timeout_seconds=60)
     yield b
     b.close()
@@ -106,6 +107,23 @@ def test_the_entrypoint_and_the_command_come_from_a_zip_over_http(
         # Ray unpacked the zip (its one top-level folder stripped) as the working dir
         assert all("working_dir_files" in s["cwd"] for s in seen), seen
         assert not any(str(Path.cwd()) == s["cwd"] for s in seen)
+
+
+def test_an_inference_replica_serves_with_the_handler_from_the_zip(
+        plane: ControlPlane, backend: RayBackend, site: tuple[Path, str]) -> None:
+    folder, url = site
+    code = code_zip(folder, url)
+    replica = JobSpec(name="zip-svc:r0", kind=JobKind.INFERENCE, namespace="it", workers=1,
+                      gpus_per_worker=1, group="it/zip-svc", restart_limit=100,
+                      runtime=Runtime(entrypoint=code.handler, working_dir=code.url))
+    plane.submit(replica)
+    wait_for(plane.step, lambda: bool(backend.endpoints(replica.key)), timeout=60,
+             what="the replica to serve")
+    (endpoint,) = backend.endpoints(replica.key)
+    request = urllib.request.Request(endpoint, data=b"hello", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.read() == f"{code.token}:hello".encode()
+    plane.cancel(replica.key)
 
 
 def test_a_working_dir_ray_cannot_fetch_fails_the_job_with_rays_reason_and_no_restart(
