@@ -111,6 +111,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-cpus-per-worker", type=_positive, default=None,
                    help=f"CPUs each Ray worker reserves (default 1, {LOCAL_CPUS_PER_WORKER:g} "
                         "with --ray-local)")
+    p.add_argument("--ray-container-images", action="store_true",
+                   help="--backend ray: the Ray nodes run container images (podman on every "
+                        "node), so a job's runtime.image becomes Ray's image_uri; without "
+                        "it such a job fails with RuntimeImageUnsupported")
     p.add_argument("--telemetry", choices=TELEMETRY_CHOICES, default="auto",
                    help="GPU power and energy: auto (the backend's own: the simulated "
                         "factory's, or NVML on each Ray node else the power model), nvml, "
@@ -192,7 +196,8 @@ def _ray_options(args: argparse.Namespace) -> RayOptions:
     cpus = args.ray_cpus_per_worker or (LOCAL_CPUS_PER_WORKER if args.ray_local else 1.0)
     return RayOptions(address=None if args.ray_local else address, local=args.ray_local,
                       local_nodes=nodes, cpus_per_worker=cpus,
-                      telemetry="model" if args.telemetry == "model" else "auto")
+                      telemetry="model" if args.telemetry == "model" else "auto",
+                      container_images=args.ray_container_images)
 
 
 def _grid_options(args: argparse.Namespace) -> GridOptions:
@@ -217,9 +222,9 @@ def options_from(args: argparse.Namespace) -> OperatorOptions:
     if args.backend != "sim" and args.sim_speed != 1.0:
         raise BackendError("--sim-speed applies to --backend sim only")
     if args.backend == "sim" and (args.ray_local or args.ray_address or
-                                  args.ray_cpus_per_worker):
-        raise BackendError("--ray-local, --ray-address and --ray-cpus-per-worker apply to "
-                           "--backend ray only")
+                                  args.ray_cpus_per_worker or args.ray_container_images):
+        raise BackendError("--ray-local, --ray-address, --ray-cpus-per-worker and "
+                           "--ray-container-images apply to --backend ray only")
     ray = _ray_options(args) if args.backend == "ray" else RayOptions()
     if args.sim_traffic and args.backend != "sim":
         raise BackendError("--sim-traffic drives the simulated backend's InferenceServices; "

@@ -195,7 +195,7 @@ def service_status(obj: Tracked, ctx: StatusContext) -> dict[str, Any]:
     summary = f"{len(placed)} of {desired} replicas placed"
     if failed:
         key, rec = failed[0]
-        conds.set("Failed", True, "Unschedulable",
+        conds.set("Failed", True, rec.fatal_reason or "Unschedulable",
                   f"{obj.label(key)}{rec.failed_reason or 'failed'}", generation=gen, now=now)
     else:
         conds.clear("Failed", "Schedulable", summary, generation=gen, now=now)

@@ -57,6 +57,7 @@ class RayOptions:
     local_nodes: tuple[NodeInfo, ...] = ()  # () : 4 nodes x 8 H200 in 2 racks
     cpus_per_worker: float = 1.0
     telemetry: str = "auto"  # the backend's GPU power: auto (NVML on each node, else model)
+    container_images: bool = False  # nodes run runtime.image (podman): Ray's image_uri
 
 
 @dataclass(slots=True)
@@ -114,7 +115,8 @@ def open_backend(name: str, topo: Topology | None, clock: Callable[[], float],
     try:
         backend = module.make_ray_backend(
             ray.address, local=ray.local, local_nodes=ray.local_nodes or None, clock=clock,
-            cpus_per_worker=ray.cpus_per_worker, telemetry=ray.telemetry)
+            cpus_per_worker=ray.cpus_per_worker, telemetry=ray.telemetry,
+            container_images=ray.container_images)
     except AifactoryError:
         raise
     except Exception as exc:  # ray.init: ConnectionError, TimeoutError, RuntimeError...

@@ -117,7 +117,9 @@ def on_core_event(engine: EngineView, reason: str, rec: JobRecord, message: str)
         if key in obj.accounted_at:
             end_run(engine, obj, key, now)
         obj.finished_at[key] = engine.clock.to_wall(now)
-        why = "Unschedulable" if rec.first_start is None else "RestartLimitExceeded"
+        # the backend's reason when no restart could help (RuntimeEnvSetupFailed, ...)
+        why = rec.fatal_reason or ("Unschedulable" if rec.first_start is None
+                                   else "RestartLimitExceeded")
         cond("Failed", True, why)
         clear("Queued", why)
         clear("Running", why)

@@ -35,8 +35,10 @@ __all__ = [
     "FoundGang",
     "GPUReading",
     "MetersJobEnergy",
+    "RefusesRuntimes",
     "ReplicaLoad",
     "ReportsLoad",
+    "RuntimeRefusal",
     "SavesWork",
     "TelemetrySnapshot",
     "WorkloadPhase",
@@ -62,7 +64,10 @@ class WorkloadStatus:
     job's restart limit. False means nothing ran (the chosen node vanished between placement
     and launch): the gang is requeued without counting a restart. ``lost_nodes`` names the
     nodes whose workers were lost, when the backend knows: only those workers need to move
-    (``controller.runtime.repair``)."""
+    (``controller.runtime.repair``). ``fatal_reason`` (a CamelCase reason such as
+    ``RuntimeEnvSetupFailed``) marks a FAILED job no restart can help, because what it asks
+    for cannot be set up (its code cannot be fetched, its image cannot be run): the control
+    plane fails it at once and the reason becomes its Failed condition's."""
 
     job: str
     phase: WorkloadPhase
@@ -74,6 +79,7 @@ class WorkloadStatus:
     retryable: bool = True
     energy_joules: float = 0.0
     lost_nodes: tuple[str, ...] = ()  # FAILED: nodes whose workers were lost (hot swap)
+    fatal_reason: str | None = None  # FAILED for good: never restarted
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +158,26 @@ class SavesWork(Protocol):
 
     def saved_work(self, job: str) -> float:
         """Seconds of work the job's last checkpoint holds (0 before the first)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeRefusal:
+    """Why a backend can never run a job's runtime as written: ``reason`` is CamelCase (the
+    job's Failed condition reason), ``message`` says what to change."""
+
+    reason: str
+    message: str
+
+
+@runtime_checkable
+class RefusesRuntimes(Protocol):
+    """A backend that knows before placing a job that it cannot run the job's runtime (Ray
+    without container support and a ``runtime.image``): the control plane fails such a job
+    at submission, so it never takes GPUs, nor preempts anyone for them."""
+
+    def runtime_refusal(self, spec: JobSpec) -> RuntimeRefusal | None:
+        """Why ``spec`` can never run here, or None."""
         ...
 
 

@@ -55,6 +55,10 @@ def add_parser(sub: Any, default_workload: str) -> None:
                    help="how long each demo training gang runs (seconds)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="give up after this many seconds")
+    p.add_argument("--ray-container-images", action="store_true",
+                   help="the Ray nodes run container images (podman on every node): a "
+                        "job's runtime.image becomes Ray's image_uri; without it such a job "
+                        "fails with RuntimeImageUnsupported (--as-written)")
     p.add_argument("--checkpoint-root", default=None,
                    help="where gangs keep checkpoints (default: $AIFACTORY_CHECKPOINT_ROOT "
                         "or a temporary folder)")
@@ -100,7 +104,8 @@ def run(args: argparse.Namespace, workload: Path) -> int:
     if root is None:
         root = scratch = tempfile.mkdtemp(prefix="aifactory-run-")
     backend = make_ray_backend(args.address, local_nodes=nodes, checkpoint_root=root,
-                               cpus_per_worker=0.05)
+                               cpus_per_worker=0.05,
+                               container_images=args.ray_container_images)
     try:
         if factory is None or args.address is not None:
             factory = backend.factory("ray")

@@ -48,12 +48,18 @@ class JobKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
-    """How a placed worker runs: a Python entrypoint ``module:function`` or a command."""
+    """How a placed worker runs: a Python entrypoint ``module:function`` or a command, and
+    where its code comes from: ``image`` (a container image), or ``working_dir`` (a URI to
+    an archive, unpacked as the worker's working directory) and ``pip`` (requirement
+    strings installed for the job). The Ray backend maps these to Ray's ``runtime_env``
+    (``controller.backends.ray.runtime_env``); the simulated backend runs no code."""
 
     entrypoint: str | None = None
     command: tuple[str, ...] = ()
     image: str | None = None
     env: tuple[tuple[str, str], ...] = ()
+    working_dir: str | None = None
+    pip: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +278,46 @@ def _runtime(spec: Mapping[str, Any], path: str) -> Runtime:
                             "must be an object with a string 'name' and 'value'")
         env.append((item["name"], str(item.get("value", ""))))
     image = _get(raw, "image", f"{path}.runtime", str)
-    return Runtime(entrypoint=entrypoint, command=tuple(command), image=image, env=tuple(env))
+    working_dir, pip = _code_source(raw, f"{path}.runtime")
+    if image is not None and (working_dir is not None or pip):
+        raise SpecError(f"{path}.runtime.image", "cannot be combined with workingDir or pip "
+                        "(the image holds the code and its packages; Ray runs an image "
+                        "alone): drop image, or bake the code and packages into it")
+    return Runtime(entrypoint=entrypoint, command=tuple(command), image=image, env=tuple(env),
+                   working_dir=working_dir, pip=pip)
+
+
+# What Ray's runtime_env ``working_dir`` accepts as a remote package (Ray 2.60,
+# ray/_common/runtime_env_uri.py and runtime_env_package.py): these schemes, and an archive
+# Ray unpacks. The CRDs carry the same pattern.
+WORKING_DIR_SCHEMES = ("https", "http", "s3", "gs", "azure", "abfss", "file")
+WORKING_DIR_ARCHIVES = (".zip", ".tar.gz", ".tgz", ".tar.xz")
+_WORKING_DIR = re.compile(r"^(https?|s3|gs|azure|abfss|file)://[^\s?#]+"
+                          r"\.(zip|tar\.gz|tgz|tar\.xz)(\?[^\s#]*)?$")
+_PIP_REQUIREMENT = re.compile(r"^[^-\s][^\r\n]*$")
+MAX_PIP_REQUIREMENTS = 64
+
+
+def _code_source(raw: Mapping[str, Any], path: str) -> tuple[str | None, tuple[str, ...]]:
+    """``workingDir`` (a URI to an archive Ray can fetch) and ``pip`` (requirement strings)."""
+    working_dir = _get(raw, "workingDir", path, str)
+    if working_dir is not None and (len(working_dir) > 2048
+                                    or not _WORKING_DIR.fullmatch(working_dir)):
+        raise SpecError(f"{path}.workingDir", "must be a URI to a "
+                        f"{', '.join(WORKING_DIR_ARCHIVES)} archive with scheme "
+                        f"{', '.join(WORKING_DIR_SCHEMES)} (at most 2048 characters), e.g. "
+                        f"'https://example.com/code/train.zip'; got {working_dir[:200]!r}")
+    pip = _get(raw, "pip", path, list, default=[])
+    assert isinstance(pip, list)
+    if len(pip) > MAX_PIP_REQUIREMENTS:
+        raise SpecError(f"{path}.pip", f"at most {MAX_PIP_REQUIREMENTS} requirements, got "
+                        f"{len(pip)}")
+    for i, item in enumerate(pip):
+        if not isinstance(item, str) or len(item) > 512 or not _PIP_REQUIREMENT.fullmatch(item):
+            raise SpecError(f"{path}.pip[{i}]", "must be one pip requirement string of at "
+                            "most 512 characters, e.g. 'torch==2.5.1' or 'requests>=2', not "
+                            f"an option or a blank; got {item!r}")
+    return working_dir, tuple(pip)
 
 
 def _topology(spec: Mapping[str, Any], path: str) -> tuple[str | None, str | None]:

@@ -20,6 +20,7 @@ from aifactory.controller.backends.base import (
     ClusterBackend,
     FollowsLoad,
     ForgetsJobs,
+    RefusesRuntimes,
     ReportsChanges,
     SavesWork,
     WorkloadPhase,
@@ -90,6 +91,7 @@ class JobRecord:
     done: bool = False
     succeeded: bool = False
     failed_reason: str | None = None
+    fatal_reason: str | None = None  # the backend's reason when no restart could help
     reason: str = ""
     reason_kind: str = ""
     waited_because: str = ""  # the last reason it waited for before it first started
@@ -155,8 +157,20 @@ class ControlPlane:
 
     def submit(self, spec: JobSpec, runtime_seconds: float | None = None,
                at: float | None = None) -> JobRecord:
-        """Queue a job now (idempotent per key while it is not done)."""
-        return self.enqueue(spec, runtime_seconds, at)
+        """Queue a job now (idempotent per key while it is not done). A job the backend can
+        never run as written (``RefusesRuntimes``) fails at once, never placed."""
+        existing = self.jobs.get(spec.key)
+        refusal = self.backend.runtime_refusal(spec) \
+            if isinstance(self.backend, RefusesRuntimes) else None
+        if refusal is None or (existing is not None and not existing.done):
+            return self.enqueue(spec, runtime_seconds, at)
+        rec = JobRecord(spec, self.now if at is None else at, next(self._seq), runtime_seconds,
+                        done=True, failed_reason=refusal.message, fatal_reason=refusal.reason)
+        self.jobs[spec.key] = rec
+        self.metrics.job_submitted(spec)
+        self.metrics.jobs_failed += 1
+        self._emit("Failed", rec, refusal.message)
+        return rec
 
     def enqueue(self, spec: JobSpec, runtime_seconds: float | None = None,
                 at: float | None = None) -> JobRecord:
@@ -390,6 +404,10 @@ class ControlPlane:
             if status.phase is WorkloadPhase.SUCCEEDED:
                 self.finish(rec, status.finished_at or self.now)
             elif status.phase is WorkloadPhase.FAILED:
+                if status.fatal_reason is not None:
+                    self.fail_for_good(rec, status.message or "worker failed",
+                                       status.fatal_reason)
+                    continue
                 if repair is not None and status.retryable and status.lost_nodes and \
                         repair(rec, status):
                     continue
@@ -415,6 +433,24 @@ class ControlPlane:
         self.requeue(rec, why, restart=restart)
         self.backend.stop(key)
         self._dirty = True
+
+    def fail_for_good(self, rec: JobRecord, why: str, reason: str) -> None:
+        """A running gang failed in a way no restart helps (``WorkloadStatus.fatal_reason``):
+        release it and fail the job now, whatever its restart limit."""
+        key = rec.spec.key
+        self.state.release(key)
+        self.metrics.job_stopped(rec.spec, self.now)
+        self._not_running(key)
+        self._queued.pop(key, None)
+        rec.placement = None
+        rec.done = True
+        rec.failed_reason = why
+        rec.fatal_reason = reason
+        rec.history.append(f"{self.now:.0f}s failed: {why}")
+        self.metrics.jobs_failed += 1
+        self.backend.stop(key)
+        self._dirty = True
+        self._emit("Failed", rec, why)
 
     def relocate(self, rec: JobRecord, placement: Placement, why: str) -> None:
         """Restart a running gang from its last checkpoint on ``placement`` (a repair that

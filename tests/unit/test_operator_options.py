@@ -49,6 +49,8 @@ REFUSED = [
             "--inventory applies to --backend sim"),
     Refused("ray flags need the ray backend", ("--ray-local",),
             "apply to --backend ray only"),
+    Refused("container images are a Ray cluster's", ("--ray-container-images",),
+            "--ray-container-images apply to --backend ray only"),
     Refused("sim speed is for the simulated backend",
             ("--backend=ray", "--ray-local", "--sim-speed=2"),
             "--sim-speed applies to --backend sim only"),
@@ -75,6 +77,9 @@ def test_ray_options_follow_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (local.ray.address, local.ray.local, local.ray.cpus_per_worker) == \
         (None, True, 0.05)
     assert local.ray.telemetry == "auto" and not local.per_gpu_metrics
+    assert not remote.ray.container_images
+    podman = options_from(parser().parse_args(["--backend=ray", "--ray-container-images"]))
+    assert podman.ray.container_images
 
 
 def test_an_unreachable_ray_address_fails_fast_with_what_to_check(

@@ -11,7 +11,10 @@ detached so they outlive the operator, and a restarted operator finds them by na
 Status comes from polling the workers (``WorkerReport``): a worker that fails, whose actor
 dies or whose node leaves the cluster fails the gang, which the control plane requeues from
 its checkpoint directory (``<checkpoint_root>/<namespace>/<name>``, the same for every
-attempt). Finished, failed and stopped gangs leave nothing behind: actors are killed and the
+attempt). The job's code reaches the workers through Ray's ``runtime_env``
+(``controller.backends.ray.runtime_env``); a runtime environment Ray cannot set up, or an
+image on a cluster that runs none, fails the job for good (``WorkloadStatus.fatal_reason``).
+Finished, failed and stopped gangs leave nothing behind: actors are killed and the
 placement group is removed. Power comes from NVML through a per-node telemetry actor where
 nodes have GPUs, else from the power model.
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import RuntimeEnvSetupError
 from ray.util.placement_group import (
     PlacementGroup,
     get_placement_group,
@@ -42,6 +46,7 @@ from ray.util.scheduling_strategies import (
 from aifactory.controller.backends.actuators import PowerActuator
 from aifactory.controller.backends.base import (
     ReplicaLoad,
+    RuntimeRefusal,
     TelemetrySnapshot,
     WorkloadPhase,
     WorkloadStatus,
@@ -58,6 +63,13 @@ from aifactory.controller.backends.ray.gang import (
     ray_node,
     worker_actor_name,
     worker_plans,
+)
+from aifactory.controller.backends.ray.runtime_env import (
+    IMAGE_UNSUPPORTED,
+    SETUP_FAILED,
+    image_refusal,
+    ray_runtime_env,
+    setup_failure_message,
 )
 from aifactory.controller.backends.ray.telemetry import GpuPower
 from aifactory.controller.backends.ray.worker import GangWorker
@@ -118,6 +130,7 @@ class _Gang:
     reports: dict[int, WorkerReport] = field(default_factory=dict)
     pending: dict[int, Any] = field(default_factory=dict)
     lost: dict[int, str] = field(default_factory=dict)
+    setup_failed: dict[int, str] = field(default_factory=dict)  # RuntimeEnvSetupError
     final: WorkloadStatus | None = None
     logs: dict[int, str] = field(default_factory=dict)
     capped: bool = False  # GPU limits set by set_power_cap (reset at teardown)
@@ -130,14 +143,19 @@ class _Gang:
 class RayBackend:
     """The ``ClusterBackend`` over a Ray cluster. Connects with ``ray.init`` unless Ray is
     already initialised in this process. Call ``factory()`` (or ``bind(topology)``) before
-    launching: placements name nodes by their index in that topology."""
+    launching: placements name nodes by their index in that topology.
+
+    ``container_images``: the cluster runs ``runtime.image`` (podman on every node); off, a
+    job with an image fails with ``RuntimeImageUnsupported``. ``runtime_env_setup_timeout_
+    seconds`` bounds Ray's setup of a job's runtime environment (fetch, pip, image pull)."""
 
     def __init__(self, *, address: str | None = None, namespace: str = RAY_NAMESPACE,
                  checkpoint_root: str | None = None, cpus_per_worker: float = 1.0,
                  clock: Callable[[], float] = time.time,
                  start_timeout_seconds: float = 120.0, poll_interval_seconds: float = 0.2,
                  serve_host: str | None = None, telemetry: str = "auto",
-                 actuator: PowerActuator | None = None) -> None:
+                 actuator: PowerActuator | None = None, container_images: bool = False,
+                 runtime_env_setup_timeout_seconds: float = 600.0) -> None:
         if not ray.is_initialized():
             ray.init(address=address, namespace=namespace, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
@@ -147,6 +165,8 @@ class RayBackend:
         self.start_timeout_seconds = start_timeout_seconds
         self.poll_interval_seconds = poll_interval_seconds
         self.serve_host = serve_host
+        self.container_images = container_images
+        self.runtime_env_setup_timeout_seconds = runtime_env_setup_timeout_seconds
         self._clock = clock
         self._worker_cls = ray.remote(GangWorker)
         self._topology: Topology | None = None
@@ -216,6 +236,11 @@ class RayBackend:
         if gang is not None and gang.final is None:
             return
         now = self._clock()
+        refusal = image_refusal(spec, self.container_images)
+        if refusal is not None:
+            self._gangs.pop(key, None)
+            self._failed_before_start(spec, now, refusal, fatal_reason=IMAGE_UNSUPPORTED)
+            return
         node_ids = {n.info.name: n.node_id for n in self.ray_nodes(fresh=True)}
         try:
             bundles = gang_bundles(placement, self.topology, node_ids, self.cpus_per_worker)
@@ -230,7 +255,9 @@ class RayBackend:
         pg = placement_group([dict(b.resources) for b in bundles], strategy="PACK",
                              name=pg_name(key), lifetime="detached",
                              bundle_label_selector=[dict(b.selector) for b in bundles])
-        actors = [self._new_worker(pg, plan, bundles[plan.rank].resources["GPU"])
+        runtime_env = ray_runtime_env(
+            spec.runtime, setup_timeout_seconds=self.runtime_env_setup_timeout_seconds)
+        actors = [self._new_worker(pg, plan, bundles[plan.rank].resources["GPU"], runtime_env)
                   for plan in plans]
         for rank, actor in enumerate(actors):
             actor.start.remote(None if rank == 0 else actors[0])
@@ -239,28 +266,40 @@ class RayBackend:
                                  ready_ref=pg.ready())
         self._own_gpus(spec, plans, now)
 
-    def _new_worker(self, pg: PlacementGroup, plan: WorkerPlan, gpus: float) -> Any:
+    def runtime_refusal(self, spec: JobSpec) -> RuntimeRefusal | None:
+        """``RefusesRuntimes``: an image on a cluster that runs none (``container_images``
+        off) fails at submission; ``launch`` refuses it too, for callers that skip that."""
+        why = image_refusal(spec, self.container_images)
+        return None if why is None else RuntimeRefusal(IMAGE_UNSUPPORTED, why)
+
+    def _new_worker(self, pg: PlacementGroup, plan: WorkerPlan, gpus: float,
+                    runtime_env: Mapping[str, Any]) -> Any:
         name = worker_actor_name(plan.job, plan.rank)
-        options = {
+        options: dict[str, Any] = {
             "name": name, "namespace": self.namespace, "lifetime": "detached",
             "num_cpus": self.cpus_per_worker, "num_gpus": gpus,
             "max_concurrency": 16, "max_restarts": 0,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=plan.rank),
         }
+        if runtime_env:  # the job's code (a worker process of its own; see runtime_env)
+            options["runtime_env"] = dict(runtime_env)
         try:
             return self._worker_cls.options(**options).remote(plan)
         except ValueError:  # the name is still held by a worker of an older attempt
             self._kill_named(name)
             return self._worker_cls.options(**options).remote(plan)
 
-    def _failed_before_start(self, spec: JobSpec, now: float, message: str) -> None:
+    def _failed_before_start(self, spec: JobSpec, now: float, message: str,
+                             fatal_reason: str | None = None) -> None:
         """The placement names a node that just left Ray (the control plane's inventory was
         a moment behind): nothing ran, so ``retryable=False`` asks the control plane to
-        requeue without counting a restart (its meaning of the flag)."""
+        requeue without counting a restart (its meaning of the flag). With
+        ``fatal_reason`` the job can never start here (an image on a cluster without
+        container support): it fails for good."""
         self._attempts[spec.key] = self._attempts.get(spec.key, -1) + 1
         final = WorkloadStatus(spec.key, WorkloadPhase.FAILED, started_at=now, finished_at=now,
-                               message=message, retryable=False)
+                               message=message, retryable=False, fatal_reason=fatal_reason)
         self._gangs[spec.key] = _Gang(spec, None, [], [], [], now,  # type: ignore[arg-type]
                                       final=final)
 
@@ -283,7 +322,8 @@ class RayBackend:
     def _teardown(self, gang: _Gang) -> None:
         if not gang.actors and gang.pg is None:
             return
-        live = [a for r, a in enumerate(gang.actors) if r not in gang.lost]
+        live = [a for r, a in enumerate(gang.actors)
+                if r not in gang.lost and r not in gang.setup_failed]
         stops = [a.stop.remote() for a in live]
         if stops:
             ray.wait(stops, num_returns=len(stops), timeout=2.0)
@@ -396,7 +436,7 @@ class RayBackend:
                 if done:
                     gang.ready_at = self._clock()
             for rank, actor in enumerate(gang.actors):
-                if rank in gang.lost:
+                if rank in gang.lost or rank in gang.setup_failed:
                     continue
                 if rank not in gang.pending:
                     gang.pending[rank] = actor.poll.remote()
@@ -407,6 +447,9 @@ class RayBackend:
             gang.pending.pop(rank, None)
             try:
                 gang.reports[rank] = ray.get(ref)
+            except RuntimeEnvSetupError as exc:  # the job's code or packages never arrived
+                gang.setup_failed[rank] = setup_failure_message(
+                    exc, f"worker {rank} on {gang.plans[rank].node}")
             except Exception as exc:  # the actor died: RayActorError, ActorDiedError, ...
                 gang.lost[rank] = (f"worker {rank} on {gang.plans[rank].node} lost: "
                                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -437,6 +480,10 @@ class RayBackend:
         failed = [r for r in reports if r.phase == "failed"]
         if stopped:
             return replace(base, phase=WorkloadPhase.FAILED, finished_at=now, message="stopped")
+        if gang.setup_failed:
+            return replace(base, phase=WorkloadPhase.FAILED, finished_at=now,
+                           message=gang.setup_failed[min(gang.setup_failed)],
+                           retryable=False, fatal_reason=SETUP_FAILED)
         if gang.lost:
             return replace(base, phase=WorkloadPhase.FAILED, finished_at=now,
                            message=gang.lost[min(gang.lost)],
