@@ -352,7 +352,8 @@ class Engine:
             except SpecError as exc:
                 self.fail_invalid(obj, str(exc))
                 return
-            self.reconcile_service(obj, self.scaling.replicas_for(spec, policy))
+            self.reconcile_service(obj, self.scaling.replicas_for(spec, policy,
+                                                                  body.get("status")))
         elif not obj.keys:
             obj.spec = spec
             self.submit(obj, spec)

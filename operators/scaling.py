@@ -13,9 +13,10 @@ engine's ``reconcile_service`` (this class is the autoscaler's ``ScaleTarget``),
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aifactory.controller.backends.base import ReportsLoad
 from aifactory.controller.core.spec import JobSpec
@@ -79,9 +80,14 @@ class ServiceScaling:
         else:
             self.autoscaler.load = self._load(cp)
 
-    def replicas_for(self, service: JobSpec, policy: AutoscalePolicy | None) -> JobSpec:
-        """The service spec with the replicas to run now (spec's, or the autoscaler's)."""
-        n = self.autoscaler.track(service, policy)
+    def replicas_for(self, service: JobSpec, policy: AutoscalePolicy | None,
+                     status: Mapping[str, Any] | None = None) -> JobSpec:
+        """The service spec with the replicas to run now (spec's, or the autoscaler's).
+        ``status``: the object's, whose ``desiredReplicas`` a restarted operator resumes
+        from, so a restart never scales an autoscaled service back to spec.replicas."""
+        last = (status or {}).get("desiredReplicas")
+        start = last if isinstance(last, int) and not isinstance(last, bool) else None
+        n = self.autoscaler.track(service, policy, start)
         if self.traffic is not None and self.curve is not None:
             self.traffic.add(service.key, traffic_for(service, policy, self.curve))
         return replace(service, workers=n, group_size=n)

@@ -40,6 +40,7 @@ from aifactory.controller.core.state import Placement
 from aifactory.controller.core.topology import Topology
 from aifactory.controller.inputs.factory import FactorySpec
 from aifactory.controller.power.grid import BudgetWindow
+from aifactory.controller.runtime.autoscale import policy_from_manifest
 from aifactory.controller.runtime.clock import WallClock
 from aifactory.controller.runtime.controlplane import ControlPlane
 from aifactory.controller.runtime.resync import Reconciler
@@ -278,10 +279,20 @@ def recover(engine: Engine, docs: Iterable[Mapping[str, Any]]) -> RecoveryReport
             engine.fail_invalid(obj, refusal, reason="NotPermitted")  # never placed
             report.invalid += 1
             continue
+        service = kind == SERVICE_KIND
+        if service:
+            try:
+                policy = policy_from_manifest(body)
+            except SpecError as exc:
+                engine.fail_invalid(obj, str(exc))
+                report.invalid += 1
+                continue
+            # The autoscaler's last count (status.desiredReplicas), not spec.replicas: a
+            # restart must neither drop the replicas it added nor leave them unscaled.
+            spec = engine.scaling.replicas_for(spec, policy, status)
         obj.spec = spec
         obj.energy_banked = float(status.get("energyJoules") or 0.0)
         obj.gpu_seconds = float(status.get("gpuHours") or 0.0) * 3600.0
-        service = kind == SERVICE_KIND
         recorded = _recorded(status, service) if phase in (Phase.RUNNING,
                                                            Phase.ADMITTED) else {}
         started_wall = parse_time(status.get("startedAt"))

@@ -40,10 +40,13 @@ class AutoscalePolicy:
     scale_down_stabilization_seconds: float = DEFAULT_STABILIZATION_SECONDS
 
     def __post_init__(self) -> None:
-        if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
-            raise SpecError("spec.minReplicas/maxReplicas", "need 0 <= minReplicas <= "
-                            f"maxReplicas and maxReplicas >= 1, got {self.min_replicas}/"
-                            f"{self.max_replicas}")
+        if self.min_replicas < 1:
+            raise SpecError("spec.minReplicas", "must be >= 1 with spec.autoscaling: "
+                            "replicas follow the load that running replicas report, so from "
+                            f"zero nothing would bring one back; got {self.min_replicas}")
+        if self.max_replicas < self.min_replicas:
+            raise SpecError("spec.minReplicas/maxReplicas", "need minReplicas <= "
+                            f"maxReplicas, got {self.min_replicas}/{self.max_replicas}")
         if not self.target_in_flight > 0:
             raise SpecError("spec.autoscaling.targetInFlightRequests",
                             f"must be a number > 0, got {self.target_in_flight}")

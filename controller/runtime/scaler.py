@@ -140,16 +140,20 @@ class Autoscaler:
 
     # ----------------------------------------------------------------- what is tracked
 
-    def track(self, service: JobSpec, policy: AutoscalePolicy | None) -> int:
+    def track(self, service: JobSpec, policy: AutoscalePolicy | None,
+              start: int | None = None) -> int:
         """Follow ``service`` (``workers`` = the replicas its spec asks for). Returns the
         replicas to run now: with a policy, the count the autoscaler already chose (kept
-        across spec changes, clamped to the new bounds), else the spec's own."""
+        across spec changes, clamped to the new bounds), else the spec's own. ``start``:
+        the count an earlier autoscaler chose (an operator restart reads it from status),
+        used instead of the spec's when the service is new here."""
         key = service.key
         old = self.services.get(key)
         if policy is None:
             desired, reason = service.workers, f"spec.replicas is {service.workers}"
         elif old is None or old.policy is None:
-            desired = min(policy.max_replicas, max(policy.min_replicas, service.workers))
+            first = service.workers if start is None or old is not None else start
+            desired = min(policy.max_replicas, max(policy.min_replicas, first))
             reason = f"autoscaling from {desired} replicas"
         else:
             desired = min(policy.max_replicas, max(policy.min_replicas, old.desired))
@@ -157,8 +161,13 @@ class Autoscaler:
         tracked = _Tracked(service, policy, desired, reason)
         if old is not None:
             tracked.seen, tracked.retired = old.seen, old.retired
-            if policy is not None and old.policy is not None:
-                tracked.recommendations = old.recommendations
+        if policy is not None and old is not None and old.policy is not None:
+            tracked.recommendations = old.recommendations
+        elif policy is not None:
+            # As the HPA does for a new target: the count it starts at counts as a
+            # recommendation, so it is not scaled down before a window has passed (after
+            # an operator restart too, which forgot the window's recommendations).
+            tracked.recommendations.append((self.cp.now, desired))
         self.services[key] = tracked
         return desired
 

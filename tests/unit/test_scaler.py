@@ -214,3 +214,19 @@ def test_load_curve_csv_reads_a_rate_and_names_bad_rows(tmp_path: Path) -> None:
     with pytest.raises(InputFileError, match="no rows"):
         (tmp_path / "empty.csv").write_text("seconds,rps\n")
         load_curve_csv(tmp_path / "empty.csv")
+
+
+def test_a_new_or_restarted_service_is_not_scaled_down_before_a_window() -> None:
+    """As the HPA: the count tracking starts at counts as a recommendation (an operator
+    restart forgot the window's recommendations, and must not drop replicas at once)."""
+    sim = _sim()
+    policy = AutoscalePolicy(1, 8, target_in_flight=4, scale_down_stabilization_seconds=60)
+    load = SetLoad(sim)
+    scaler = Autoscaler(sim, load)
+    assert scaler.track(replace(SERVICE, workers=1), policy, start=6) == 6  # from status
+    for spec in replica_changes(replace(SERVICE, workers=6), [], 6)[0]:
+        sim.submit(spec)
+    sim.cycle(force=True)
+    load.total = 4.0  # wants 1
+    assert [_tick(sim, scaler) for _ in range(3)] == [6, 6, 6]
+    assert [_tick(sim, scaler, 20.0) for _ in range(2)][-1] == 1
