@@ -150,6 +150,7 @@ async def build_engine(kube: KubeClient, options: OperatorOptions,
     namespaces = await _namespaces(kube)
     clock = WallClock(options.sim_speed)
     node_objects: list[dict[str, Any]] = []
+    directory: KubeNodeDirectory | None = None
     if options.backend == "sim":
         node_objects = [] if options.inventory == "factory" else await kube.list_nodes()
         factory = choose_factory(options.inventory, node_objects, options.cluster)
@@ -163,8 +164,7 @@ async def build_engine(kube: KubeClient, options: OperatorOptions,
     try:
         engine, report = _assemble(kube, options, listing, clock, session, factory, topo,
                                    namespaces, may_write)
-        if options.backend == "ray":
-            engine.node_directory = directory
+        engine.node_directory = directory
         if options.backend == "sim" and factory.source == "Node objects":
             # The inventory is the cluster's Nodes: follow their health from now on.
             engine.node_book = NodeBook(options.node_grace_seconds)

@@ -210,8 +210,10 @@ class Reconciler:
     def _relabelled(self) -> bool:
         """Whether a listed node differs from the topology's entry of that name (its labels,
         GPU model or count): a Kubernetes Node moved to another rack, say."""
-        have = {n.name: n for n in self.cp.topo.nodes}
-        return any(have.get(n.name, n) != n for n in self.backend.inventory())
+        topo = self.cp.topo
+        index = topo.node_index
+        return any(n.name in index and topo.nodes[index[n.name]] != n
+                   for n in self.backend.inventory())
 
     def _unlisted(self) -> frozenset[int]:
         """Indices of the topology's nodes the inventory no longer lists."""

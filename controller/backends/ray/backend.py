@@ -220,7 +220,8 @@ class RayBackend:
             raise RayBackendError(
                 "no live Ray node with GPUs is joined to a Kubernetes Node: start each Ray "
                 f"worker with --num-gpus and --labels {NODE_NAME_LABEL}=<its node name> "
-                "(deploy/ray/ does), on a Node that exists")
+                "(deploy/ray/ does), on a Node that exists; or take the Ray nodes' own "
+                "labels (the operator's --ray-topology ray)")
         if not nodes:
             raise RayBackendError("the Ray cluster has no live node with GPUs; start nodes "
                                   "with --num-gpus and --labels aifactory.io/rack=...")
