@@ -21,6 +21,7 @@ from aifactory.operators.configstatus import ConfigEntry
 from aifactory.operators.grid import GridLink
 from aifactory.operators.objects import Tracked
 from aifactory.operators.outbox import Outbox
+from aifactory.operators.raynodes import KubeNodeDirectory
 from aifactory.operators.scaling import ServiceScaling
 
 __all__ = ["Claims", "EngineOptions", "EngineView", "StatusBooks", "StatusKey", "claimed_slots"]
@@ -145,6 +146,7 @@ class EngineView(Protocol):
     on_admitted: list[Callable[[Tracked, str], None]]
     grid: GridLink
     scaling: ServiceScaling
+    node_directory: KubeNodeDirectory | None
 
     def note(self, obj: Tracked, type_: str, reason: str, message: str,
              phase_change: bool = True) -> None: ...

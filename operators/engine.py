@@ -56,10 +56,11 @@ from aifactory.operators import publish
 from aifactory.operators.books import EngineOptions, StatusBooks
 from aifactory.operators.configstatus import ConfigEntry
 from aifactory.operators.grid import GridLink, GridOptions
-from aifactory.operators.kube import KubeClient
+from aifactory.operators.kube import KubeClient, ObjectRef
 from aifactory.operators.nodes import NodeBook
 from aifactory.operators.objects import StatusContext, Tracked
 from aifactory.operators.outbox import Outbox
+from aifactory.operators.raynodes import KubeNodeDirectory
 from aifactory.operators.routing import ServiceRouting
 from aifactory.operators.scaling import ServiceScaling
 from aifactory.operators.status import Conditions, Phase
@@ -111,6 +112,9 @@ class Engine:
         # Node health from Node objects (operators.nodes); None: not followed (an inventory
         # from a factory spec, or a backend that sees its nodes die itself, as Ray does).
         self.node_book: NodeBook | None = None
+        # With --backend ray on Kubernetes: the Nodes that give the Ray nodes their topology
+        # (operators.raynodes); None: the Ray nodes' own labels.
+        self.node_directory: KubeNodeDirectory | None = None
         # Each namespace's queue grant (start-up loads them); None: not checked here (the
         # operator may not read Namespaces; the API server's admission policies still hold).
         self.namespaces: dict[str, NamespaceGrant] | None = None
@@ -259,6 +263,8 @@ class Engine:
             self.reconciler.step(force=force)
             if self.reconciler.cp is not self.cp:
                 self._replace_plane(self.reconciler.cp)
+            if self.node_directory is not None:
+                self.node_directory.report(self._note_node)
         self.scaling.step()
         refresh = mono >= self._next_refresh
         if refresh:
@@ -295,9 +301,12 @@ class Engine:
             self._apply_config(*args)
         elif verb == "namespace":
             self.load_namespace(*args)
-        elif verb == "node" and self.node_book is not None:
+        elif verb == "node":
             body, deleted = args
-            self.node_book.observe(body, deleted, time.monotonic())
+            if self.node_book is not None:
+                self.node_book.observe(body, deleted, time.monotonic())
+            if self.node_directory is not None:
+                self.node_directory.observe(body, deleted)
 
     def knows(self, kind: str, body: Mapping[str, Any]) -> bool:
         """Whether this object, at this generation, was applied already, or is a finished
@@ -542,6 +551,13 @@ class Engine:
         log.info("inventory changed: %s", cp.topo.describe())
         for callback in self.on_plane_replaced:
             callback(cp)
+
+    def follows_nodes(self) -> bool:
+        """Whether Node events matter here (their health, or the Ray nodes' topology)."""
+        return self.node_book is not None or self.node_directory is not None
+
+    def _note_node(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:
+        self.outbox.put_event(ref, type_, reason, message, False)
 
     def note(self, obj: Tracked, type_: str, reason: str, message: str,
              phase_change: bool = True) -> None:

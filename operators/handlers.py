@@ -196,7 +196,7 @@ def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
         """A Node's health (Ready, taints, cordon, allocatable GPUs) changed, or it went."""
         body = event.get("object")
         engine = app.engine
-        if isinstance(body, dict) and engine is not None and engine.node_book is not None:
+        if isinstance(body, dict) and engine is not None and engine.follows_nodes():
             engine.apply_node(plain(body), deleted=event.get("type") == "DELETED")
 
     return registry

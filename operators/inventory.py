@@ -4,7 +4,9 @@ A Node counts as a GPU node when its allocatable ``nvidia.com/gpu`` is positive 
 the device plugin's count) or, on clusters without GPUs such as kind, when it carries the GPU
 feature discovery label ``nvidia.com/gpu.count`` (simulated GPUs on labelled nodes). The GPU
 model comes from ``nvidia.com/gpu.product``; racks and blocks from ``aifactory.io/rack`` and
-``aifactory.io/block`` (a node without them is a rack of its own). Cordoned nodes
+``aifactory.io/block`` (a node without them is a rack of its own); rack-scale NVLink domains
+from ``nvidia.com/gpu.clique``. With ``--backend ray`` the same reading gives the Ray nodes
+their topology (``operators.raynodes``). Cordoned nodes
 (``spec.unschedulable``) are part of the inventory: a cordon means no new work, not the end
 of what runs there (``operators.nodes`` keeps new work off them).
 
@@ -15,20 +17,19 @@ spec given by ``--cluster`` (a built-in name or a SimulatedFactory YAML).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from aifactory.controller.core.errors import SpecError
 from aifactory.controller.core.topology import (
-    CLIQUE_LABEL,
     GPU_COUNT_LABEL,
+    GPU_PRESENT_LABEL,
     GPU_PRODUCT_LABEL,
     NodeInfo,
-    nvlink_levels,
 )
 from aifactory.controller.inputs.factory import FactorySpec, factory_from_nodes, load_factory
 
-__all__ = ["GPU_RESOURCE", "INVENTORY_MODES", "choose_factory", "nodes_from_objects"]
+__all__ = ["GPU_RESOURCE", "INVENTORY_MODES", "choose_factory", "has_gpus", "node_info",
+           "nodes_from_objects"]
 
 GPU_RESOURCE = "nvidia.com/gpu"
 INVENTORY_MODES = ("auto", "nodes", "factory")
@@ -42,23 +43,32 @@ def _count(raw: Any) -> int:
     return max(value, 0)
 
 
+def node_info(item: Mapping[str, Any]) -> NodeInfo | None:
+    """One Node object (a dict as the API returns it) as an inventory entry, whatever its
+    GPUs (``gpus`` 0 when it has none); None without a name. The one reading of a Node's
+    labels: the simulated inventory and the Ray join (``operators.raynodes``) both use it."""
+    meta = item.get("metadata") or {}
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+    allocatable = ((item.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE)
+    gpus = _count(allocatable) or _count(labels.get(GPU_COUNT_LABEL))
+    model = labels.get(GPU_PRODUCT_LABEL, "") or "unknown"  # NodeInfo canonicalises it
+    return NodeInfo.from_labels(name, labels, gpus=gpus, gpu_model=model)
+
+
+def has_gpus(node: NodeInfo) -> bool:
+    """A GPU node: a GPU count (allocatable ``nvidia.com/gpu`` or GFD's count label), or
+    GFD's ``nvidia.com/gpu.present=true`` on a node whose device plugin has not counted yet."""
+    return node.gpus > 0 or node.label(GPU_PRESENT_LABEL) == "true"
+
+
 def nodes_from_objects(items: Iterable[Mapping[str, Any]]) -> list[NodeInfo]:
-    """GPU nodes from Node objects (dicts as the API returns them), by name."""
-    nodes: list[NodeInfo] = []
-    for item in items:
-        meta = item.get("metadata") or {}
-        name = meta.get("name")
-        if not isinstance(name, str):
-            continue  # a cordoned node stays: it keeps what runs there (operators.nodes)
-        labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
-        allocatable = ((item.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE)
-        gpus = _count(allocatable) or _count(labels.get(GPU_COUNT_LABEL))
-        if gpus <= 0:
-            continue
-        product = labels.get(GPU_PRODUCT_LABEL, "")
-        model = product or "unknown"  # NodeInfo canonicalises the spelling
-        nodes.append(NodeInfo.from_labels(name, labels, gpus=gpus, gpu_model=model))
-    return sorted(nodes, key=lambda n: n.name)
+    """GPU nodes from Node objects (dicts as the API returns them), by name. Cordoned
+    nodes stay: they keep what runs there (operators.nodes)."""
+    infos = (node_info(item) for item in items)
+    return sorted((n for n in infos if n is not None and n.gpus > 0), key=lambda n: n.name)
 
 
 def choose_factory(mode: str, node_objects: Iterable[Mapping[str, Any]],
@@ -73,8 +83,5 @@ def choose_factory(mode: str, node_objects: Iterable[Mapping[str, Any]],
         raise SpecError("--inventory nodes", f"no Node has allocatable {GPU_RESOURCE} or a "
                         f"{GPU_COUNT_LABEL} label; label the nodes or use --inventory factory")
     if nodes:
-        factory = factory_from_nodes("cluster-nodes", nodes, "Node objects")
-        if any(n.label(CLIQUE_LABEL) for n in nodes):
-            factory = replace(factory, levels=nvlink_levels())
-        return factory
+        return factory_from_nodes("cluster-nodes", nodes, "Node objects")
     return load_factory(cluster)

@@ -7,7 +7,7 @@
                        [--health-port 8080] [--metrics-port 9402] [--policy aifactory]
                        [--telemetry auto|nvml|model|sim] [--node-metrics]
     aifactory operator --backend ray (--ray-address ADDRESS | --ray-local [--cluster SPEC])
-                       [--ray-cpus-per-worker N] ...
+                       [--ray-cpus-per-worker N] [--ray-topology auto|nodes|ray] ...
 
 ``--backend sim`` runs placed work on the simulated factory inside this process. Its GPUs
 are the cluster's Nodes when any has GPUs (allocatable ``nvidia.com/gpu`` or a
@@ -17,7 +17,12 @@ in 3600/N wall seconds.
 
 ``--backend ray`` runs every placed gang on a Ray cluster (``--ray-address``, else
 ``$RAY_ADDRESS``) as a pinned placement group of detached worker actors; the inventory is
-the cluster's live GPU nodes and their ``aifactory.io/*`` labels. ``--ray-local`` starts a
+the cluster's live GPU nodes (their GPU counts are what Ray can schedule). Their rack, block,
+NVLink domain and GPU model come from the Kubernetes Node each Ray node names with its
+``aifactory.io/node`` label (``--ray-topology nodes``; ``auto``, the default, does so when
+some Node has GPUs); Ray nodes that name no Node, and GPU Nodes no Ray node names, are left
+out and reported (``operators.raynodes``). ``--ray-topology ray`` reads the Ray nodes' own
+``aifactory.io/*`` labels instead, as ``aifactory run --backend ray`` does. ``--ray-local`` starts a
 local Ray cluster of simulated GPU nodes instead (a demo: 4 x 8 H200 in 2 racks, or the
 nodes of ``--cluster``, at most 16), which goes when the operator stops.
 
@@ -49,7 +54,13 @@ from aifactory.operators.grid import GridOptions
 from aifactory.operators.inventory import INVENTORY_MODES
 from aifactory.operators.leader import LeaderElector, LeaseTimings
 from aifactory.operators.metrics_server import TELEMETRY_CHOICES
-from aifactory.operators.session import BACKENDS, BackendError, RayOptions, check_backend
+from aifactory.operators.session import (
+    BACKENDS,
+    RAY_TOPOLOGIES,
+    BackendError,
+    RayOptions,
+    check_backend,
+)
 from aifactory.operators.startup import OperatorOptions
 
 DEFAULT_CLUSTER = "small"
@@ -115,6 +126,11 @@ def parser() -> argparse.ArgumentParser:
                    help="--backend ray: the Ray nodes run container images (podman on every "
                         "node), so a job's runtime.image becomes Ray's image_uri; without "
                         "it such a job fails with RuntimeImageUnsupported")
+    p.add_argument("--ray-topology", choices=RAY_TOPOLOGIES, default=None,
+                   help="where the Ray nodes' rack, block, NVLink domain and GPU model come "
+                        "from: nodes (the Kubernetes Node each names with its "
+                        "aifactory.io/node label), ray (the Ray nodes' own labels), auto "
+                        "(nodes when some Node has GPUs; default)")
     p.add_argument("--telemetry", choices=TELEMETRY_CHOICES, default="auto",
                    help="GPU power and energy: auto (the backend's own: the simulated "
                         "factory's, or NVML on each Ray node else the power model), nvml, "
@@ -193,11 +209,15 @@ def _ray_options(args: argparse.Namespace) -> RayOptions:
     elif args.cluster:
         raise BackendError("--cluster with --backend ray applies to --ray-local only; a Ray "
                            "cluster's nodes are its inventory")
+    if args.ray_local and args.ray_topology == "nodes":
+        raise BackendError("--ray-topology nodes joins Ray nodes to Kubernetes Nodes; the "
+                           "simulated nodes of --ray-local have none (use auto or ray)")
     cpus = args.ray_cpus_per_worker or (LOCAL_CPUS_PER_WORKER if args.ray_local else 1.0)
     return RayOptions(address=None if args.ray_local else address, local=args.ray_local,
                       local_nodes=nodes, cpus_per_worker=cpus,
                       telemetry="model" if args.telemetry == "model" else "auto",
-                      container_images=args.ray_container_images)
+                      container_images=args.ray_container_images,
+                      topology=args.ray_topology or "auto")
 
 
 def _grid_options(args: argparse.Namespace) -> GridOptions:
@@ -222,9 +242,11 @@ def options_from(args: argparse.Namespace) -> OperatorOptions:
     if args.backend != "sim" and args.sim_speed != 1.0:
         raise BackendError("--sim-speed applies to --backend sim only")
     if args.backend == "sim" and (args.ray_local or args.ray_address or
-                                  args.ray_cpus_per_worker or args.ray_container_images):
-        raise BackendError("--ray-local, --ray-address, --ray-cpus-per-worker and "
-                           "--ray-container-images apply to --backend ray only")
+                                  args.ray_cpus_per_worker or args.ray_container_images or
+                                  args.ray_topology):
+        raise BackendError("--ray-local, --ray-address, --ray-cpus-per-worker, "
+                           "--ray-container-images and --ray-topology apply to --backend ray "
+                           "only")
     ray = _ray_options(args) if args.backend == "ray" else RayOptions()
     if args.sim_traffic and args.backend != "sim":
         raise BackendError("--sim-traffic drives the simulated backend's InferenceServices; "

@@ -110,6 +110,7 @@ OPERATOR_METRICS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("aifactory_grid_events", "gauge", ()),
     ("aifactory_grid_caps_unhonoured", "gauge", ()),
     ("aifactory_grid_signal_problem", "gauge", ()),
+    ("aifactory_ray_nodes_unmatched", "gauge", ("reason",)),
 )
 
 
@@ -140,6 +141,14 @@ class OperatorCollector(Collector):
         for key, name, doc in GAUGES:
             yield GaugeMetricFamily(name, doc, value=float(gauges.get(key, 0.0)))
         yield from _grid_families(snap.get("grid", {}))
+        unmatched = snap.get("ray_nodes_unmatched")
+        if unmatched is not None:  # --backend ray with the Nodes as its directory
+            family = GaugeMetricFamily(
+                "aifactory_ray_nodes_unmatched", "Ray nodes and GPU Nodes left out of the "
+                "inventory because they could not be joined, by reason.", labels=["reason"])
+            for reason, n in sorted(unmatched.items()):
+                family.add_metric([reason], float(n))
+            yield family
 
 
 def _grid_families(grid: dict[str, Any]) -> Iterator[Any]:

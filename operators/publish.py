@@ -244,4 +244,6 @@ def take_snapshot(engine: EngineView) -> None:
                    "status_backlog": float(engine.outbox.status_backlog),
                    "event_backlog": float(len(engine.outbox.events))},
         "grid": engine.grid.snapshot(),
+        "ray_nodes_unmatched": None if engine.node_directory is None else
+        engine.node_directory.counts(),
     }

@@ -10,7 +10,9 @@ to rebuild that factory when nodes join, and how to let go of it at shutdown.
   is what the GPUs would have done meanwhile (``reattach``).
 * ``ray`` is ``aifactory.controller.backends.ray.backend`` (imported only here, lazily: the operator
   never imports ``ray`` itself). It connects to ``--ray-address``/``$RAY_ADDRESS``, or with
-  ``--ray-local`` starts a local Ray cluster of simulated GPU nodes for demos. Its gangs are
+  ``--ray-local`` starts a local Ray cluster of simulated GPU nodes for demos. On
+  Kubernetes the Ray nodes take their topology from the Nodes they name
+  (``--ray-topology``, ``operators.raynodes``). Its gangs are
   detached placement groups and actors that outlive the operator, so restart recovery
   adopts the gangs it finds by name (``gang_adopter``) instead of launching twins, and
   shutting down only disconnects (``RayBackend.disconnect``).
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aifactory.controller.backends.base import AdoptsGangs, ClusterBackend
+from aifactory.controller.backends.directory import NodeDirectory
 from aifactory.controller.backends.simulated import SimulatedBackend
 from aifactory.controller.core.errors import AifactoryError
 from aifactory.controller.core.spec import JobSpec
@@ -37,10 +40,11 @@ from aifactory.controller.inputs.factory import FactorySpec
 from aifactory.controller.power.model import profile_for
 from aifactory.controller.power.utilisation import default_utilization, speed_under_cap
 
-__all__ = ["BACKENDS", "RAY_MODULE", "BackendError", "BackendSession", "RayOptions",
-           "check_backend", "gang_adopter", "open_backend", "reattach"]
+__all__ = ["BACKENDS", "RAY_MODULE", "RAY_TOPOLOGIES", "BackendError", "BackendSession",
+           "RayOptions", "check_backend", "gang_adopter", "open_backend", "reattach"]
 
 BACKENDS = ("sim", "ray")
+RAY_TOPOLOGIES = ("auto", "nodes", "ray")
 RAY_MODULE = "aifactory.controller.backends.ray.backend"
 
 
@@ -58,6 +62,9 @@ class RayOptions:
     cpus_per_worker: float = 1.0
     telemetry: str = "auto"  # the backend's GPU power: auto (NVML on each node, else model)
     container_images: bool = False  # nodes run runtime.image (podman): Ray's image_uri
+    # Where the Ray nodes' topology comes from: nodes (the Kubernetes Nodes they name), ray
+    # (their own labels), auto (nodes when the API server lists a GPU Node, else ray).
+    topology: str = "auto"
 
 
 @dataclass(slots=True)
@@ -96,9 +103,11 @@ def check_backend(name: str) -> None:
 
 
 def open_backend(name: str, topo: Topology | None, clock: Callable[[], float],
-                 ray: RayOptions | None = None) -> BackendSession:
+                 ray: RayOptions | None = None,
+                 directory: NodeDirectory | None = None) -> BackendSession:
     """Start the backend called ``name``. ``topo`` is required for ``sim`` (its nodes, in
-    the topology's order, so GPU indices agree with placements)."""
+    the topology's order, so GPU indices agree with placements). ``directory``: where the
+    Ray nodes' names and topology come from (the Kubernetes Nodes), else their labels."""
     if name == "sim":
         if topo is None:
             raise BackendError("--backend sim needs an inventory")
@@ -116,7 +125,7 @@ def open_backend(name: str, topo: Topology | None, clock: Callable[[], float],
         backend = module.make_ray_backend(
             ray.address, local=ray.local, local_nodes=ray.local_nodes or None, clock=clock,
             cpus_per_worker=ray.cpus_per_worker, telemetry=ray.telemetry,
-            container_images=ray.container_images)
+            container_images=ray.container_images, directory=directory)
     except AifactoryError:
         raise
     except Exception as exc:  # ray.init: ConnectionError, TimeoutError, RuntimeError...

@@ -4,7 +4,8 @@ Nothing new is scheduled until every existing object is accounted for:
 
 1. wait until the API server serves our CRDs;
 2. list GPUQueues and PowerBudgets (they become the core's queues and budgets), the Nodes
-   (the inventory, unless a factory spec or the Ray cluster is used) and every TrainingJob
+   (the inventory, unless a factory spec or the Ray cluster is used; with Ray, the topology
+   of the Ray nodes, ``operators.raynodes``) and every TrainingJob
    and InferenceService;
 3. a job that still runs is ``adopt``ed where it runs: its GPUs are marked used, its start
    time, restarts, energy and GPU-hours carry on, nothing is launched twice. With a
@@ -33,11 +34,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aifactory.controller.backends.base import AdoptsGangs, FoundGang
+from aifactory.controller.backends.directory import NODE_NAME_LABEL
 from aifactory.controller.core.errors import InvariantError, SpecError
 from aifactory.controller.core.placements import describe_placement, placement_from_node_slots
 from aifactory.controller.core.spec import JobSpec, PowerBudgetSpec, QueueSpec, replica_jobs
 from aifactory.controller.core.state import Placement
-from aifactory.controller.core.topology import Topology
+from aifactory.controller.core.topology import GPU_COUNT_LABEL, GPU_PRESENT_LABEL, Topology
 from aifactory.controller.inputs.factory import FactorySpec
 from aifactory.controller.power.grid import BudgetWindow
 from aifactory.controller.runtime.autoscale import policy_from_manifest
@@ -47,10 +49,11 @@ from aifactory.controller.runtime.resync import Reconciler
 from aifactory.operators.books import EngineOptions
 from aifactory.operators.engine import Engine
 from aifactory.operators.grid import GridOptions
-from aifactory.operators.inventory import choose_factory
+from aifactory.operators.inventory import GPU_RESOURCE, choose_factory
 from aifactory.operators.kube import KubeClient, KubeError
 from aifactory.operators.nodes import NodeBook
 from aifactory.operators.objects import Tracked
+from aifactory.operators.raynodes import KubeNodeDirectory
 from aifactory.operators.session import (
     BackendSession,
     RayOptions,
@@ -148,18 +151,21 @@ async def build_engine(kube: KubeClient, options: OperatorOptions,
     namespaces = await _namespaces(kube)
     clock = WallClock(options.sim_speed)
     node_objects: list[dict[str, Any]] = []
+    directory: KubeNodeDirectory | None = None
     if options.backend == "sim":
         node_objects = [] if options.inventory == "factory" else await kube.list_nodes()
         factory = choose_factory(options.inventory, node_objects, options.cluster)
         topo = factory.topology()
         session = open_backend("sim", topo, clock)
     else:
-        session = open_backend(options.backend, None, clock, options.ray)
+        directory = await _node_directory(kube, options.ray)
+        session = open_backend(options.backend, None, clock, options.ray, directory)
         assert session.factory is not None and session.topology is not None
         factory, topo = session.factory, session.topology
     try:
         engine, report = _assemble(kube, options, listing, clock, session, factory, topo,
                                    namespaces, may_write)
+        engine.node_directory = directory
         if options.backend == "sim" and factory.source == "Node objects":
             # The inventory is the cluster's Nodes: follow their health from now on.
             engine.node_book = NodeBook(options.node_grace_seconds)
@@ -170,6 +176,22 @@ async def build_engine(kube: KubeClient, options: OperatorOptions,
     except BaseException:
         session.close()
         raise
+
+
+async def _node_directory(kube: KubeClient, ray: RayOptions) -> KubeNodeDirectory | None:
+    """The Nodes as the Ray nodes' directory (``--ray-topology nodes``, or ``auto`` when
+    some Node has GPUs), filled from a listing; None: the Ray nodes' own labels."""
+    if ray.topology == "ray" or ray.local:
+        return None
+    directory = KubeNodeDirectory()
+    for item in await kube.list_nodes():
+        directory.observe(item, False)
+    if ray.topology == "auto" and not directory.gpu_machines():
+        log.info("no Node has GPUs (allocatable %s, %s or %s=true): the Ray nodes' own "
+                 "labels give the topology", GPU_RESOURCE, GPU_COUNT_LABEL, GPU_PRESENT_LABEL)
+        return None
+    log.info("the Ray nodes' topology comes from the Node each names (%s)", NODE_NAME_LABEL)
+    return directory
 
 
 def _assemble(kube: KubeClient, options: OperatorOptions,

@@ -23,6 +23,7 @@ __all__ = [
     "CLIQUE_LABEL",
     "DEFAULT_LEVELS",
     "GPU_COUNT_LABEL",
+    "GPU_PRESENT_LABEL",
     "GPU_PRODUCT_LABEL",
     "HOSTNAME_LABEL",
     "NODE_LEVEL",
@@ -37,6 +38,7 @@ __all__ = [
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"
+GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
 CLIQUE_LABEL = "nvidia.com/gpu.clique"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 BLOCK_LABEL = "aifactory.io/block"

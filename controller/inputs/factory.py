@@ -366,9 +366,12 @@ def parse_factory(doc: Any, source: str = "") -> FactorySpec:
 
 
 def factory_from_nodes(name: str, nodes: Sequence[NodeInfo], source: str = "") -> FactorySpec:
-    """A factory over given nodes: default levels, one ``default`` queue, no budgets."""
+    """A factory over given nodes: default levels (``block > rack > nvlink > node`` when any
+    node carries an NVLink clique label, as GB200 NVL72 nodes do), one ``default`` queue, no
+    budgets."""
     total = sum(n.gpus for n in nodes)
-    return FactorySpec(name=name, levels=DEFAULT_LEVELS, nodes=tuple(nodes),
+    levels = nvlink_levels() if any(n.label(CLIQUE_LABEL) for n in nodes) else DEFAULT_LEVELS
+    return FactorySpec(name=name, levels=levels, nodes=tuple(nodes),
                        queues=(QueueSpec(DEFAULT_QUEUE, float(total)),), power_budgets=(),
                        cost=CostModel(), source=source)
 

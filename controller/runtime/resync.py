@@ -4,8 +4,9 @@ The simulator changes its own inventory, so it knows when a node fails; on Ray (
 backend) nodes die and join under the control plane. ``Reconciler.step()`` is
 ``ControlPlane.step()`` plus that: GPUs of nodes that left the inventory are fenced (held by a
 ``!failed/<node>`` placeholder, as the simulator does) so no gang is placed on a dead node,
-fences are lifted when the node returns, and a node never seen before rebuilds the control
-plane over the new inventory, carrying every job over (running ones adopted where they run).
+fences are lifted when the node returns, and a node never seen before, or one whose entry
+changed (relabelled to another rack), rebuilds the control plane over the new inventory,
+carrying every job over (running ones adopted where they run).
 
 ``adopt_running`` is the operator-restart half: gangs a backend finds still running (the Ray
 backend finds them by placement-group name) are adopted into a fresh control plane instead of
@@ -206,6 +207,14 @@ class Reconciler:
                 self._suspects_gone.discard(name)
         return listed
 
+    def _relabelled(self) -> bool:
+        """Whether a listed node differs from the topology's entry of that name (its labels,
+        GPU model or count): a Kubernetes Node moved to another rack, say."""
+        topo = self.cp.topo
+        index = topo.node_index
+        return any(n.name in index and topo.nodes[index[n.name]] != n
+                   for n in self.backend.inventory())
+
     def _unlisted(self) -> frozenset[int]:
         """Indices of the topology's nodes the inventory no longer lists."""
         listed = self._listed()
@@ -227,7 +236,7 @@ class Reconciler:
         # their own status says a node is lost).
         alive = sorted(self._listed() - self._suspects.keys())
         change = sync_inventory(self.cp, alive)
-        if change.unknown and self._make_factory is not None:
+        if (change.unknown or self._relabelled()) and self._make_factory is not None:
             self.cp = rebuild(self.cp, self._make_factory())
             sync_inventory(self.cp, alive)
             force = True

@@ -50,7 +50,13 @@ REFUSED = [
     Refused("ray flags need the ray backend", ("--ray-local",),
             "apply to --backend ray only"),
     Refused("container images are a Ray cluster's", ("--ray-container-images",),
-            "--ray-container-images apply to --backend ray only"),
+            "--ray-container-images and --ray-topology apply to --backend ray only"),
+    Refused("the Ray topology source needs the ray backend", ("--ray-topology=nodes",),
+            "--ray-container-images and --ray-topology apply to --backend ray only"),
+    Refused("a local Ray cluster's simulated nodes have no Kubernetes Nodes",
+            ("--backend=ray", "--ray-local", "--ray-topology=nodes"),
+            "--ray-topology nodes joins Ray nodes to Kubernetes Nodes; the simulated nodes "
+            "of --ray-local have none"),
     Refused("sim speed is for the simulated backend",
             ("--backend=ray", "--ray-local", "--sim-speed=2"),
             "--sim-speed applies to --backend sim only"),
@@ -72,6 +78,9 @@ def test_ray_options_follow_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (remote.ray.address, remote.ray.local, remote.ray.cpus_per_worker) == \
         ("head:6379", False, 1.0)
     assert remote.ray.telemetry == "model" and remote.metrics_port == 9402
+    assert remote.ray.topology == "auto"
+    pinned = options_from(parser().parse_args(["--backend=ray", "--ray-topology=nodes"]))
+    assert pinned.ray.topology == "nodes"
     local = options_from(parser().parse_args(["--backend=ray", "--ray-local",
                                               "--node-metrics"]))
     assert (local.ray.address, local.ray.local, local.ray.cpus_per_worker) == \

@@ -51,8 +51,10 @@ from aifactory.controller.backends.base import (
     WorkloadPhase,
     WorkloadStatus,
 )
+from aifactory.controller.backends.directory import NodeDirectory
 from aifactory.controller.backends.energy import GpuKey, Owner
 from aifactory.controller.backends.ray.gang import (
+    NODE_NAME_LABEL,
     RAY_NAMESPACE,
     RayNode,
     WorkerPlan,
@@ -64,6 +66,7 @@ from aifactory.controller.backends.ray.gang import (
     worker_actor_name,
     worker_plans,
 )
+from aifactory.controller.backends.ray.join import join_ray_nodes
 from aifactory.controller.backends.ray.runtime_env import (
     IMAGE_UNSUPPORTED,
     SETUP_FAILED,
@@ -155,7 +158,8 @@ class RayBackend:
                  start_timeout_seconds: float = 120.0, poll_interval_seconds: float = 0.2,
                  serve_host: str | None = None, telemetry: str = "auto",
                  actuator: PowerActuator | None = None, container_images: bool = False,
-                 runtime_env_setup_timeout_seconds: float = 600.0) -> None:
+                 runtime_env_setup_timeout_seconds: float = 600.0,
+                 directory: NodeDirectory | None = None) -> None:
         if not ray.is_initialized():
             ray.init(address=address, namespace=namespace, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
@@ -181,16 +185,23 @@ class RayBackend:
         # another actuator is given (tests: a RecordingActuator, which touches no GPU).
         self.actuator: PowerActuator = actuator or _NodeNvml(self)
         self.local_cluster: Any = None  # a LocalRayCluster this backend started and stops
+        # Where the nodes' names and topology come from: the Kubernetes Nodes the Ray nodes
+        # name (``controller.backends.ray.join``), or None: the Ray nodes' own labels.
+        self.directory = directory
 
     # ----------------------------------------------------------------- inventory
 
     def ray_nodes(self, fresh: bool = False) -> list[RayNode]:
-        """Live GPU nodes (``ray.nodes()``, cached for ``poll_interval_seconds``)."""
+        """Live GPU nodes (``ray.nodes()``, cached for ``poll_interval_seconds``); with a
+        directory, only those joined to its machines (the rest told to it as unmatched)."""
         now = time.monotonic()
         if fresh or now - self._nodes_at > self.poll_interval_seconds:
             entries = ray.nodes()  # type: ignore[no-untyped-call]
             self._alive_ids = {str(e["NodeID"]) for e in entries if e.get("Alive")}
             self._nodes = [n for e in entries if (n := ray_node(e)) is not None]
+            if self.directory is not None:
+                self._nodes, unmatched = join_ray_nodes(self._nodes, self.directory)
+                self.directory.unmatched(unmatched)
             self._nodes_at = now
             start = self._clock()
             for n in self._nodes:
@@ -201,13 +212,21 @@ class RayBackend:
         return [n.info for n in self.ray_nodes()]
 
     def factory(self, name: str = "ray") -> FactorySpec:
-        """A factory over the live GPU nodes (default levels block > rack > node, one
-        ``default`` queue), whose topology this backend binds to."""
+        """A factory over the live GPU nodes (levels block > rack > node, with an NVLink
+        level when nodes carry ``nvidia.com/gpu.clique``; one ``default`` queue), whose
+        topology this backend binds to."""
         nodes = self.inventory()
+        if not nodes and self.directory is not None:
+            raise RayBackendError(
+                "no live Ray node with GPUs is joined to a Kubernetes Node: start each Ray "
+                f"worker with --num-gpus and --labels {NODE_NAME_LABEL}=<its node name> "
+                "(deploy/ray/ does), on a Node that exists; or take the Ray nodes' own "
+                "labels (the operator's --ray-topology ray)")
         if not nodes:
             raise RayBackendError("the Ray cluster has no live node with GPUs; start nodes "
                                   "with --num-gpus and --labels aifactory.io/rack=...")
-        spec = factory_from_nodes(name, nodes, source="ray")
+        source = "ray" if self.directory is None else "Ray nodes joined to Node objects"
+        spec = factory_from_nodes(name, nodes, source=source)
         self.bind(spec.topology())
         return spec
 

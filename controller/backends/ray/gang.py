@@ -9,7 +9,8 @@ that let a restarted operator find its placement groups and actors again, and ma
 
 Ray node labels (``ray start --labels``, ``Cluster.add_node(labels=...)``) carry the topology:
 ``aifactory.io/block``, ``aifactory.io/rack``, ``nvidia.com/gpu.product`` and the node's name
-``aifactory.io/node`` (the Ray node id when absent).
+``aifactory.io/node`` (the Ray node id when absent). On Kubernetes the operator takes the
+topology from the Node that ``aifactory.io/node`` names instead (``controller.backends.ray.join``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aifactory.controller.backends.directory import NODE_NAME_LABEL
 from aifactory.controller.core.errors import SpecError
 from aifactory.controller.core.spec import JobKind, JobSpec
 from aifactory.controller.core.state import Placement, WorkerSlot
@@ -39,6 +41,7 @@ __all__ = [
     "NODE_NAME_LABEL",
     "PG_PREFIX",
     "RAY_NAMESPACE",
+    "TOPOLOGY_LABELS",
     "Bundle",
     "RayNode",
     "WorkerPlan",
@@ -52,10 +55,9 @@ __all__ = [
 ]
 
 NODE_ID_LABEL = "ray.io/node-id"
-NODE_NAME_LABEL = "aifactory.io/node"
 RAY_NAMESPACE = "aifactory"
 PG_PREFIX = "aifactory/"
-_TOPOLOGY_LABELS = (ZONE_LABEL, BLOCK_LABEL, RACK_LABEL, CLIQUE_LABEL, GPU_PRODUCT_LABEL)
+TOPOLOGY_LABELS = (ZONE_LABEL, BLOCK_LABEL, RACK_LABEL, CLIQUE_LABEL, GPU_PRODUCT_LABEL)
 _ACCELERATOR_PREFIX = "accelerator_type:"
 
 
@@ -69,6 +71,7 @@ class RayNode:
     info: NodeInfo
     node_id: str
     address: str
+    named: bool = True  # its name is its ``aifactory.io/node`` label (else its Ray id)
 
 
 def ray_node(entry: Mapping[str, Any]) -> RayNode | None:
@@ -92,11 +95,12 @@ def ray_node(entry: Mapping[str, Any]) -> RayNode | None:
         detected = [k[len(_ACCELERATOR_PREFIX):] for k in resources
                     if str(k).startswith(_ACCELERATOR_PREFIX)]
         model = detected[0] if detected else "unknown"
-    kept = {k: v for k, v in labels.items() if k in _TOPOLOGY_LABELS}
+    kept = {k: v for k, v in labels.items() if k in TOPOLOGY_LABELS}
     kept[HOSTNAME_LABEL] = name
     kept.setdefault(GPU_PRODUCT_LABEL, model)
     info = NodeInfo(name=name, gpus=gpus, gpu_model=model, labels=tuple(sorted(kept.items())))
-    return RayNode(info=info, node_id=node_id, address=str(entry.get("NodeManagerAddress", "")))
+    return RayNode(info=info, node_id=node_id, address=str(entry.get("NodeManagerAddress", "")),
+                   named=bool(labels.get(NODE_NAME_LABEL)))
 
 
 # --------------------------------------------------------------------------- names
