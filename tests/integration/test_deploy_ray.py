@@ -7,7 +7,7 @@ KubeRay variant validates against KubeRay's published RayCluster CRD (installed 
 the cache hack/install-test-deps.sh fills). Beyond "it applies", the parts must agree: each
 ``ray start`` command parses with the pinned Ray's own CLI, workers label Ray nodes with
 their Kubernetes node name under the operator's label key, the operator's arguments parse
-with its own parser and point at the head's client port, and the Ray namespace's
+with its own parser and checks and point at the head's client port, and the Ray namespace's
 NetworkPolicy admits the operator there. No kubelet runs here, so nothing is started.
 """
 
@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from aifactory.controller.backends.ray.gang import NODE_NAME_LABEL
+from aifactory.operators.main import options_from
 from aifactory.operators.main import parser as operator_parser
 from tests.integration.k8s_env import REPO_ROOT, KubeTestEnv
 from tests.integration.operator_env import wait_for
@@ -257,8 +258,9 @@ def test_the_operator_overlay_runs_the_ray_backend_against_that_head(
     operator = container(deployment["spec"]["template"])
     assert operator["args"][0] == "operator"
     args = operator_parser().parse_args(operator["args"][1:])
-    assert args.backend == "ray"
-    assert args.ray_address == head_client_address(kube_env, ray_path)
+    options = options_from(args)  # what the operator checks before it connects
+    assert options.backend == "ray" and not options.ray.local
+    assert options.ray.address == head_client_address(kube_env, ray_path)
 
     ray_docs = render(kube_env, ray_path)
     ray_images = {c["image"] for d in ray_docs for c in _containers(d)}
