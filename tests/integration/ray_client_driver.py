@@ -19,9 +19,24 @@ from aifactory.controller.core.spec import JobSpec, Runtime
 from aifactory.controller.runtime.controlplane import ControlPlane
 
 
+def connect(address: str, checkpoint_root: str, attempts: int = 3) -> RayBackend:
+    """RayBackend over ``address``; a refused session is tried again (the Ray Client
+    server's per-session driver can fail to start on a machine this loaded, as a pod
+    restart would retry it on a cluster)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return RayBackend(address=address, checkpoint_root=checkpoint_root,
+                              cpus_per_worker=0.1, start_timeout_seconds=60)
+        except ConnectionError as exc:
+            print(f"connect attempt {attempt}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            if attempt == attempts:
+                raise
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
 def main(address: str, checkpoint_root: str, timeout_seconds: float = 120.0) -> None:
-    backend = RayBackend(address=address, checkpoint_root=checkpoint_root, cpus_per_worker=0.1,
-                         start_timeout_seconds=60)
+    backend = connect(address, checkpoint_root)
     try:
         topology = backend.factory("it")
         plane = ControlPlane(topology, backend, "aifactory", topology=backend.topology)
