@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the external programs the integration tests run for real:
 #   * prometheus (Debian package) for the metrics tests;
-#   * etcd, kube-apiserver and kubectl for tests/integration/k8s_env.py.
+#   * etcd, kube-apiserver and kubectl for tests/integration/k8s_env.py;
+#   * KubeRay's RayCluster CRD (the published YAML, for the dry-run of deploy/ray/kuberay/).
 #
 # Debian ships no kube-apiserver, and its etcd-server (3.4.23) is older than
 # the minimum documented for Kubernetes 1.31+ (etcd 3.4.29 / 3.5.11), so all
@@ -12,6 +13,10 @@
 # and are rebuilt only when missing or when hack/kube-build/ changed.
 # If KUBEBUILDER_ASSETS names a directory holding etcd, kube-apiserver and
 # kubectl (e.g. from setup-envtest), those are used and nothing is built.
+# The RayCluster CRD comes from the Go module proxy too (the ray-operator module at the
+# version in hack/kuberay.version holds config/crd/bases/ray.io_rayclusters.yaml), copied to
+#     ${AIFACTORY_CACHE:-$HOME/.cache/aifactory}/kuberay/<version>/ray.io_rayclusters.yaml
+# once; without Go or the proxy it is skipped with a warning (only that test needs it).
 #
 # Idempotent; needs only Go >= 1.25 (or GOTOOLCHAIN=auto) and apt.
 # The binaries directory is printed as the last line on stdout, so
@@ -146,10 +151,39 @@ ensure_kube_binaries() {  # prints the directory holding the binaries
   echo "${bin_dir}"
 }
 
+ensure_kuberay_crd() {  # the RayCluster CRD at the pinned KubeRay version, in the cache
+  local version dir target go_bin module_dir
+  version="$(tr -d '[:space:]' < "${REPO_ROOT}/hack/kuberay.version")"
+  dir="${AIFACTORY_CACHE:-${HOME}/.cache/aifactory}/kuberay/${version}"
+  target="${dir}/ray.io_rayclusters.yaml"
+  if [[ -s "${target}" ]]; then
+    log "KubeRay ${version} RayCluster CRD already fetched"
+    return
+  fi
+  if ! go_bin="$(find_go 2>/dev/null)"; then
+    log "WARNING: no Go: not fetching the KubeRay RayCluster CRD (its dry-run test will skip)"
+    return
+  fi
+  module_dir="$(cd "${REPO_ROOT}" && GOFLAGS=-mod=mod "${go_bin}" mod download -json \
+    "github.com/ray-project/kuberay/ray-operator@${version}" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')" || module_dir=""
+  if [[ -z "${module_dir}" || ! -s "${module_dir}/config/crd/bases/ray.io_rayclusters.yaml" ]]; then
+    log "WARNING: could not fetch github.com/ray-project/kuberay/ray-operator@${version}" \
+      "from the Go module proxy (its dry-run test will skip)"
+    return
+  fi
+  mkdir -p "${dir}"
+  cp "${module_dir}/config/crd/bases/ray.io_rayclusters.yaml" "${target}.tmp"
+  chmod u+w "${target}.tmp"
+  mv -f "${target}.tmp" "${target}"
+  log "KubeRay ${version} RayCluster CRD in ${target}"
+}
+
 main() {
   install_apt_packages
   local bin_dir
   bin_dir="$(ensure_kube_binaries)"
+  ensure_kuberay_crd
   log "etcd, kube-apiserver and kubectl are in ${bin_dir}"
   echo "${bin_dir}"
 }
