@@ -37,7 +37,7 @@ demo: $(VENV)/.base
 
 lint: link
 	$(BIN)/ruff check .
-	$(BIN)/mypy -p aifactory.controller -p aifactory.operators
+	$(BIN)/mypy -p aifactory.controller -p aifactory.operators -p aifactory_examples
 	$(BIN)/lint-imports
 	$(BIN)/python hack/check_import_cycles.py
 

@@ -2,37 +2,45 @@
 
 Connects to ``--address`` (or ``RAY_ADDRESS``), or starts a local Ray cluster of simulated GPU
 nodes (default: 4 nodes x 8 H200 in 2 racks; ``--cluster`` takes a factory YAML of at most
-16 nodes, since each is a raylet). Every job of ``--workload`` is submitted to a real
-``ControlPlane`` driving the ``RayBackend``; the command steps it until every training job has
-finished (inference replicas keep serving until then), stops what still runs, and prints
+16 nodes, since each is a raylet). Every job of ``--workload`` is submitted, as written, to a
+real ``ControlPlane`` driving the ``RayBackend``; the command steps it until every training job
+has finished (inference replicas keep serving until then), stops what still runs, and prints
 where each job ran and how long it took from submission to all workers running.
 
-The sample manifests name ``aifactory_examples`` modules that are not part of this package,
-so by default training gangs run ``controller.backends.ray.demo:train`` (``--demo-seconds``
-long) and replicas ``aifactory.controller.backends.ray.demo:serve``; ``--as-written`` keeps the
-manifests' own runtime.
+The samples run ``aifactory_examples`` (``examples/``, installed with this package). Three
+flags add to every job's environment, and change nothing else: ``--fast`` sets
+``AIFACTORY_FAST=1`` (the examples cut their steps, for a demo), ``--pythonpath`` (default
+``$AIFACTORY_WORKER_PYTHONPATH``) appends folders to the workers' ``PYTHONPATH``, which is how
+workers of a local cluster get PyTorch (``hack/install-torch.sh`` installs one outside the
+virtualenv), and ``--env KEY=VALUE`` sets a variable.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from aifactory.controller.backends.ray.demo import DEMO_NODES
 from aifactory.controller.core.errors import AifactoryError
-from aifactory.controller.core.spec import JobKind, JobSpec, Runtime
+from aifactory.controller.core.spec import JobKind, JobSpec
 
-__all__ = ["add_parser", "demo_runtime", "run"]
+__all__ = ["FAST_ENV", "WORKER_PYTHONPATH_ENV", "add_parser", "job_environment", "run",
+           "with_environment"]
 
 MAX_LOCAL_NODES = 16
 IDLE_SECONDS = 3.0
+FAST_ENV = "AIFACTORY_FAST"
+WORKER_PYTHONPATH_ENV = "AIFACTORY_WORKER_PYTHONPATH"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def add_parser(sub: Any, default_workload: str) -> None:
@@ -49,10 +57,16 @@ def add_parser(sub: Any, default_workload: str) -> None:
                    help="factory YAML for the local cluster (at most 16 nodes; default: "
                         "4 nodes x 8 H200 in 2 racks)")
     p.add_argument("--policy", default="aifactory", help="placement policy")
-    p.add_argument("--as-written", action="store_true",
-                   help="run the manifests' own entrypoints/commands, not the demo programs")
-    p.add_argument("--demo-seconds", type=float, default=5.0,
-                   help="how long each demo training gang runs (seconds)")
+    p.add_argument("--fast", action="store_true",
+                   help=f"a quick demo: sets {FAST_ENV}=1 for every job, and the "
+                        "aifactory_examples programs cut their steps")
+    p.add_argument("--pythonpath", action="append", default=None, metavar="DIR",
+                   help="a folder added to every worker's PYTHONPATH (repeatable; default: "
+                        f"${WORKER_PYTHONPATH_ENV}, {os.pathsep}-separated), e.g. "
+                        "~/.cache/aifactory/torch from hack/install-torch.sh for the "
+                        "training samples")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for every job (repeatable), e.g. STEPS=200")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="give up after this many seconds")
     p.add_argument("--ray-container-images", action="store_true",
@@ -64,14 +78,40 @@ def add_parser(sub: Any, default_workload: str) -> None:
                         "or a temporary folder)")
 
 
-def demo_runtime(spec: JobSpec, seconds: float) -> JobSpec:
-    """The job with its runtime replaced by the built-in demo program."""
-    if spec.kind is JobKind.INFERENCE:
-        runtime = Runtime(entrypoint="aifactory.controller.backends.ray.demo:serve")
-    else:
-        runtime = Runtime(entrypoint="aifactory.controller.backends.ray.demo:train",
-                          env=(("AIFACTORY_DEMO_SECONDS", f"{seconds:g}"),))
-    return replace(spec, runtime=runtime)
+def job_environment(args: argparse.Namespace) -> tuple[dict[str, str], tuple[str, ...]]:
+    """What the flags add to every job: variables, and folders for ``PYTHONPATH``."""
+    env: dict[str, str] = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not _ENV_NAME.fullmatch(key):
+            raise AifactoryError(f"--env: expected KEY=VALUE with KEY a variable name "
+                                 f"(letters, digits, _), got {item!r}")
+        env[key] = value
+    if args.fast:
+        env[FAST_ENV] = "1"
+    given = args.pythonpath
+    if given is None:
+        given = [p for p in os.environ.get(WORKER_PYTHONPATH_ENV, "").split(os.pathsep) if p]
+    folders = tuple(os.path.realpath(os.path.expanduser(p)) for p in given)
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise AifactoryError(f"--pythonpath: {folder} is not a folder (for PyTorch, run "
+                                 "hack/install-torch.sh: it installs ~/.cache/aifactory/torch)")
+    return env, folders
+
+
+def with_environment(spec: JobSpec, env: Mapping[str, str], pythonpath: Sequence[str]
+                     ) -> JobSpec:
+    """The job with ``env`` set over its own variables and ``pythonpath`` appended to its
+    ``PYTHONPATH``; its entrypoint or command is untouched."""
+    merged = dict(spec.runtime.env)
+    merged.update(env)
+    if pythonpath:
+        own = [p for p in merged.get("PYTHONPATH", "").split(os.pathsep) if p]
+        merged["PYTHONPATH"] = os.pathsep.join([*own, *pythonpath])
+    if merged == dict(spec.runtime.env):
+        return spec
+    return replace(spec, runtime=replace(spec.runtime, env=tuple(merged.items())))
 
 
 @dataclass(slots=True)
@@ -91,9 +131,8 @@ def run(args: argparse.Namespace, workload: Path) -> int:
     from aifactory.controller.runtime.resync import Reconciler
 
     console = Console(width=None if sys.stdout.isatty() else 160)
-    arrivals = load_workload(workload)
-    specs = [a.spec if args.as_written else demo_runtime(a.spec, args.demo_seconds)
-             for a in arrivals]
+    env, pythonpath = job_environment(args)
+    specs = [with_environment(a.spec, env, pythonpath) for a in load_workload(workload)]
     factory = load_factory(args.cluster) if args.cluster else None
     nodes = factory.nodes if factory is not None else DEMO_NODES
     if args.address is None and len(nodes) > MAX_LOCAL_NODES:

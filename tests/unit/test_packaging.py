@@ -1,5 +1,6 @@
 """What the distribution installs: ``aifactory.controller`` and ``aifactory.operators``, never
-generic top-level ``controller``/``operators`` modules, and every subpackage of both."""
+generic top-level ``controller``/``operators`` modules, and every subpackage of both; beside
+them the example workloads the samples name, as ``aifactory_examples``."""
 
 from __future__ import annotations
 
@@ -36,8 +37,11 @@ def test_the_wheel_holds_only_the_aifactory_namespace(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("aifactory-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
-    assert tops == {"aifactory", next(t for t in tops if t.endswith(".dist-info"))}
+    assert tops == {"aifactory", "aifactory_examples",
+                    next(t for t in tops if t.endswith(".dist-info"))}
     assert "aifactory/__init__.py" not in names  # a namespace others cannot collide with
     for module in ("controller/core/spec.py", "controller/data/small.yaml",
                    "controller/py.typed", "operators/main.py"):
         assert f"aifactory/{module}" in names
+    for module in ("train.py", "serve.py", "corpus.txt", "py.typed"):
+        assert f"aifactory_examples/{module}" in names

@@ -1,14 +1,15 @@
-"""The demo cluster and built-in worker programs for demos on Ray without real training code.
+"""The demo cluster and two placeholder worker programs that need nothing but this package.
 
 ``DEMO_NODES`` is the local Ray cluster ``aifactory run`` starts without an address:
 4 nodes x 8 simulated H200 in 2 racks of one block (this module imports no Ray, so the CLI
 can name it without Ray installed).
 
-``aifactory run --backend ray`` runs the sample manifests' gangs with these instead of the
-``aifactory_examples`` modules the manifests name (they are not part of this package):
-``train`` pretends to train for ``AIFACTORY_DEMO_SECONDS`` seconds, reporting progress and
-writing a checkpoint every quarter (and resumes from the latest one after a restart);
-``serve`` is an inference handler factory that echoes each request.
+The real workloads the samples run are ``aifactory_examples`` (``examples/``). These two are
+for measuring the control plane rather than the work (``benchmarks/ray_pg_latency.py``) and
+for a first job on a cluster whose workers have nothing installed: ``train`` sleeps for
+``AIFACTORY_DEMO_SECONDS`` seconds, reporting progress and writing a checkpoint every quarter
+(and resumes from the latest one after a restart); ``serve`` is an inference handler factory
+that echoes each request.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ Node failure is detected within about two seconds (fast GCS health checks).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from types import TracebackType
@@ -47,6 +48,11 @@ def ray_labels(node: NodeInfo) -> dict[str, str]:
 
 
 def _environment() -> None:
+    # The raylets, and so every worker and command, inherit this environment: a command's
+    # `python` is this interpreter (its virtualenv), as a real node's is its image's.
+    bindir = os.path.dirname(sys.executable)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join(p for p in (bindir, os.environ.get("PATH")) if p)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TMPDIR", os.path.join(tempfile.gettempdir(), "aifactory-ray"))

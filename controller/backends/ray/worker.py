@@ -14,7 +14,8 @@ runtime in a thread of the actor, so the backend can poll it while it works:
 Inference replicas serve HTTP on a free port of their node and report it with the number of
 requests in flight: the entrypoint is a factory ``function(ctx) -> handler`` and
 ``handler(body: bytes) -> bytes | str`` answers each request; a command replica is started with
-``PORT`` set and its endpoint reported (its in-flight count is not seen).
+``PORT`` set, its endpoint reported, and reports its load by printing
+``AIFACTORY_REPORT {"in_flight": 3, "requests_total": 120}``.
 
 Rank 0 picks ``MASTER_PORT`` on its node; the other ranks ask rank 0 for it, so launching a
 gang never blocks the control plane.
@@ -321,6 +322,10 @@ class GangWorker:
             return
         progress = data.pop("progress", None)
         checkpoint = data.pop("checkpoint", None)
+        load = data.pop("in_flight", None), data.pop("requests_total", None)
+        if all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in load):
+            with self._lock:
+                self._in_flight, self._requests = load
         metrics = {k: v for k, v in data.items() if isinstance(v, int | float)}
         self._report(float(progress) if isinstance(progress, int | float) else None,
                      str(checkpoint) if checkpoint is not None else None, metrics)
