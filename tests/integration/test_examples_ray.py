@@ -4,6 +4,8 @@
   ``aifactory run --backend ray --fast``, the command a person types: real PyTorch DDP over
   gloo, one worker fails once (``--env FAIL_AT_STEP=20``), the gang is requeued and resumes
   from its checkpoint, so the loss continues from where it was instead of restarting.
+* The mixture-of-experts sample's command (``python -m aifactory_examples.moe``) trains as a
+  2-worker gang, reports through ``AIFACTORY_REPORT`` lines, fails once and resumes the same way.
 * The chat sample's replicas (``python -m aifactory_examples.serve``, commands) serve real
   requests, and the backend sees each replica's requests in flight and served in all,
   through the report lines they print.
@@ -27,8 +29,9 @@ ray = pytest.importorskip("ray")
 
 from aifactory.controller.backends.base import WorkloadPhase  # noqa: E402
 from aifactory.controller.backends.ray.backend import RayBackend  # noqa: E402
+from aifactory.controller.core.spec import JobSpec, Runtime  # noqa: E402
 from aifactory.controller.inputs.workload import load_workload  # noqa: E402
-from aifactory.controller.runtime.controlplane import ControlPlane  # noqa: E402
+from aifactory.controller.runtime.controlplane import ControlPlane, JobPhase  # noqa: E402
 from tests.integration.ray_env import leftovers, wait_for  # noqa: E402
 from tests.integration.torch_env import torch_site  # noqa: E402
 
@@ -135,3 +138,29 @@ def test_the_chat_samples_replicas_serve_and_report_their_requests(backend: RayB
     wait_for(cp.step, counted, timeout=30, what="every replica to report its requests")
     for spec in specs:
         cp.cancel(spec.key)
+
+
+@pytest.mark.torch
+@pytest.mark.timeout(300)
+def test_the_moe_command_trains_as_a_gang_and_resumes_after_a_failure(
+        backend: RayBackend, tmp_path: Path) -> None:
+    site = torch_site()
+    (sample,) = [a.spec for a in load_workload(SAMPLES / "trainingjob-rack-gang.yaml")]
+    spec = JobSpec(name="moe", namespace="it", workers=2, gpus_per_worker=4, restart_limit=1,
+                   runtime=Runtime(command=sample.runtime.command, env=(
+                       ("PYTHONPATH", site), ("AIFACTORY_FAST", "1"),
+                       ("FAIL_AT_STEP", "25"), ("OMP_NUM_THREADS", "1"))))
+    cp = ControlPlane(backend.factory("it"), backend, topology=backend.topology)
+    cp.submit(spec)
+    wait_for(cp.step, lambda: cp.jobs[spec.key].done, timeout=240, what="the moe gang")
+    rec = cp.jobs[spec.key]
+    assert rec.phase == JobPhase.SUCCEEDED, rec.failed_reason
+    assert rec.restarts == 1
+    folder = tmp_path / "it" / "moe"
+    log = [json.loads(line) for line in (folder / "losses.jsonl").read_text().splitlines()]
+    loss_at = {(e["attempt"], e["step"]): e["loss"] for e in log}
+    resumed = min(step for attempt, step in loss_at if attempt == 1)
+    assert resumed == 24  # --steps 1000 fast: 40 steps, a checkpoint every 4
+    assert loss_at[(1, resumed)] == pytest.approx(loss_at[(0, resumed)], rel=1e-4)
+    assert loss_at[(1, 39)] < loss_at[(0, 0)]
+    assert (folder / "LATEST").read_text().strip().endswith("step-000040.pt")
