@@ -184,6 +184,7 @@ def run(args: argparse.Namespace, workload: Path) -> int:
 
 
 def _print(console: Any, cp: Any, backend: Any, timing: dict[str, _Timing]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="aifactory run --backend ray")
@@ -210,3 +211,6 @@ def _print(console: Any, cp: Any, backend: Any, timing: dict[str, _Timing]) -> N
                       ", ".join(nodes) or "-", to_running, str(rec.restarts),
                       f"{energy:.1f}", detail[:80])
     console.print(table)
+    for key, rec in cp.jobs.items():  # the table cuts details; a failure is said in full
+        if rec.done and rec.failed_reason:
+            console.print(f"[red]{escape(key)}[/]: {escape(rec.failed_reason)}", highlight=False)
