@@ -5,7 +5,8 @@
 # libcupti (libtorch_cpu.so) and libtorch_python.so links cuDNN, cuBLAS, NCCL..., so
 # `pip install --no-deps torch` does not import. We install torch with its dependencies
 # into a --target folder of its own (about 5 GB, about a minute here, once), never into the
-# project's virtualenv, and the torch tests hand it to the Ray workers through PYTHONPATH.
+# project's virtualenv, and the torch tests hand it to the Ray workers through PYTHONPATH
+# (as `aifactory run --pythonpath ~/.cache/aifactory/torch` does for the training samples).
 #
 # usage: hack/install-torch.sh [PYTHON]   prints the folder (also linked as $CACHE/torch)
 set -euo pipefail
