@@ -74,7 +74,7 @@ class ServiceScaling:
 
     def rebind(self, cp: ControlPlane) -> None:
         """The engine's plane was rebuilt (a grown inventory): follow it."""
-        self.autoscaler.cp = cp
+        self.autoscaler.rebind(cp)
         if self.traffic is not None:
             self.traffic.cp = cp
         else:

@@ -6,6 +6,8 @@ nodes (default: 4 nodes x 8 H200 in 2 racks; ``--cluster`` takes a factory YAML 
 real ``ControlPlane`` driving the ``RayBackend``; the command steps it until every training job
 has finished (inference replicas keep serving until then), stops what still runs, and prints
 where each job ran and how long it took from submission to all workers running.
+InferenceServices with ``spec.autoscaling`` are autoscaled meanwhile on the requests in
+flight their replicas report (``controller.runtime.scaler``), each change printed.
 
 The samples run ``aifactory_examples`` (``examples/``, installed with this package). Three
 flags add to every job's environment, and change nothing else: ``--fast`` sets
@@ -114,6 +116,23 @@ def with_environment(spec: JobSpec, env: Mapping[str, str], pythonpath: Sequence
     return replace(spec, runtime=replace(spec.runtime, env=tuple(merged.items())))
 
 
+def _autoscaler(cp: Any, backend: Any, workload: Path, env: Mapping[str, str],
+                pythonpath: Sequence[str]) -> Any:
+    """The autoscaler over the workload's InferenceServices, fed by the replicas' own
+    reports of requests in flight (the Ray backend ``ReportsLoad``)."""
+    from aifactory.controller.core.spec import job_from_manifest
+    from aifactory.controller.inputs.workload import load_manifest_docs
+    from aifactory.controller.runtime.autoscale import policy_from_manifest
+    from aifactory.controller.runtime.scaler import Autoscaler
+
+    scaler = Autoscaler(cp, backend)
+    for _, _, doc in load_manifest_docs(workload):
+        if doc.get("kind") == JobKind.INFERENCE.value:
+            service = with_environment(job_from_manifest(doc), env, pythonpath)
+            scaler.track(service, policy_from_manifest(doc))
+    return scaler
+
+
 @dataclass(slots=True)
 class _Timing:
     submitted: float
@@ -153,6 +172,7 @@ def run(args: argparse.Namespace, workload: Path) -> int:
         cp = ControlPlane(factory, backend, args.policy, topology=backend.topology)
         loop = Reconciler(cp, backend, lambda: backend.factory("ray"))
         console.print(f"[bold]ray[/] {cp.topo.describe()}; {len(specs)} jobs from {workload}")
+        scaler = _autoscaler(cp, backend, workload, env, pythonpath)
         timing: dict[str, _Timing] = {}
         for spec in specs:
             cp.submit(spec)
@@ -162,6 +182,10 @@ def run(args: argparse.Namespace, workload: Path) -> int:
         idle_since = time.monotonic()
         while time.monotonic() < deadline:
             loop.step()
+            if scaler.cp is not loop.cp:
+                scaler.rebind(loop.cp)
+            for change in scaler.step():
+                console.print(f"[bold]autoscaling[/] {change.service}: {change.reason}")
             for key, t in timing.items():
                 status = backend.status(key)
                 if t.running is None and status is not None and \

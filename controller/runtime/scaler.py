@@ -171,6 +171,12 @@ class Autoscaler:
         self.services[key] = tracked
         return desired
 
+    def rebind(self, cp: ControlPlane) -> None:
+        """Follow a rebuilt control plane (a grown inventory): same jobs, new plane."""
+        self.cp = cp
+        if isinstance(self.target, ControlPlaneReplicas):
+            self.target.cp = cp
+
     def untrack(self, key: str) -> None:
         self.services.pop(key, None)
 
