@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import ssl
@@ -46,7 +47,23 @@ _MAX_PAGES = 20
 
 
 class VtnError(Exception):
-    """A VTN call that failed; the text says how (``unreachable (...)``, ``refused ...``)."""
+    """A VTN call that failed; the text says how (``unreachable (...)``, ``refused ...``);
+    ``status``: the HTTP status, None when there was no answer."""
+
+    def __init__(self, text: str, status: int | None = None) -> None:
+        super().__init__(text)
+        self.status = status
+
+
+_NOT_JSON = object()
+
+
+def _json(text: str) -> Any:
+    """The decoded body (None when empty), or ``_NOT_JSON``."""
+    try:
+        return json.loads(text) if text.strip() else None
+    except ValueError:
+        return _NOT_JSON
 
 
 def _read_secret(what: str, path: str) -> str:
@@ -225,16 +242,15 @@ class OpenADR3Ven:
                 "client_secret": self._client_secret}
         try:
             async with session.post(url, data=form, ssl=self._ssl) as r:
-                body = await r.json(content_type=None) if r.content_length != 0 else None
-                status = r.status
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                status, got = r.status, _json(await r.text())
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise VtnError(f"unreachable (token endpoint {url}: "
                            f"{exc or type(exc).__name__})") from exc
-        body = body if isinstance(body, Mapping) else {}
+        body = got if isinstance(got, Mapping) else {}
         if status != 200:
             raise VtnError(f"refused our client credentials (token endpoint {url}: HTTP "
                            f"{status} {body.get('error', '')}); check client-id and "
-                           "client-secret in --openadr-credentials")
+                           "client-secret in --openadr-credentials", status)
         token = body.get("access_token")
         if not isinstance(token, str) or not token:
             raise VtnError(f"gave no access_token (token endpoint {url})")
@@ -247,17 +263,19 @@ class OpenADR3Ven:
         ours = [v for v in vens or [] if isinstance(v, Mapping)
                 and v.get("venName") == self.ven_name]
         if not ours:
+            if self.ven_id == "":  # we may not create it: said once already
+                return
             try:
                 created = await self._call("POST", "/vens", body={
                     "objectType": "VEN_VEN_REQUEST", "venName": self.ven_name})
             except VtnError as exc:
-                if self.ven_id is None and "HTTP 40" in str(exc):
-                    log.info("OpenADR 3: no VEN object %s at the VTN and we may not create "
-                             "it (%s); events targeted at %s are read", self.ven_name, exc,
-                             sorted(self.names))
-                    self.ven_id = ""
-                    return
-                raise
+                if exc.status not in (400, 403, 409):
+                    raise
+                log.info("OpenADR 3: no VEN object %s at the VTN and we may not create it "
+                         "(%s); events targeted at %s are read", self.ven_name, exc,
+                         sorted(self.names))
+                self.ven_id = ""
+                return
             ours = [created] if isinstance(created, Mapping) else []
         if ours:
             ven = ours[0]
@@ -343,12 +361,17 @@ class OpenADR3Ven:
                         continue
                     if r.status == 404 and missing_ok:
                         return None
+                    text = await r.text()
                     if r.status not in (200, 201):
-                        text = (await r.text())[:300].replace("\n", " ")
                         what = "refused our token" if r.status in (401, 403) else "answered"
-                        raise VtnError(f"{what} {method} {path} with HTTP {r.status}: {text}")
-                    return await r.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                        raise VtnError(f"{what} {method} {path} with HTTP {r.status}: "
+                                       f"{text[:300]}".replace("\n", " "), r.status)
+                    got = _json(text)
+                    if got is _NOT_JSON:
+                        raise VtnError(f"answered {method} {path} with a body that is not "
+                                       f"JSON: {text[:100]!r}", r.status)
+                    return got
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 raise VtnError(f"unreachable ({method} {path}: "
                                f"{exc or type(exc).__name__})") from exc
         raise VtnError(f"refused our fresh token too ({method} {path}: HTTP 401)")
