@@ -186,6 +186,7 @@ class OpenADR3Ven:
                 continue
             self.raw[eid] = ev
             self._apply(eid, got)
+        self._ignored &= {str(ev.get("id", "")) for ev in events}
         for eid in [e for e in self.events if e not in seen]:
             self._apply(eid, [])
         for eid in [e for e in self.raw if e not in self.events]:
