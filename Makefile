@@ -1,6 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Everything they need is
 # installed here, into .venv (Python) and by hack/install-test-deps.sh (etcd, Prometheus,
-# a kube-apiserver built from the Go module proxy, cached outside the repo).
+# a kube-apiserver built from the Go module proxy, cached outside the repo) and
+# hack/install-openadr3-vtn.sh (an OpenADR 3 VTN built from crates.io, cached likewise).
 #
 # The repository's `controller/` and `operators/` folders install as `aifactory.controller`
 # and `aifactory.operators`. `make demo` needs only the default editable install (an import
@@ -46,6 +47,7 @@ unit: link
 
 test: link
 	bash hack/install-test-deps.sh
+	bash hack/install-openadr3-vtn.sh
 	bash hack/install-torch.sh $(BIN)/python
 	$(MAKE) lint
 	AIFACTORY_REQUIRE_INTEGRATION=1 $(BIN)/python -m pytest -q

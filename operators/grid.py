@@ -2,10 +2,11 @@
 and the curtailment controller stepped on the engine's loop.
 
 ``GridLink`` is owned by the engine and touched only from its loop: PowerBudget objects give
-it each budget's base and ``spec.schedule``; the OpenADR VEN (``operators.openadr``) gives it
-events (through engine requests, so nothing changes under a pass); every pass steps the
-controller at most once per ``period_seconds`` (at once when something changed), before the
-scheduling cycle, so admission sees the new limits in the same pass. What it did shows in
+it each budget's base and ``spec.schedule``; the OpenADR VEN (``operators.openadr`` for 2.0b,
+``operators.openadr3`` for 3) gives it events (through engine requests, so nothing changes
+under a pass); every pass steps the controller at most once per ``period_seconds`` (at once
+when something changed), before the scheduling cycle, so admission sees the new limits in the
+same pass. What it did shows in
 PowerBudget status (``budget_status``), job conditions and Events (``PowerCapped``,
 ``Paused``, ``Resumed``) and the ``aifactory_grid_*`` metrics (``snapshot``). Inactive, with
 no schedule and no event, it costs nothing.
@@ -16,28 +17,43 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from aifactory.controller.core.spec import PowerBudgetSpec
 from aifactory.controller.power.grid import DEFAULT_LEVEL_PERCENT, BudgetWindow, GridEvent
 from aifactory.controller.runtime.controlplane import ControlPlane
 from aifactory.controller.runtime.curtailment import CurtailmentController
 from aifactory.operators.openadr import OpenADRVen
+from aifactory.operators.openadr3 import OpenADR3Ven
 
-__all__ = ["GridLink", "GridOptions"]
+__all__ = ["GridLink", "GridOptions", "GridVen"]
 
 log = logging.getLogger(__name__)
 OPENADR = "openadr"
 
 
+class GridVen(Protocol):
+    """A utility's signal source run by the operator: the OpenADR 2.0b or 3 VEN."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
 class GridOptions:
-    """``--grid-*`` and ``--openadr-*`` options (see ``operators.main``)."""
+    """``--grid-*``, ``--openadr-*`` and ``--openadr3-*`` options (see ``operators.main``);
+    ``vtn_url`` (2.0b) and ``oa3_url`` (3) exclude each other."""
 
     def __init__(self, strategy: str = "flexible",
                  levels: Mapping[int, float] = DEFAULT_LEVEL_PERCENT,
                  period_seconds: float = 1.0, vtn_url: str | None = None,
                  ven_name: str = "aifactory", credentials_dir: str | None = None,
-                 budgets: tuple[str, ...] = ()) -> None:
+                 budgets: tuple[str, ...] = (), oa3_url: str | None = None,
+                 oa3_ven_name: str = "aifactory", oa3_programs: tuple[str, ...] = (),
+                 oa3_targets: tuple[str, ...] = (), oa3_token_url: str | None = None,
+                 oa3_poll_seconds: float = 10.0) -> None:
+        if vtn_url and oa3_url:
+            raise ValueError("--openadr-vtn-url (OpenADR 2.0b) and --openadr3-vtn-url "
+                             "(OpenADR 3) exclude each other: the site is a VEN of one VTN")
         self.strategy = strategy
         self.levels = dict(levels)
         self.period_seconds = period_seconds
@@ -45,6 +61,12 @@ class GridOptions:
         self.ven_name = ven_name
         self.credentials_dir = credentials_dir
         self.budgets = budgets
+        self.oa3_url = oa3_url
+        self.oa3_ven_name = oa3_ven_name
+        self.oa3_programs = oa3_programs
+        self.oa3_targets = oa3_targets
+        self.oa3_token_url = oa3_token_url
+        self.oa3_poll_seconds = oa3_poll_seconds
 
 
 class GridLink:
@@ -142,17 +164,33 @@ class GridLink:
         return out
 
     def open_ven(self, on_events: Callable[[str, list[GridEvent]], None],
-                 on_problem: Callable[[str], None]) -> OpenADRVen | None:
-        """The OpenADR VEN ``--openadr-vtn-url`` asks for (not started), or None."""
+                 on_problem: Callable[[str], None]) -> GridVen | None:
+        """The OpenADR VEN ``--openadr-vtn-url`` or ``--openadr3-vtn-url`` asks for (not
+        started), or None."""
         opts = self.options
-        if not opts.vtn_url:
-            return None
         def secret(name: str) -> str | None:
             if not opts.credentials_dir:
                 return None
             path = os.path.join(opts.credentials_dir, name)
             return path if os.path.isfile(path) else None
 
+        if opts.oa3_url:
+            log.info("OpenADR 3 VEN %s of %s, programs %s (credentials: %s)",
+                     opts.oa3_ven_name, opts.oa3_url, list(opts.oa3_programs) or "all",
+                     opts.credentials_dir or "none")
+            where = opts.credentials_dir or "(no --openadr-credentials)"
+            return OpenADR3Ven(opts.oa3_url, opts.oa3_ven_name, on_events, on_problem,
+                               lambda: self.sheddable_watts, budgets=opts.budgets,
+                               levels=opts.levels, on_recovered=lambda: on_problem(""),
+                               client_id_file=secret("client-id") or f"{where}/client-id",
+                               client_secret_file=(secret("client-secret")
+                                                   or f"{where}/client-secret"),
+                               ca_file=secret("ca.crt"), programs=opts.oa3_programs,
+                               targets=opts.oa3_targets, token_url=opts.oa3_token_url,
+                               poll_seconds=opts.oa3_poll_seconds,
+                               report_seconds=max(opts.oa3_poll_seconds, 10.0))
+        if not opts.vtn_url:
+            return None
         log.info("OpenADR VEN %s of %s (credentials: %s)", opts.ven_name, opts.vtn_url,
                  opts.credentials_dir or "none")
         return OpenADRVen(opts.vtn_url, opts.ven_name, on_events, on_problem,
@@ -165,7 +203,7 @@ class GridLink:
         """Numbers for the metrics thread (a new dict each time), taken at each status
         refresh; also what the site could still shed, which the VEN reports to the
         utility at any time (so worked out with a VTN configured even with no event)."""
-        if self.options.vtn_url or self.active:
+        if self.options.vtn_url or self.options.oa3_url or self.active:
             self.sheddable_watts = self.controller.sheddable_watts()
         acc = self.controller.account
         return {"actions": dict(acc.actions),

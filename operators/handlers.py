@@ -23,9 +23,9 @@ import kopf
 
 from aifactory.controller.core.errors import AifactoryError
 from aifactory.operators.engine import Engine
+from aifactory.operators.grid import GridVen
 from aifactory.operators.kube import KubeClient, load_configuration
 from aifactory.operators.metrics_server import serve_metrics
-from aifactory.operators.openadr import OpenADRVen
 from aifactory.operators.startup import OperatorOptions, RecoveryReport, build_engine
 from aifactory.operators.translate import (
     BUDGET_KIND,
@@ -55,7 +55,7 @@ class OperatorApp:
     engine: Engine | None = None
     report: RecoveryReport | None = None
     may_write: Callable[[], bool] | None = None  # the leader election's fence
-    ven: OpenADRVen | None = None  # the OpenADR VEN (--openadr-vtn-url)
+    ven: GridVen | None = None  # the OpenADR VEN (--openadr-vtn-url, --openadr3-vtn-url)
 
     def running_engine(self) -> Engine:
         if self.engine is None:

@@ -176,10 +176,25 @@ def parser() -> argparse.ArgumentParser:
                    "example/OpenADR2/Simple/2.0b): its events lower the power budgets")
     p.add_argument("--openadr-ven-name", default="aifactory", help="our VEN name at the VTN")
     p.add_argument("--openadr-credentials", default=None, metavar="DIR",
-                   help="a mounted Secret with tls.crt, tls.key, ca.crt and optionally "
-                   "vtn-fingerprint (only paths are logged)")
+                   help="a mounted Secret: for 2.0b tls.crt, tls.key, ca.crt and optionally "
+                   "vtn-fingerprint; for OpenADR 3 client-id, client-secret and optionally "
+                   "ca.crt (only paths are logged)")
     p.add_argument("--openadr-budgets", default="",
                    help="comma-separated PowerBudgets the VTN's events lower (default: all)")
+    p.add_argument("--openadr3-vtn-url", default=None,
+                   help="act as an OpenADR 3 VEN of this VTN (its base URL, e.g. https://vtn."
+                   "utility.example/openadr3/3.1.0; not with --openadr-vtn-url)")
+    p.add_argument("--openadr3-ven-name", default="aifactory",
+                   help="our venName at the OpenADR 3 VTN")
+    p.add_argument("--openadr3-program", default="",
+                   help="comma-separated programNames whose events we follow (default: all)")
+    p.add_argument("--openadr3-targets", default="",
+                   help="comma-separated target terms that name this site, besides the VEN "
+                   "name and the targets the utility set on our VEN object")
+    p.add_argument("--openadr3-token-url", default=None,
+                   help="the OAuth2 token endpoint (default: the VTN's GET /auth/server)")
+    p.add_argument("--openadr3-poll-seconds", type=float, default=10.0,
+                   help="how often the VTN's programs and events are read (default 10)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
 
@@ -231,11 +246,32 @@ def _grid_options(args: argparse.Namespace) -> GridOptions:
     if args.openadr_credentials and not os.path.isdir(args.openadr_credentials):
         raise BackendError(f"--openadr-credentials: {args.openadr_credentials} is not a "
                            "directory (mount the Secret there)")
+    if args.openadr_vtn_url and args.openadr3_vtn_url:
+        raise BackendError("--openadr-vtn-url (OpenADR 2.0b) and --openadr3-vtn-url (OpenADR "
+                           "3) exclude each other: the site is a VEN of one VTN; keep one")
+    if args.openadr3_vtn_url:
+        missing = [f for f in ("client-id", "client-secret") if not args.openadr_credentials
+                   or not os.path.isfile(os.path.join(args.openadr_credentials, f))]
+        if missing:
+            raise BackendError(f"--openadr3-vtn-url needs --openadr-credentials DIR holding "
+                               f"the OAuth2 client's files client-id and client-secret (a "
+                               f"mounted Secret); missing: {', '.join(missing)}")
+        if args.openadr3_poll_seconds <= 0:
+            raise BackendError("--openadr3-poll-seconds: a positive number of seconds, e.g. "
+                               f"10; got {args.openadr3_poll_seconds:g}")
     return GridOptions(strategy=args.grid_strategy, levels=dict(enumerate(levels)),
                        vtn_url=args.openadr_vtn_url, ven_name=args.openadr_ven_name,
                        credentials_dir=args.openadr_credentials,
-                       budgets=tuple(b.strip() for b in args.openadr_budgets.split(",")
-                                     if b.strip()))
+                       budgets=_names(args.openadr_budgets), oa3_url=args.openadr3_vtn_url,
+                       oa3_ven_name=args.openadr3_ven_name,
+                       oa3_programs=_names(args.openadr3_program),
+                       oa3_targets=_names(args.openadr3_targets),
+                       oa3_token_url=args.openadr3_token_url,
+                       oa3_poll_seconds=args.openadr3_poll_seconds)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def options_from(args: argparse.Namespace) -> OperatorOptions:

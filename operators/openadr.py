@@ -31,7 +31,8 @@ from typing import Any
 
 from aifactory.controller.power.grid import DEFAULT_LEVEL_PERCENT, GridEvent
 
-__all__ = ["NOT_FOR_US", "NotForThisSite", "OpenADRVen", "ThreadedVen", "grid_event_from_oadr"]
+__all__ = ["NOT_FOR_US", "NotForThisSite", "OpenADRVen", "ThreadedVen", "grid_event_from_oadr",
+           "guarded", "iso_utc"]
 
 log = logging.getLogger("aifactory.openadr")
 NOT_FOR_US = "not for this site"
@@ -58,7 +59,8 @@ def _secs(value: object) -> float | None:
     return None
 
 
-def _iso(t: float) -> str:
+def iso_utc(t: float) -> str:
+    """Epoch seconds as an RFC 3339 time in UTC, to the second (for logs and messages)."""
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
@@ -90,9 +92,9 @@ def grid_event_from_oadr(event: Mapping[str, Any], *, now: float, budgets: tuple
                               f"resources {sorted(resources)})")
     created = _ts(desc.get("created_date_time"))
     if created is not None and created - now > max_skew_seconds:
-        return (f"event {eid}: created_date_time {_iso(created)} is {created - now:.0f} s ahead "
-                f"of our clock (more than {max_skew_seconds:g} s): clock skew between the VTN "
-                "and this site; check NTP on both")
+        return (f"event {eid}: created_date_time {iso_utc(created)} is {created - now:.0f} s "
+                f"ahead of our clock (more than {max_skew_seconds:g} s): clock skew between the "
+                "VTN and this site; check NTP on both")
     period = event.get("active_period")
     if not isinstance(period, Mapping):
         return f"event {eid}: active_period missing"
@@ -157,7 +159,7 @@ def grid_event_from_oadr(event: Mapping[str, Any], *, now: float, budgets: tuple
     return out
 
 
-def _call(fn: Callable[..., object] | None, *args: object) -> None:
+def guarded(fn: Callable[..., object] | None, *args: object) -> None:
     """A callback of ours must never reach OpenLEADR (it would opt out of every event)."""
     if fn is not None:
         try:
@@ -301,15 +303,15 @@ class OpenADRVen:
     def _down(self, state: str, why: str) -> None:
         if self.down_since is None:
             self.down_since = self._clock()
-            msg = f"VTN at {self.vtn_url} {state} since {_iso(self.down_since)} ({why})"
+            msg = f"VTN at {self.vtn_url} {state} since {iso_utc(self.down_since)} ({why})"
             log.warning(msg)
-            _call(self._on_problem, msg)
+            guarded(self._on_problem, msg)
 
     def _reachable(self) -> None:
         if self.down_since is not None:
             self.down_since = None
             log.info("VTN at %s answers again", self.vtn_url)
-            _call(self._on_recovered)
+            guarded(self._on_recovered)
 
     async def _handle(self, event: Mapping[str, Any]) -> str:
         ours = tuple(x for x in (self._client.ven_id if self._client else None,
@@ -322,7 +324,7 @@ class OpenADRVen:
             return "optOut"
         if isinstance(result, str):
             log.warning("OpenADR %s; opting out", result)
-            _call(self._on_problem, result)
+            guarded(self._on_problem, result)
             return "optOut"
         eid = str(event["event_descriptor"]["event_id"])
         try:
@@ -339,7 +341,7 @@ class OpenADRVen:
             self.events[eid] = result
         else:
             self.events.pop(eid, None)
-        _call(self._on_events, eid, result)
+        guarded(self._on_events, eid, result)
         return opt
 
 

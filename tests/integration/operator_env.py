@@ -412,3 +412,29 @@ def strip_finalizers(env: KubeTestEnv, namespace: str) -> None:
         for name in names:
             env.kubectl("patch", plural, name, f"-n={namespace}", "--type=merge", "-p",
                         '{"metadata":{"finalizers":null}}', check=False)
+
+
+def budget_status(env: KubeTestEnv, name: str) -> dict[str, Any]:
+    """A PowerBudget's status ({} while it is not there)."""
+    out = env.kubectl("get", "powerbudget", name, "-o", "json", check=False)
+    return dict(json.loads(out.stdout).get("status") or {}) if out.returncode == 0 else {}
+
+
+def tier0_untouched(namespace: str, name: str = "tier-0"
+                    ) -> Callable[[dict[tuple[str, str], dict[str, Any]]], str | None]:
+    """A ``Watch`` invariant for the grid tests: the tier-0 job is never capped, paused,
+    restarted or preempted."""
+    def check(objects: dict[tuple[str, str], dict[str, Any]]) -> str | None:
+        body = objects.get((namespace, name))
+        if body is None:
+            return None
+        status = body.get("status") or {}
+        conds = {c["type"]: c for c in status.get("conditions") or []}
+        if conds.get("PowerCapped", {}).get("status") == "True":
+            return "the tier-0 job was capped"
+        if conds.get("Queued", {}).get("reason") == "PausedForGridEvent":
+            return "the tier-0 job was paused"
+        if (status.get("restarts") or 0) or (status.get("preemptions") or 0):
+            return "the tier-0 job was restarted or preempted"
+        return None
+    return check

@@ -33,9 +33,11 @@ from tests.integration.operator_env import (
     GROUP_VERSION,
     OperatorProcess,
     Watch,
+    budget_status,
     gpu_node,
     object_events,
     operator_on_nodes,
+    tier0_untouched,
     training_job,
     wait_for,
 )
@@ -133,27 +135,11 @@ def operator(aifactory_installed: KubeTestEnv, tmp_path_factory: pytest.TempPath
 
 
 def _budget(env: KubeTestEnv) -> dict[str, Any]:
-    out = env.kubectl("get", "powerbudget", BUDGET, "-o", "json", check=False)
-    return dict(json.loads(out.stdout).get("status") or {}) if out.returncode == 0 else {}
+    return budget_status(env, BUDGET)
 
 
 def _conditions(watch: Watch, name: str) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in watch.status(NS, name).get("conditions") or []}
-
-
-def tier0_untouched(objects: dict[tuple[str, str], dict[str, Any]]) -> str | None:
-    body = objects.get((NS, "tier-0"))
-    if body is None:
-        return None
-    status = body.get("status") or {}
-    conds = {c["type"]: c for c in status.get("conditions") or []}
-    if conds.get("PowerCapped", {}).get("status") == "True":
-        return "the tier-0 job was capped"
-    if conds.get("Queued", {}).get("reason") == "PausedForGridEvent":
-        return "the tier-0 job was paused"
-    if (status.get("restarts") or 0) or (status.get("preemptions") or 0):
-        return "the tier-0 job was restarted or preempted"
-    return None
 
 
 def test_a_grid_event_caps_and_pauses_by_tier_and_everything_comes_back(
@@ -165,7 +151,7 @@ def test_a_grid_event_caps_and_pauses_by_tier_and_everything_comes_back(
                "spec": {"watts": BASE_WATTS,
                         "nodeSelector": {"matchLabels": {"aifactory.io/rack": RACK}}}})
     watch = Watch(env, "trainingjobs")
-    watch.invariants.append(tier0_untouched)
+    watch.invariants.append(tier0_untouched(NS))
     try:
         for tier in range(4):
             env.apply(training_job(f"tier-{tier}", NS, workers=1, gpus_per_worker=8,

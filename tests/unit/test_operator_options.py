@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,13 @@ REFUSED = [
     Refused("sim speed is for the simulated backend",
             ("--backend=ray", "--ray-local", "--sim-speed=2"),
             "--sim-speed applies to --backend sim only"),
+    Refused("one VTN: OpenADR 2.0b and 3 exclude each other",
+            ("--openadr-vtn-url=http://a/OpenADR2/Simple/2.0b", "--openadr3-vtn-url=http://b"),
+            "--openadr-vtn-url (OpenADR 2.0b) and --openadr3-vtn-url (OpenADR 3) exclude "
+            "each other"),
+    Refused("OpenADR 3 needs the OAuth2 client's files", ("--openadr3-vtn-url=http://b",),
+            "needs --openadr-credentials DIR holding the OAuth2 client's files client-id and "
+            "client-secret (a mounted Secret); missing: client-id, client-secret"),
 ]
 
 
@@ -70,6 +78,23 @@ def test_flags_that_cannot_work_are_refused_before_start(
     with pytest.raises(BackendError) as err:
         options_from(parser().parse_args(list(case.argv)))
     assert case.error in str(err.value)
+
+
+def test_openadr3_flags_reach_the_grid_options(tmp_path: Path) -> None:
+    creds = tmp_path
+    (creds / "client-id").write_text("ven-1")
+    bad = ["--openadr3-vtn-url=http://vtn/openadr3/3.1.0", f"--openadr-credentials={creds}"]
+    with pytest.raises(BackendError, match="missing: client-secret"):
+        options_from(parser().parse_args(bad))
+    (creds / "client-secret").write_text("s3cret")
+    grid = options_from(parser().parse_args([
+        *bad, "--openadr3-program=dr, peak", "--openadr3-targets=north",
+        "--openadr3-ven-name=site-a", "--openadr3-poll-seconds=2",
+        "--openadr-budgets=site"])).grid
+    assert (grid.oa3_url, grid.oa3_programs, grid.oa3_targets, grid.oa3_ven_name,
+            grid.oa3_poll_seconds, grid.budgets, grid.vtn_url) == (
+        "http://vtn/openadr3/3.1.0", ("dr", "peak"), ("north",), "site-a", 2.0, ("site",),
+        None)
 
 
 def test_ray_options_follow_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
