@@ -55,7 +55,8 @@ def wait_for(step: Callable[[], object], done: Callable[[], bool], timeout: floa
 
 
 def leftovers() -> list[str]:
-    """Placement groups and named actors of ours still alive on the cluster."""
+    """Placement groups and named actors of ours still alive on the cluster (pre-started
+    pooled workers, ``aifactory/_pool/...``, included: a closed backend stops them)."""
     import ray
     from ray.util.placement_group import placement_group_table
 

@@ -25,10 +25,19 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _process_started() -> float:
+    """When this process started (epoch seconds, from /proc: the local cluster is Linux)."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def where(ctx: Any) -> None:
-    """Record the node and environment this worker got, then hold for ``HOLD_SECONDS``."""
+    """Record the node, process and environment this worker got, then hold for
+    ``HOLD_SECONDS``."""
     info = {"rank": ctx.rank, "attempt": ctx.attempt,
             "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(), "process_started": _process_started(),
             "env": {k: os.environ.get(k) for k in ENV_KEYS}}
     _write(Path(ctx.checkpoint_dir) / f"where-{ctx.attempt}-{ctx.rank}.json", info)
     ctx.report(progress=0.5)

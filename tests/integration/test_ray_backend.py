@@ -131,6 +131,75 @@ def test_cuda_visible_devices_differ_between_two_workers_on_one_node(
     assert first["LOCAL_WORLD_SIZE"] == second["LOCAL_WORLD_SIZE"] == "2"
 
 
+def placed_gpus(cp: ControlPlane) -> dict[str, list[str]]:
+    """``CUDA_VISIBLE_DEVICES`` per rank of every job, as the scheduler's placement says."""
+    seen: dict[str, list[str]] = {}
+
+    def on(reason: str, rec: JobRecord, message: str) -> None:
+        if reason == "Admitted" and rec.placement is not None:
+            seen[rec.spec.key] = [",".join(str(g - cp.topo.gpu_start[s.node]) for g in s.gpus)
+                                  for s in rec.placement.slots]
+
+    cp.listeners.append(on)
+    return seen
+
+
+def test_gangs_start_on_pre_started_workers_and_a_process_runs_one_job(
+        plane: ControlPlane, backend: RayBackend, tmp_path: Path) -> None:
+    """The pool: a gang's workers are processes started before it was submitted, on the
+    nodes the scheduler chose, with the placement's GPUs visible; the next gang gets other
+    processes (a process never runs a second job), also pre-started (the pool refilled)."""
+    assert backend.pool is not None
+    full = backend.pool.per_node * len(NODES)
+    chosen, gpus = chosen_nodes(plane), placed_gpus(plane)
+    ids = {n.info.name: n.node_id for n in backend.ray_nodes(fresh=True)}
+    seen: list[list[dict[str, Any]]] = []
+    for name in ("first", "second"):
+        spec = job(name, workers=3, gpus=4)
+        wait_for(lambda: backend.refresh(force=True),
+                 lambda: backend.pool is not None and backend.pool.warm() and
+                 backend.pool.size() == full, what="the pool full")
+        submitted = time.time()
+        plane.submit(spec)
+        wait_for(plane.step, lambda: finished(plane, spec.key),  # noqa: B023
+                 what=f"{name} to finish")
+        assert plane.jobs[spec.key].phase == JobPhase.SUCCEEDED
+        got = reports(tmp_path, spec)
+        assert all(r["process_started"] < submitted for r in got)
+        assert [r["node_id"] for r in got] == [ids[n] for n in chosen[spec.key]]
+        assert [r["env"]["CUDA_VISIBLE_DEVICES"] for r in got] == gpus[spec.key]
+        seen.append(got)
+    assert not {r["pid"] for r in seen[0]} & {r["pid"] for r in seen[1]}
+
+
+def test_without_the_pool_workers_are_created_in_their_bundles(
+        ray_cluster: Any, tmp_path: Path) -> None:
+    """``prestart_per_node=0`` (and jobs with a runtime environment): each worker is a named
+    actor created inside its bundle, with the placement's GPUs visible all the same."""
+    backend = RayBackend(checkpoint_root=str(tmp_path), cpus_per_worker=0.1,
+                         start_timeout_seconds=30, poll_interval_seconds=0.05,
+                         prestart_per_node=0)
+    try:
+        plane = plane_for(backend)
+        gpus = placed_gpus(plane)
+        spec = job("own", workers=2, gpus=4, required_level="node",
+                   env={"HOLD_SECONDS": "60"})
+        plane.submit(spec)
+        wait_for(plane.step, lambda: backend.status(spec.key) is not None and
+                 backend.status(spec.key).phase is WorkloadPhase.RUNNING,  # type: ignore[union-attr]
+                 what="the gang running")
+        assert backend.pool is None
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        assert {"aifactory/it/own/w0", "aifactory/it/own/w1"} <= names
+        assert not any(n.startswith("aifactory/_pool/") for n in names)
+        got = reports(tmp_path, spec)
+        assert [r["env"]["CUDA_VISIBLE_DEVICES"] for r in got] == gpus[spec.key]
+        plane.cancel(spec.key)
+    finally:
+        backend.close()
+    wait_for(lambda: None, lambda: not leftovers(), timeout=10, what="cleanup")
+
+
 def test_a_rack_required_gang_runs_inside_one_rack(
         plane: ControlPlane, backend: RayBackend, tmp_path: Path) -> None:
     filler = job("filler", workers=1, gpus=4, env={"HOLD_SECONDS": "60"})

@@ -19,6 +19,7 @@ from aifactory.controller.backends.ray.gang import (
     gang_bundles,
     job_of_pg,
     pg_name,
+    pool_actor_name,
     ray_node,
     worker_actor_name,
     worker_plans,
@@ -96,6 +97,16 @@ def test_names_round_trip_and_foreign_groups_are_not_ours() -> None:
     assert job_of_pg("someone-else") is None
     assert job_of_pg("aifactory/nonamespace") is None
     assert worker_actor_name("team-a/train", 3) == "aifactory/team-a/train/w3"
+
+
+def test_pooled_worker_names_are_no_job_s_names() -> None:
+    """``_`` is in no Kubernetes namespace name, so a job in any namespace (even one named
+    like the pool) never owns a pooled worker's name."""
+    name = pool_actor_name("n-b0-r0-00", "abc123")
+    assert name == "aifactory/_pool/n-b0-r0-00/abc123"
+    assert name != worker_actor_name("_pool/n-b0-r0-00", 0)
+    assert not name.startswith(pg_name("pool") + "/")
+
 
 
 def placement(*slots: tuple[int, tuple[int, ...]], milli: int = 1000) -> Placement:

@@ -4,9 +4,12 @@ One placement group per job, named ``aifactory/<namespace>/<name>``, with one bu
 (``{"GPU": n, "CPU": c}``) per worker; each bundle is pinned with ``bundle_label_selector`` on
 ``ray.io/node-id`` to the node the scheduler chose, so Ray never second-guesses the placement.
 Workers are detached ``GangWorker`` actors (``aifactory.controller.backends.ray.worker``), one per
-bundle, named ``aifactory/<namespace>/<name>/w<rank>``; placement groups and actors are
-detached so they outlive the operator, and a restarted operator finds them by name
-(``adoptable``/``adopt``) instead of launching twins.
+bundle: pre-started ones from a pool on each node (``controller.backends.ray.pool``: a gang
+then starts in well under a second instead of waiting for new processes) or, for jobs with
+a Ray runtime environment and with the pool off, ones created inside their bundles, named
+``aifactory/<namespace>/<name>/w<rank>``. Placement groups and actors are detached so they
+outlive the operator, and a restarted operator finds them by name (``adoptable``/``adopt``)
+instead of launching twins.
 
 Status comes from polling the workers (``WorkerReport``): a worker that fails, whose actor
 dies or whose node leaves the cluster fails the gang, which the control plane requeues from
@@ -54,6 +57,7 @@ from aifactory.controller.backends.base import (
 from aifactory.controller.backends.directory import NodeDirectory
 from aifactory.controller.backends.energy import GpuKey, Owner
 from aifactory.controller.backends.ray.gang import (
+    NODE_ID_LABEL,
     NODE_NAME_LABEL,
     RAY_NAMESPACE,
     RayNode,
@@ -67,10 +71,12 @@ from aifactory.controller.backends.ray.gang import (
     worker_plans,
 )
 from aifactory.controller.backends.ray.join import join_ray_nodes
+from aifactory.controller.backends.ray.pool import GangWorkers, WorkerPool
 from aifactory.controller.backends.ray.runtime_env import (
     IMAGE_UNSUPPORTED,
     SETUP_FAILED,
     image_refusal,
+    needs_own_worker_process,
     ray_runtime_env,
     setup_failure_message,
 )
@@ -150,7 +156,9 @@ class RayBackend:
 
     ``container_images``: the cluster runs ``runtime.image`` (podman on every node); off, a
     job with an image fails with ``RuntimeImageUnsupported``. ``runtime_env_setup_timeout_
-    seconds`` bounds Ray's setup of a job's runtime environment (fetch, pip, image pull)."""
+    seconds`` bounds Ray's setup of a job's runtime environment (fetch, pip, image pull).
+    ``prestart_per_node`` idle workers are kept started on every GPU node (0: none; every
+    worker is then a new Ray worker process, started when its gang launches)."""
 
     def __init__(self, *, address: str | None = None, namespace: str = RAY_NAMESPACE,
                  checkpoint_root: str | None = None, cpus_per_worker: float = 1.0,
@@ -159,7 +167,7 @@ class RayBackend:
                  serve_host: str | None = None, telemetry: str = "auto",
                  actuator: PowerActuator | None = None, container_images: bool = False,
                  runtime_env_setup_timeout_seconds: float = 600.0,
-                 directory: NodeDirectory | None = None) -> None:
+                 directory: NodeDirectory | None = None, prestart_per_node: int = 2) -> None:
         if not ray.is_initialized():
             ray.init(address=address, namespace=namespace, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
@@ -173,6 +181,9 @@ class RayBackend:
         self.runtime_env_setup_timeout_seconds = runtime_env_setup_timeout_seconds
         self._clock = clock
         self._worker_cls = ray.remote(GangWorker)
+        self.pool = WorkerPool(self._worker_cls, namespace, prestart_per_node) \
+            if prestart_per_node > 0 else None
+        self._found: GangWorkers | None = None  # the workers adoptable() found, for adopt
         self._topology: Topology | None = None
         self._gangs: dict[str, _Gang] = {}
         self._attempts: dict[str, int] = {}
@@ -231,8 +242,10 @@ class RayBackend:
         return spec
 
     def bind(self, topology: Topology) -> None:
-        """Use ``topology``'s node order to read placements (the control plane's)."""
+        """Use ``topology``'s node order to read placements (the control plane's), and
+        start the pool's workers on its nodes."""
         self._topology = topology
+        self._fill_pool()
 
     @property
     def topology(self) -> Topology:
@@ -274,15 +287,24 @@ class RayBackend:
         pg = placement_group([dict(b.resources) for b in bundles], strategy="PACK",
                              name=pg_name(key), lifetime="detached",
                              bundle_label_selector=[dict(b.selector) for b in bundles])
-        runtime_env = ray_runtime_env(
-            spec.runtime, setup_timeout_seconds=self.runtime_env_setup_timeout_seconds)
-        actors = [self._new_worker(pg, plan, bundles[plan.rank].resources["GPU"], runtime_env)
-                  for plan in plans]
-        for rank, actor in enumerate(actors):
-            actor.start.remote(None if rank == 0 else actors[0])
+        if self.pool is not None and not needs_own_worker_process(spec):
+            # Pre-started workers, pinned to their nodes; each waits for the group.
+            nodes = {n.node_id: n for n in self._nodes}
+            actors = [self.pool.take(nodes[b.selector[NODE_ID_LABEL]]) for b in bundles]
+            for rank, actor in enumerate(actors):
+                actor.start.remote(None if rank == 0 else actors[0], plans[rank], pg)
+            ready_ref = None  # readiness is read with pg.wait(0): no task, no process
+        else:
+            runtime_env = ray_runtime_env(
+                spec.runtime, setup_timeout_seconds=self.runtime_env_setup_timeout_seconds)
+            actors = [self._new_worker(pg, plan, bundles[plan.rank].resources["GPU"],
+                                       runtime_env) for plan in plans]
+            for rank, actor in enumerate(actors):
+                actor.start.remote(None if rank == 0 else actors[0])
+            ready_ref = pg.ready()
         self._gangs[key] = _Gang(spec, pg, actors, plans,
-                                 [b.selector["ray.io/node-id"] for b in bundles], now,
-                                 ready_ref=pg.ready())
+                                 [b.selector[NODE_ID_LABEL] for b in bundles], now,
+                                 ready_ref=ready_ref)
         self._own_gpus(spec, plans, now)
 
     def runtime_refusal(self, spec: JobSpec) -> RuntimeRefusal | None:
@@ -375,8 +397,9 @@ class RayBackend:
         except ValueError:
             return
         info = placement_group_table(pg)
-        for rank in range(len(info.get("bundles") or {})):
-            self._kill_named(worker_actor_name(job, rank))
+        for actor in GangWorkers(self.namespace).any_of(job, len(info.get("bundles") or {})):
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
         remove_placement_group(pg)
 
     # ----------------------------------------------------------------- status
@@ -446,14 +469,15 @@ class RayBackend:
         self._refreshed_at = mono
         active = [g for g in self._gangs.values() if g.final is None]
         if not active:
+            self._fill_pool()
             return
         self.ray_nodes(fresh=True)
         refs: dict[Any, tuple[_Gang, int]] = {}
         for gang in active:
-            if gang.ready_at is None and gang.ready_ref is not None:
-                done, _ = ray.wait([gang.ready_ref], timeout=0)
-                if done:
-                    gang.ready_at = self._clock()
+            if gang.ready_at is None and (gang.pg.wait(timeout_seconds=0)
+                                          if gang.ready_ref is None
+                                          else ray.wait([gang.ready_ref], timeout=0)[0]):
+                gang.ready_at = self._clock()
             for rank, actor in enumerate(gang.actors):
                 if rank in gang.lost or rank in gang.setup_failed:
                     continue
@@ -484,6 +508,17 @@ class RayBackend:
             if status.phase in (WorkloadPhase.SUCCEEDED, WorkloadPhase.FAILED):
                 gang.final = status
                 self._teardown(gang)
+        self._fill_pool()
+
+    def _fill_pool(self) -> None:
+        """Top the pool up, but not while a gang is starting: new processes would take the
+        CPU its workers need to start."""
+        if self.pool is None or any(
+                g.final is None and (len(g.reports) < len(g.plans) or
+                                     any(r.phase == "starting" for r in g.reports.values()))
+                for g in self._gangs.values()):
+            return
+        self.pool.fill(self.ray_nodes())
 
     def _status_of(self, gang: _Gang, now: float, stopped: bool = False) -> WorkloadStatus:
         reports = [gang.reports[r] for r in sorted(gang.reports)]
@@ -535,32 +570,35 @@ class RayBackend:
         """Gangs of ours running on Ray that this backend does not track (after a restart of
         the operator), found by placement-group name; their workers say where they run."""
         found: list[AdoptableGang] = []
+        workers = self._found = GangWorkers(self.namespace)
         for info in placement_group_table().values():
             job = job_of_pg(str(info.get("name", "")))
             if job is None or job in self._gangs or info.get("state") not in _ACTIVE_PG_STATES:
                 continue
-            plans = self._plans_of(job, len(info.get("bundles") or {}))
+            plans = self._plans_of(workers.of(job, len(info.get("bundles") or {})))
             if plans is None:
                 continue
             found.append(AdoptableGang(job, tuple(plans), min(p.started_at for p in plans),
                                        max(p.attempt for p in plans)))
         return found
 
-    def _plans_of(self, job: str, world: int) -> list[WorkerPlan] | None:
+    @staticmethod
+    def _plans_of(actors: list[Any] | None) -> list[WorkerPlan] | None:
+        if actors is None:
+            return None
         try:
-            actors = [ray.get_actor(worker_actor_name(job, r), namespace=self.namespace)
-                      for r in range(world)]
-            plans: list[WorkerPlan] = ray.get([a.describe.remote() for a in actors],
-                                              timeout=_CALL_TIMEOUT_SECONDS)
+            plans: list[WorkerPlan | None] = ray.get([a.describe.remote() for a in actors],
+                                                     timeout=_CALL_TIMEOUT_SECONDS)
         except Exception:
             return None
-        return plans
+        return None if None in plans else plans  # type: ignore[return-value]
 
     def adopt(self, spec: JobSpec, gang: AdoptableGang) -> None:
         """Track a running gang found by ``adoptable`` as this job's (no relaunch)."""
         pg = get_placement_group(pg_name(gang.job))
-        actors = [ray.get_actor(worker_actor_name(gang.job, p.rank), namespace=self.namespace)
-                  for p in gang.plans]
+        actors = (self._found or GangWorkers(self.namespace)).of(gang.job, len(gang.plans))
+        if actors is None:
+            raise RayBackendError(f"the workers of {gang.job} are gone since they were found")
         by_name = {n.info.name: n.node_id for n in self.ray_nodes(fresh=True)}
         node_ids = [by_name.get(p.node, "") for p in gang.plans]
         self._attempts[gang.job] = gang.attempt
@@ -624,6 +662,8 @@ class RayBackend:
         """Stop every gang this backend tracks and the telemetry actors."""
         for job in list(self._gangs):
             self.stop(job)
+        if self.pool is not None:
+            self.pool.close()
         self.power.close()
         if self.local_cluster is not None:
             self.local_cluster.shutdown()
@@ -636,6 +676,8 @@ class RayBackend:
         if self.local_cluster is not None:
             self.close()
             return
+        if self.pool is not None:  # idle ones only: gangs run on
+            self.pool.close()
         self.power.close()
         if ray.is_initialized():
             ray.shutdown()

@@ -40,6 +40,7 @@ __all__ = [
     "NODE_ID_LABEL",
     "NODE_NAME_LABEL",
     "PG_PREFIX",
+    "POOL_PREFIX",
     "RAY_NAMESPACE",
     "TOPOLOGY_LABELS",
     "Bundle",
@@ -49,6 +50,7 @@ __all__ = [
     "gang_bundles",
     "job_of_pg",
     "pg_name",
+    "pool_actor_name",
     "ray_node",
     "worker_actor_name",
     "worker_plans",
@@ -57,6 +59,9 @@ __all__ = [
 NODE_ID_LABEL = "ray.io/node-id"
 RAY_NAMESPACE = "aifactory"
 PG_PREFIX = "aifactory/"
+# Pre-started workers: ``aifactory/_pool/<node>/<token>`` (``_`` is in no Kubernetes namespace
+# name, so no job's names collide with them).
+POOL_PREFIX = PG_PREFIX + "_pool/"
 TOPOLOGY_LABELS = (ZONE_LABEL, BLOCK_LABEL, RACK_LABEL, CLIQUE_LABEL, GPU_PRODUCT_LABEL)
 _ACCELERATOR_PREFIX = "accelerator_type:"
 
@@ -122,6 +127,11 @@ def job_of_pg(name: str) -> str | None:
 def worker_actor_name(job: str, rank: int) -> str:
     """Detached worker actors are named ``aifactory/<namespace>/<name>/w<rank>``."""
     return f"{pg_name(job)}/w{rank}"
+
+
+def pool_actor_name(node: str, token: str) -> str:
+    """A pre-started worker on ``node`` is named ``aifactory/_pool/<node>/<token>``."""
+    return f"{POOL_PREFIX}{node}/{token}"
 
 
 # --------------------------------------------------------------------------- bundles

@@ -2,8 +2,9 @@
 
 One ``GangWorker`` actor per placement-group bundle. It sets the distributed-training
 environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``,
-``CUDA_VISIBLE_DEVICES`` from Ray's GPU ids, ``AIFACTORY_CHECKPOINT_DIR``) and runs the job's
-runtime in a thread of the actor, so the backend can poll it while it works:
+``CUDA_VISIBLE_DEVICES`` from the GPUs our placement gave it on its node,
+``AIFACTORY_CHECKPOINT_DIR``) and runs the job's runtime in a thread of the actor, so the
+backend can poll it while it works:
 
 * ``entrypoint: "package.module:function"`` is called with a ``WorkerContext``
   (``ctx.rank``, ``ctx.world_size``, ``ctx.checkpoint_dir``, ``ctx.latest_checkpoint``,
@@ -19,6 +20,11 @@ requests in flight: the entrypoint is a factory ``function(ctx) -> handler`` and
 
 Rank 0 picks ``MASTER_PORT`` on its node; the other ranks ask rank 0 for it, so launching a
 gang never blocks the control plane.
+
+A worker is either created for its plan inside its bundle, or pre-started without one
+(``controller.backends.ray.pool``): then ``start`` gives it the plan and the placement group
+that reserves its bundle, and it runs the program once that group is placed. A worker runs
+one plan in its life: a second is refused.
 """
 
 from __future__ import annotations
@@ -113,8 +119,9 @@ def _load(entrypoint: str) -> Callable[..., Any]:
 class GangWorker:
     """One worker of a gang (instantiated by Ray as a threaded actor)."""
 
-    def __init__(self, plan: WorkerPlan) -> None:
-        self.plan = plan
+    def __init__(self, plan: WorkerPlan | None = None) -> None:
+        self._plan = plan  # None: pre-started, idle until ``start`` gives it one
+        self._reservation: Any = None  # a pooled worker's placement group (start waits)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._phase = "starting"
@@ -137,7 +144,18 @@ class GangWorker:
         self._thread: threading.Thread | None = None
         self._ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         self._node_id = ray.get_runtime_context().get_node_id()
-        self._gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
+
+    @property
+    def plan(self) -> WorkerPlan:
+        if self._plan is None:
+            raise RuntimeError("this pre-started worker has no plan yet (start gives it one)")
+        return self._plan
+
+    @property
+    def _gpu_ids(self) -> tuple[str, ...]:
+        """The GPUs our placement gave this worker on its node (not Ray's pick inside the
+        bundle: every worker, pooled or not, agrees with the scheduler and the actuator)."""
+        return tuple(str(g) for g in self._plan.local_gpus) if self._plan else ()
 
     # ----------------------------------------------------------------- called by the backend
 
@@ -148,17 +166,27 @@ class GangWorker:
                 self._master = (self._ip, _free_port(""))
             return self._master
 
-    def start(self, rank0: Any | None) -> None:
-        """Begin running (idempotent). ``rank0`` is rank 0's actor handle (None on rank 0)."""
+    def start(self, rank0: Any | None, plan: WorkerPlan | None = None,
+              placement_group: Any = None) -> None:
+        """Begin running (idempotent). ``rank0`` is rank 0's actor handle (None on rank 0).
+        A pre-started worker gets its ``plan`` here and waits for ``placement_group``."""
         with self._lock:
+            if plan is not None and self._plan is not None and plan != self._plan:
+                raise RuntimeError(f"worker runs {self._plan.job} rank {self._plan.rank}; a "
+                                   f"worker process runs one job, not also {plan.job}")
             if self._thread is not None:
                 return
+            if plan is not None:
+                self._plan, self._reservation = plan, placement_group
             self._thread = threading.Thread(target=self._main, args=(rank0,), daemon=True,
                                             name=f"aifactory-{self.plan.rank}")
             self._thread.start()
 
     def poll(self) -> WorkerReport:
         with self._lock:
+            if self._plan is None:  # pre-started, not yet given a plan
+                return WorkerReport(rank=-1, phase="starting", node="", node_id=self._node_id,
+                                    pid=os.getpid())
             return WorkerReport(
                 rank=self.plan.rank, phase=self._phase, node=self.plan.node,
                 node_id=self._node_id, pid=os.getpid(), gpu_ids=self._gpu_ids,
@@ -170,9 +198,10 @@ class GangWorker:
                 latency_seconds_total=self._latency_total,
                 metrics=tuple(sorted(self._metrics.items())))
 
-    def describe(self) -> WorkerPlan:
-        """The plan this worker runs (a restarted operator rebuilds the placement from it)."""
-        return self.plan
+    def describe(self) -> WorkerPlan | None:
+        """The plan this worker runs (a restarted operator rebuilds the placement from it);
+        None for a pre-started worker still idle."""
+        return self._plan
 
     def logs(self, lines: int = 100) -> str:
         with self._lock:
@@ -242,6 +271,9 @@ class GangWorker:
     def _main(self, rank0: Any | None) -> None:
         try:
             Path(self.plan.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            if not self._reserved():
+                self._set("failed", "stopped")
+                return
             env = self._environment(rank0)
             os.environ.update(env)
             for entry in env.get("PYTHONPATH", "").split(os.pathsep):
@@ -262,6 +294,16 @@ class GangWorker:
             self._log(traceback.format_exc())
             self._set("failed", f"worker {self.plan.rank} on {self.plan.node}: "
                       f"{type(exc).__name__}: {exc}")
+
+    def _reserved(self) -> bool:
+        """A pre-started worker runs outside its placement group: wait until the group holds
+        its bundle on this node (False when stopped first)."""
+        if self._reservation is None:
+            return True
+        while not self._reservation.wait(timeout_seconds=1):
+            if self._stopping.is_set():
+                return False
+        return True
 
     def _entry(self) -> Callable[..., Any] | None:
         assert self.plan.entrypoint is not None
