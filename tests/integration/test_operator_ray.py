@@ -57,10 +57,24 @@ def _ours(key: str) -> list[dict[str, Any]]:
             if v.get("name") == f"aifactory/{key}" and v.get("state") != "REMOVED"]
 
 
-def _leftovers() -> list[str]:
+def _workers(job: str, world: int) -> list[Any] | None:
+    """The job's worker actors as a restarted operator finds them (pooled ones by asking)."""
+    from aifactory.controller.backends.ray.pool import GangWorkers
+
+    return GangWorkers("aifactory").of(f"{NS}/{job}", world)
+
+
+def _leftovers(pool: bool = False) -> list[str]:
+    """Groups and workers of this test's jobs still on the cluster (pre-started workers
+    running one of them included); ``pool``: any pre-started worker at all (none may
+    outlive the operator)."""
+    from aifactory.controller.backends.ray.pool import GangWorkers
     from tests.integration.ray_env import leftovers
 
-    return [x for x in leftovers() if f"aifactory/{NS}/" in x]
+    busy = GangWorkers("aifactory").jobs()
+    return [x for x in leftovers() if f"aifactory/{NS}/" in x or
+            (pool and "aifactory/_pool/" in x)] + \
+        [f"pooled worker of {job}" for job in busy if job.startswith(f"{NS}/")]
 
 
 def _where(root: Path, name: str, attempt: int, workers: int) -> list[dict[str, Any]] | None:
@@ -92,7 +106,8 @@ def operator(aifactory_installed: KubeTestEnv, ray_cluster: Any,
         delete_all(env, NS)
         strip_finalizers(env, NS)
         try:
-            wait_for(lambda: not _leftovers(), 15, "our gangs to go", interval=0.2)
+            wait_for(lambda: not _leftovers(pool=True), 15, "our gangs and pool to go",
+                     interval=0.2)
         finally:
             _remove_leftovers()
 
@@ -102,7 +117,7 @@ def _remove_leftovers() -> None:
     from ray.util.placement_group import placement_group_table, remove_placement_group
 
     for actor in ray.util.list_named_actors(all_namespaces=True):
-        if str(actor.get("name", "")).startswith(f"aifactory/{NS}/"):
+        if str(actor.get("name", "")).startswith((f"aifactory/{NS}/", "aifactory/_pool/")):
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
     for info in placement_group_table().values():
         if str(info.get("name", "")).startswith(f"aifactory/{NS}/") and \
@@ -161,8 +176,8 @@ def test_operator_runs_gangs_on_the_chosen_ray_nodes_and_adopts_them_after_a_cra
         assert after["startedAt"] == running["startedAt"] and after["restarts"] == 0
         (again,) = _ours(f"{NS}/long")
         assert again["placement_group_id"] == group["placement_group_id"]
-        workers = [ray.get_actor(f"aifactory/{NS}/long/w{r}", namespace="aifactory")
-                   for r in range(2)]
+        workers = _workers("long", 2)
+        assert workers is not None
         reports = ray.get([w.poll.remote() for w in workers])
         assert [r.phase for r in reports] == ["running", "running"]
         assert [r.node_id for r in reports] == [b["node_id"] for b in before]

@@ -212,6 +212,10 @@ class GangWorkers:
                                            namespace=self._namespace))
         return named + list(self._by_job().get(job, {}).values())
 
+    def jobs(self) -> dict[str, dict[int, Any]]:
+        """Pooled workers that run a job: by job and rank."""
+        return dict(self._by_job())
+
     def _by_job(self) -> dict[str, dict[int, Any]]:
         if self._pooled is None:
             self._pooled = {}
