@@ -7,7 +7,8 @@
                        [--health-port 8080] [--metrics-port 9402] [--policy aifactory]
                        [--telemetry auto|nvml|model|sim] [--node-metrics]
     aifactory operator --backend ray (--ray-address ADDRESS | --ray-local [--cluster SPEC])
-                       [--ray-cpus-per-worker N] [--ray-topology auto|nodes|ray] ...
+                       [--ray-cpus-per-worker N] [--ray-topology auto|nodes|ray]
+                       [--ray-prestart-per-node N] ...
 
 ``--backend sim`` runs placed work on the simulated factory inside this process. Its GPUs
 are the cluster's Nodes when any has GPUs (allocatable ``nvidia.com/gpu`` or a
@@ -68,6 +69,16 @@ MAX_LOCAL_RAY_NODES = 16  # one raylet (~150 MB) per node
 LOCAL_CPUS_PER_WORKER = 0.05  # local Ray nodes share this machine's few CPUs
 
 __all__ = ["main", "parser"]
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> float:
@@ -131,6 +142,9 @@ def parser() -> argparse.ArgumentParser:
                         "from: nodes (the Kubernetes Node each names with its "
                         "aifactory.io/node label), ray (the Ray nodes' own labels), auto "
                         "(nodes when some Node has GPUs; default)")
+    p.add_argument("--ray-prestart-per-node", type=_count, default=None,
+                   help="idle Ray workers kept started on every GPU node, handed to gangs "
+                        "so they start without new worker processes (default 2; 0: none)")
     p.add_argument("--telemetry", choices=TELEMETRY_CHOICES, default="auto",
                    help="GPU power and energy: auto (the backend's own: the simulated "
                         "factory's, or NVML on each Ray node else the power model), nvml, "
@@ -230,6 +244,8 @@ def _ray_options(args: argparse.Namespace) -> RayOptions:
     cpus = args.ray_cpus_per_worker or (LOCAL_CPUS_PER_WORKER if args.ray_local else 1.0)
     return RayOptions(address=None if args.ray_local else address, local=args.ray_local,
                       local_nodes=nodes, cpus_per_worker=cpus,
+                      prestart_per_node=2 if args.ray_prestart_per_node is None
+                      else args.ray_prestart_per_node,
                       telemetry="model" if args.telemetry == "model" else "auto",
                       container_images=args.ray_container_images,
                       topology=args.ray_topology or "auto")
@@ -279,10 +295,10 @@ def options_from(args: argparse.Namespace) -> OperatorOptions:
         raise BackendError("--sim-speed applies to --backend sim only")
     if args.backend == "sim" and (args.ray_local or args.ray_address or
                                   args.ray_cpus_per_worker or args.ray_container_images or
-                                  args.ray_topology):
+                                  args.ray_topology or args.ray_prestart_per_node is not None):
         raise BackendError("--ray-local, --ray-address, --ray-cpus-per-worker, "
-                           "--ray-container-images and --ray-topology apply to --backend ray "
-                           "only")
+                           "--ray-container-images, --ray-topology and --ray-prestart-per-node "
+                           "apply to --backend ray only")
     ray = _ray_options(args) if args.backend == "ray" else RayOptions()
     if args.sim_traffic and args.backend != "sim":
         raise BackendError("--sim-traffic drives the simulated backend's InferenceServices; "

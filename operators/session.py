@@ -60,6 +60,7 @@ class RayOptions:
     local: bool = False  # start a local cluster of simulated GPU nodes instead
     local_nodes: tuple[NodeInfo, ...] = ()  # () : 4 nodes x 8 H200 in 2 racks
     cpus_per_worker: float = 1.0
+    prestart_per_node: int = 2  # idle workers kept started per GPU node (0: none)
     telemetry: str = "auto"  # the backend's GPU power: auto (NVML on each node, else model)
     container_images: bool = False  # nodes run runtime.image (podman): Ray's image_uri
     # Where the Ray nodes' topology comes from: nodes (the Kubernetes Nodes they name), ray
@@ -124,8 +125,9 @@ def open_backend(name: str, topo: Topology | None, clock: Callable[[], float],
     try:
         backend = module.make_ray_backend(
             ray.address, local=ray.local, local_nodes=ray.local_nodes or None, clock=clock,
-            cpus_per_worker=ray.cpus_per_worker, telemetry=ray.telemetry,
-            container_images=ray.container_images, directory=directory)
+            cpus_per_worker=ray.cpus_per_worker, prestart_per_node=ray.prestart_per_node,
+            telemetry=ray.telemetry, container_images=ray.container_images,
+            directory=directory)
     except AifactoryError:
         raise
     except Exception as exc:  # ray.init: ConnectionError, TimeoutError, RuntimeError...

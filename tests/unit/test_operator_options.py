@@ -51,13 +51,15 @@ REFUSED = [
     Refused("ray flags need the ray backend", ("--ray-local",),
             "apply to --backend ray only"),
     Refused("container images are a Ray cluster's", ("--ray-container-images",),
-            "--ray-container-images and --ray-topology apply to --backend ray only"),
+            "--ray-topology and --ray-prestart-per-node apply to --backend ray only"),
     Refused("the Ray topology source needs the ray backend", ("--ray-topology=nodes",),
-            "--ray-container-images and --ray-topology apply to --backend ray only"),
+            "--ray-topology and --ray-prestart-per-node apply to --backend ray only"),
     Refused("a local Ray cluster's simulated nodes have no Kubernetes Nodes",
             ("--backend=ray", "--ray-local", "--ray-topology=nodes"),
             "--ray-topology nodes joins Ray nodes to Kubernetes Nodes; the simulated nodes "
             "of --ray-local have none"),
+    Refused("pre-started workers need the ray backend", ("--ray-prestart-per-node=4",),
+            "--ray-topology and --ray-prestart-per-node apply to --backend ray only"),
     Refused("sim speed is for the simulated backend",
             ("--backend=ray", "--ray-local", "--sim-speed=2"),
             "--sim-speed applies to --backend sim only"),
@@ -106,6 +108,9 @@ def test_ray_options_follow_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert remote.ray.topology == "auto"
     pinned = options_from(parser().parse_args(["--backend=ray", "--ray-topology=nodes"]))
     assert pinned.ray.topology == "nodes"
+    assert remote.ray.prestart_per_node == 2
+    assert options_from(parser().parse_args(["--backend=ray", "--ray-prestart-per-node=0"])
+                        ).ray.prestart_per_node == 0
     local = options_from(parser().parse_args(["--backend=ray", "--ray-local",
                                               "--node-metrics"]))
     assert (local.ray.address, local.ray.local, local.ray.cpus_per_worker) == \
