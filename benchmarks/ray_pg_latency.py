@@ -22,6 +22,8 @@ and tests, ``python benchmarks/ray_pg_latency.py --runs 20 --e2e-runs 20``, subm
                               pre-started    p50 0.44 s  p99 0.92 s
     1-min load  5.7 -> 24.9   new processes  p50 4.75 s  p99 9.32 s
                               pre-started    p50 0.25 s  p99 0.81 s
+    1-min load 13.7 -> 19.1   new processes  p50 3.48 s  p99 6.30 s
+                              pre-started    p50 0.34 s  p99 0.89 s
 
 usage: python benchmarks/ray_pg_latency.py [--runs 20] [--e2e-runs 20]
 """
