@@ -128,15 +128,7 @@ def _queues(ax: Any, series: TimeSeries, x: list[float], xlabel: str) -> None:
         if i < len(series.queue_gpus):
             held.plot(x, series.queue_gpus[i], color=colour, linewidth=1, linestyle=":",
                       drawstyle="steps-post", label=f"{queue}: GPUs held")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("pending jobs")
-    held.set_ylabel("GPUs held (dotted)")
-    ax.set_ylim(bottom=0)
-    held.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    lines = ax.get_legend_handles_labels()
-    more = held.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=8)
+    _twin_axes(ax, held, xlabel, "pending jobs", "GPUs held (dotted)", "center right", 8)
     from matplotlib.ticker import MaxNLocator
 
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -154,15 +146,21 @@ def _replicas(ax: Any, series: TimeSeries, x: list[float], xlabel: str) -> None:
                 drawstyle="steps-post", label=f"{name}: replicas serving")
         rate_ax.plot(x, series.service_rate[i], color=colour, linewidth=1, alpha=0.5,
                      label=f"{name}: requests/s")
+    _twin_axes(ax, rate_ax, xlabel, "replicas", "requests per second (thin)", "upper left", 7)
+
+
+def _twin_axes(ax: Any, other: Any, xlabel: str, left: str, right: str, loc: str,
+               fontsize: int) -> None:
+    """Labels, zero floors, a grid and one legend for a panel with a second y axis."""
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("replicas")
-    rate_ax.set_ylabel("requests per second (thin)")
+    ax.set_ylabel(left)
+    other.set_ylabel(right)
     ax.set_ylim(bottom=0)
-    rate_ax.set_ylim(bottom=0)
+    other.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     lines = ax.get_legend_handles_labels()
-    more = rate_ax.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=7)
+    more = other.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc=loc, fontsize=fontsize)
 
 
 def _service_watts(ax: Any, series: TimeSeries, x: list[float], xlabel: str) -> None:
