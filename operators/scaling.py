@@ -119,9 +119,6 @@ class ServiceScaling:
                 out.append(Route(namespace, name, obj.uid, view.endpoints))
         return out
 
-    def policy(self, key: str) -> AutoscalePolicy | None:
-        tracked = self.autoscaler.services.get(key)
-        return None if tracked is None else tracked.policy
 
     # ----------------------------------------------------------------- ScaleTarget
 

@@ -117,7 +117,6 @@ def test_bounds_hold_and_no_ready_replica_keeps_the_count() -> None:
     for _ in range(5):
         got = _tick(sim, scaler)
     assert got == 5
-    load.total = 0.0
     sim2 = _sim()
     scaler2 = Autoscaler(sim2, None)
     assert scaler2.track(SERVICE, policy) == 2

@@ -425,9 +425,6 @@ class RayBackend:
     def endpoints(self, job: str) -> tuple[str, ...]:
         return tuple(r.endpoint for r in self.workers(job) if r.endpoint)
 
-    def in_flight(self, job: str) -> int:
-        return sum(r.in_flight for r in self.workers(job))
-
     def replica_load(self, job: str) -> ReplicaLoad | None:
         """``ReportsLoad``: an inference replica's requests in flight and counters, from its
         worker's last report (the poll's, not a fresh one); None until it serves."""
