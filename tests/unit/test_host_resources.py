@@ -26,6 +26,7 @@ from aifactory.controller.placement.fragmentation import (
     FragmentationScorer,
     WorkloadMix,
     fragment_milli,
+    stranded_milli,
 )
 from aifactory.controller.placement.registry import POLICY_NAMES, make_policy
 from aifactory.controller.placement.request import PlacementRequest, Unplaced
@@ -172,8 +173,51 @@ def test_work_that_fits_anywhere_keeps_off_the_nodes_cpu_heavy_work_needs() -> N
     # in the tighter rack, fat-0's.
     scorer.scarcity_weight = 0.0
     scorer.bind(())
+    # The stranding term alone also sends it to lean-0: at the mix's 9.7 cores per GPU,
+    # lean-0's 32 free cores cannot feed its 4 free GPUs, and a 4-core task eases that.
+    got = place_topology_aware(state, small, None, scorer)
+    assert isinstance(got, Placement) and got.nodes == (LEAN0,)
+    scorer.stranding_weight = 0.0
+    scorer.bind(TOPO.kinds)
+    scorer.bind(())
     got = place_topology_aware(state, small, None, scorer)
     assert isinstance(got, Placement) and got.nodes == (FAT,)
+
+
+def test_stranded_gpus_are_those_the_free_cpu_and_memory_cannot_feed() -> None:
+    # 4 cores and 16 GiB per GPU: 4 free GPUs with 8 free cores feed only 2 GPUs.
+    per_milli = (4 * CORE / MILLI_PER_GPU, 16 * GIB / MILLI_PER_GPU)
+    assert stranded_milli(4000, 8 * CORE, 1024 * GIB, per_milli) == pytest.approx(2000)
+    assert stranded_milli(4000, 64 * CORE, 32 * GIB, per_milli) == pytest.approx(2000)
+    assert stranded_milli(4000, 64 * CORE, 1024 * GIB, per_milli) == 0
+    assert stranded_milli(4000, -1, -1, per_milli) == 0  # not tracked
+    assert stranded_milli(4000, 0, 0, (0.0, 0.0)) == 0  # the workload asks for neither
+
+
+def test_cpu_heavy_work_goes_where_cpu_is_left_and_light_work_where_gpus_would_strand() -> None:
+    # Typical work: 1-GPU tasks of 4 cores (4 milli-cores per milli-GPU). lean-0 keeps 4
+    # GPUs and 14 cores (enough for 3.5 of them), lean-1 4 GPUs and 28 cores.
+    mix = WorkloadMix()
+    for i in range(16):
+        mix.observe(f"t-{i}", (1, MILLI_PER_GPU, None, 4 * CORE, 0))
+    scorer = FragmentationScorer(mix, scarcity_weight=0.0)
+    state = ClusterState(TOPO)
+    for node, cores in ((LEAN0, 18), (LEAN1, 4)):
+        state.allocate(Placement(f"busy-{node}", (WorkerSlot(
+            node, tuple(TOPO.gpu_range(node))[:4], cpu_milli=cores * CORE),)))
+    heavy = request(JobSpec("heavy", gpus_per_worker=1, cpu_milli=8 * CORE))
+    light = request(JobSpec("light", gpus_per_worker=1, cpu_milli=0))
+    # On lean-0 the heavy task would leave 6 cores for 3 GPUs (FGD's threshold still sees
+    # a typical task fit there); lean-1 has CPU to spare.
+    got = place_topology_aware(state, heavy, None, scorer)
+    assert isinstance(got, Placement) and got.nodes == (LEAN1,)
+    # The light task uses a GPU lean-0 could not have fed anyway.
+    got = place_topology_aware(state, light, None, scorer)
+    assert isinstance(got, Placement) and got.nodes == (LEAN0,)
+    # Without the term both lean nodes score 0 and the heavy task goes to the first.
+    blind = FragmentationScorer(mix, scarcity_weight=0.0, stranding_weight=0.0)
+    got = place_topology_aware(state, heavy, None, blind)
+    assert isinstance(got, Placement) and got.nodes == (LEAN0,)
 
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
