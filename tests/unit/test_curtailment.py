@@ -104,6 +104,40 @@ def test_sharing_loses_less_work_than_slowing_one_tier_to_its_limit() -> None:
     assert shared < deep
 
 
+@settings(max_examples=100, deadline=None)
+@given(jobs_st, st.floats(0.75, 0.98), st.lists(st.floats(0.0, 1.0), min_size=12, max_size=12))
+def test_no_plan_that_honours_the_tiers_sheds_as_much_for_less_lost_work(
+        raw: list[tuple[int, int, float, float]], fraction: float, mix: list[float]) -> None:
+    # Any other caps within each tier's allowance (random slowdowns, scaled until they shed
+    # what ours sheds) lose at least as much speed x GPUs as ours, up to ours' step size.
+    jobs = [_job(i, t, g, lost, u) for i, (t, g, lost, u) in enumerate(raw)]
+    draw = sum(job_watts(j, None) for j in jobs)
+    plan = flexible(jobs, draw, draw * fraction)
+    if plan.pauses or plan.short_watts > 0:
+        return  # pauses: caps alone cannot shed it, nothing to compare
+    flex = [j for j in jobs if j.tier > 0]
+
+    def lost(caps: dict[str, float | None]) -> float:
+        return sum(j.gpus * (1 - j.speed(caps.get(j.key)) / j.speed(None)) for j in flex)
+
+    def alternative(k: float) -> dict[str, float | None]:
+        return {j.key: cap_for_slowdown(j, min(1.0, k) * mix[i] * FLEX_SLOWDOWN[j.tier])
+                for i, j in enumerate(flex)}
+
+    def shed(caps: dict[str, float | None]) -> float:
+        return sum(job_watts(j, None) - job_watts(j, caps[j.key]) for j in flex)
+
+    if shed(alternative(1.0)) < plan.shed_watts:
+        return  # these proportions cannot shed as much within the allowances
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (low, mid) if shed(alternative(mid)) >= plan.shed_watts else (mid, high)
+    ours = lost(dict(plan.caps))
+    step = sum(j.gpus * FLEX_SLOWDOWN[j.tier] for j in flex) / 200  # the planner's grid
+    assert ours <= lost(alternative(high)) + step + 1e-6
+
+
 def test_the_baselines_ignore_tiers() -> None:
     jobs = [_job(0, 0, 8), _job(1, 3, 8)]
     draw = sum(job_watts(j, None) for j in jobs)
