@@ -8,43 +8,30 @@ bundle: pre-started ones from a pool on each node (``controller.backends.ray.poo
 then starts in well under a second instead of waiting for new processes) or, for jobs with
 a Ray runtime environment and with the pool off, ones created inside their bundles, named
 ``aifactory/<namespace>/<name>/w<rank>``. Placement groups and actors are detached so they
-outlive the operator, and a restarted operator finds them by name (``adoptable``/``adopt``)
-instead of launching twins.
+outlive the operator, and a restarted operator adopts them instead of launching twins
+(``controller.backends.ray.adoption``).
 
-Status comes from polling the workers (``WorkerReport``): a worker that fails, whose actor
-dies or whose node leaves the cluster fails the gang, which the control plane requeues from
-its checkpoint directory (``<checkpoint_root>/<namespace>/<name>``, the same for every
-attempt). The job's code reaches the workers through Ray's ``runtime_env``
-(``controller.backends.ray.runtime_env``); a runtime environment Ray cannot set up, or an
-image on a cluster that runs none, fails the job for good (``WorkloadStatus.fatal_reason``).
-Finished, failed and stopped gangs leave nothing behind: actors are killed and the
-placement group is removed. Power comes from NVML through a per-node telemetry actor where
-nodes have GPUs, else from the power model.
+Status comes from polling the workers (``controller.backends.ray.tracking``); a failed gang is
+requeued by the control plane from its checkpoint directory. The job's code reaches the
+workers through Ray's ``runtime_env`` (``controller.backends.ray.runtime_env``); an image on
+a cluster that runs none fails the job for good. Finished, failed and stopped gangs leave
+nothing behind: actors are killed and the placement group is removed. Energy and power caps:
+``controller.backends.ray.power``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RuntimeEnvSetupError
-from ray.util.placement_group import (
-    PlacementGroup,
-    get_placement_group,
-    placement_group,
-    placement_group_table,
-    remove_placement_group,
-)
-from ray.util.scheduling_strategies import (
-    PlacementGroupSchedulingStrategy,
-)
+from ray.util.placement_group import PlacementGroup, get_placement_group, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from aifactory.controller.backends.actuators import PowerActuator
 from aifactory.controller.backends.base import (
@@ -55,7 +42,7 @@ from aifactory.controller.backends.base import (
     WorkloadStatus,
 )
 from aifactory.controller.backends.directory import NodeDirectory
-from aifactory.controller.backends.energy import GpuKey, Owner
+from aifactory.controller.backends.ray.adoption import AdoptableGang, GangFinder
 from aifactory.controller.backends.ray.gang import (
     NODE_ID_LABEL,
     NODE_NAME_LABEL,
@@ -64,39 +51,37 @@ from aifactory.controller.backends.ray.gang import (
     WorkerPlan,
     WorkerReport,
     gang_bundles,
-    job_of_pg,
     pg_name,
     ray_node,
     worker_actor_name,
     worker_plans,
 )
 from aifactory.controller.backends.ray.join import join_ray_nodes
-from aifactory.controller.backends.ray.pool import GangWorkers, WorkerPool
+from aifactory.controller.backends.ray.pool import WorkerPool
+from aifactory.controller.backends.ray.power import GangPower, NodeNvml
 from aifactory.controller.backends.ray.runtime_env import (
     IMAGE_UNSUPPORTED,
-    SETUP_FAILED,
     image_refusal,
     needs_own_worker_process,
     ray_runtime_env,
-    setup_failure_message,
 )
 from aifactory.controller.backends.ray.telemetry import GpuPower
+from aifactory.controller.backends.ray.tracking import (
+    TrackedGang,
+    gang_logs,
+    gang_status,
+    poll_workers,
+    release_gang,
+)
 from aifactory.controller.backends.ray.worker import GangWorker
 from aifactory.controller.core.errors import AifactoryError, SpecError
 from aifactory.controller.core.spec import JobSpec
 from aifactory.controller.core.state import Placement
 from aifactory.controller.core.topology import NodeInfo, Topology
-from aifactory.controller.core.units import MILLI_PER_GPU
 from aifactory.controller.inputs.factory import FactorySpec, factory_from_nodes
-from aifactory.controller.power.utilisation import default_utilization
-
-log = logging.getLogger(__name__)
 
 __all__ = ["AdoptableGang", "RayBackend", "RayBackendError", "default_checkpoint_root",
            "make_ray_backend"]
-
-_ACTIVE_PG_STATES = ("PENDING", "CREATED", "RESCHEDULING")
-_CALL_TIMEOUT_SECONDS = 5.0
 
 
 class RayBackendError(AifactoryError):
@@ -110,43 +95,6 @@ def default_checkpoint_root() -> str:
     if root:
         return root
     return str(Path(os.environ.get("TMPDIR", "/tmp")) / "aifactory" / "checkpoints")
-
-
-@dataclass(frozen=True, slots=True)
-class AdoptableGang:
-    """A gang found running on Ray (by its placement group's name) with its workers' plans."""
-
-    job: str
-    plans: tuple[WorkerPlan, ...]
-    started_at: float
-    attempt: int
-
-    @property
-    def slots(self) -> tuple[tuple[str, tuple[int, ...], int], ...]:
-        return tuple((p.node, p.local_gpus, p.milli) for p in self.plans)
-
-
-@dataclass(slots=True)
-class _Gang:
-    spec: JobSpec
-    pg: PlacementGroup
-    actors: list[Any]
-    plans: list[WorkerPlan]
-    node_ids: list[str]
-    started_at: float
-    ready_ref: Any = None
-    ready_at: float | None = None
-    reports: dict[int, WorkerReport] = field(default_factory=dict)
-    pending: dict[int, Any] = field(default_factory=dict)
-    lost: dict[int, str] = field(default_factory=dict)
-    setup_failed: dict[int, str] = field(default_factory=dict)  # RuntimeEnvSetupError
-    final: WorkloadStatus | None = None
-    logs: dict[int, str] = field(default_factory=dict)
-    capped: bool = False  # GPU limits set by set_power_cap (reset at teardown)
-
-    @property
-    def job(self) -> str:
-        return self.spec.key
 
 
 class RayBackend:
@@ -183,9 +131,9 @@ class RayBackend:
         self._worker_cls = ray.remote(GangWorker)
         self.pool = WorkerPool(self._worker_cls, namespace, prestart_per_node) \
             if prestart_per_node > 0 else None
-        self._found: GangWorkers | None = None  # the workers adoptable() found, for adopt
+        self._finder = GangFinder(namespace)  # gangs an earlier operator left running
         self._topology: Topology | None = None
-        self._gangs: dict[str, _Gang] = {}
+        self._gangs: dict[str, TrackedGang] = {}
         self._attempts: dict[str, int] = {}
         self._nodes: list[RayNode] = []
         self._alive_ids: set[str] = set()
@@ -194,7 +142,8 @@ class RayBackend:
         self.power = GpuPower(telemetry)
         # Where grid-event caps go: NVML on each node through its telemetry actor, unless
         # another actuator is given (tests: a RecordingActuator, which touches no GPU).
-        self.actuator: PowerActuator = actuator or _NodeNvml(self)
+        self.actuator: PowerActuator = actuator or NodeNvml(self.power, self.ray_nodes)
+        self._gang_power = GangPower(self.power, self.actuator, self._gangs, self.ray_nodes)
         self.local_cluster: Any = None  # a LocalRayCluster this backend started and stops
         # Where the nodes' names and topology come from: the Kubernetes Nodes the Ray nodes
         # name (``controller.backends.ray.join``), or None: the Ray nodes' own labels.
@@ -280,7 +229,7 @@ class RayBackend:
             self._gangs.pop(key, None)
             self._failed_before_start(spec, now, str(exc))
             return
-        self._remove_leftovers(key)
+        self._finder.remove_leftovers(key)
         attempt = self._attempts[key] = self._attempts.get(key, -1) + 1
         plans = worker_plans(spec, bundles, self.checkpoint_dir(key), now, attempt,
                              self.serve_host)
@@ -302,10 +251,10 @@ class RayBackend:
             for rank, actor in enumerate(actors):
                 actor.start.remote(None if rank == 0 else actors[0])
             ready_ref = pg.ready()
-        self._gangs[key] = _Gang(spec, pg, actors, plans,
-                                 [b.selector[NODE_ID_LABEL] for b in bundles], now,
-                                 ready_ref=ready_ref)
-        self._own_gpus(spec, plans, now)
+        self._gangs[key] = TrackedGang(spec, pg, actors, plans,
+                                       [b.selector[NODE_ID_LABEL] for b in bundles], now,
+                                       ready_ref=ready_ref)
+        self._gang_power.own(spec, plans, now)
 
     def runtime_refusal(self, spec: JobSpec) -> RuntimeRefusal | None:
         """``RefusesRuntimes``: an image on a cluster that runs none (``container_images``
@@ -341,17 +290,17 @@ class RayBackend:
         self._attempts[spec.key] = self._attempts.get(spec.key, -1) + 1
         final = WorkloadStatus(spec.key, WorkloadPhase.FAILED, started_at=now, finished_at=now,
                                message=message, retryable=False, fatal_reason=fatal_reason)
-        self._gangs[spec.key] = _Gang(spec, None, [], [], [], now,  # type: ignore[arg-type]
-                                      final=final)
+        self._gangs[spec.key] = TrackedGang(spec, None, [], [], [],  # type: ignore[arg-type]
+                                            now, final=final)
 
     def stop(self, job: str) -> None:
         gang = self._gangs.get(job)
         if gang is None:
-            self._remove_leftovers(job)
+            self._finder.remove_leftovers(job)
             return
         if gang.final is None:
             now = self._clock()
-            self._sample_energy(now)
+            self._gang_power.sample(now)
             gang.final = self._status_of(gang, now, stopped=True)
         self._teardown(gang)
 
@@ -360,47 +309,17 @@ class RayBackend:
         self.stop(job)
         self._gangs.pop(job, None)
 
-    def _teardown(self, gang: _Gang) -> None:
+    def _teardown(self, gang: TrackedGang) -> None:
         if not gang.actors and gang.pg is None:
             return
-        live = [a for r, a in enumerate(gang.actors)
-                if r not in gang.lost and r not in gang.setup_failed]
-        stops = [a.stop.remote() for a in live]
-        if stops:
-            ray.wait(stops, num_returns=len(stops), timeout=2.0)
-        if gang.spec.runtime.command:
-            for rank, actor in enumerate(live):
-                with contextlib.suppress(Exception):
-                    gang.logs[rank] = ray.get(actor.logs.remote(0), timeout=2.0)
-        for actor in gang.actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
-        if gang.pg is not None:
-            with contextlib.suppress(Exception):
-                remove_placement_group(gang.pg)
-        gang.actors = []
-        gang.pg = None  # type: ignore[assignment]
-        gang.pending.clear()
+        release_gang(gang)
         self.power.release(gang.job, self._clock())
         if gang.capped:  # the next job on these GPUs must not inherit the cap
-            self._cap_gpus(gang, None)
+            self._gang_power.cap(gang, None)
 
     def _kill_named(self, name: str) -> None:
         with contextlib.suppress(Exception):
             ray.kill(ray.get_actor(name, namespace=self.namespace), no_restart=True)
-
-    def _remove_leftovers(self, job: str) -> None:
-        """Remove a placement group (and its workers) of ``job`` this backend does not track,
-        left by an earlier operator that nobody adopted."""
-        try:
-            pg = get_placement_group(pg_name(job))
-        except ValueError:
-            return
-        info = placement_group_table(pg)
-        for actor in GangWorkers(self.namespace).any_of(job, len(info.get("bundles") or {})):
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
-        remove_placement_group(pg)
 
     # ----------------------------------------------------------------- status
 
@@ -442,21 +361,7 @@ class RayBackend:
     def logs(self, job: str, lines: int = 100) -> str:
         """Kept output of a command job's workers, rank by rank."""
         gang = self._gangs.get(job)
-        if gang is None:
-            return ""
-        parts: list[str] = []
-        for rank in range(len(gang.plans)):
-            text = gang.logs.get(rank)
-            if text is None and rank < len(gang.actors) and rank not in gang.lost:
-                try:
-                    text = ray.get(gang.actors[rank].logs.remote(lines),
-                                   timeout=_CALL_TIMEOUT_SECONDS)
-                except Exception:
-                    text = None
-            if text:
-                kept = text.splitlines()[-lines:] if lines > 0 else text.splitlines()
-                parts.append(f"== worker {rank} ==\n" + "\n".join(kept))
-        return "\n".join(parts)
+        return "" if gang is None else gang_logs(gang, lines)
 
     def refresh(self, force: bool = False) -> None:
         """Poll every live gang's workers at most once per ``poll_interval_seconds``."""
@@ -469,37 +374,9 @@ class RayBackend:
             self._fill_pool()
             return
         self.ray_nodes(fresh=True)
-        refs: dict[Any, tuple[_Gang, int]] = {}
-        for gang in active:
-            if gang.ready_at is None and (gang.pg.wait(timeout_seconds=0)
-                                          if gang.ready_ref is None
-                                          else ray.wait([gang.ready_ref], timeout=0)[0]):
-                gang.ready_at = self._clock()
-            for rank, actor in enumerate(gang.actors):
-                if rank in gang.lost or rank in gang.setup_failed:
-                    continue
-                if rank not in gang.pending:
-                    gang.pending[rank] = actor.poll.remote()
-                refs[gang.pending[rank]] = (gang, rank)
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0.2)
-        for ref in ready:
-            gang, rank = refs[ref]
-            gang.pending.pop(rank, None)
-            try:
-                gang.reports[rank] = ray.get(ref)
-            except RuntimeEnvSetupError as exc:  # the job's code or packages never arrived
-                gang.setup_failed[rank] = setup_failure_message(
-                    exc, f"worker {rank} on {gang.plans[rank].node}")
-            except Exception as exc:  # the actor died: RayActorError, ActorDiedError, ...
-                gang.lost[rank] = (f"worker {rank} on {gang.plans[rank].node} lost: "
-                                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-        for gang in active:
-            for rank, node_id in enumerate(gang.node_ids):
-                if node_id not in self._alive_ids and rank not in gang.lost:
-                    gang.lost[rank] = (f"worker {rank} lost: node {gang.plans[rank].node} "
-                                       "left the Ray cluster")
+        poll_workers(active, self._alive_ids, self._clock)
         now = self._clock()
-        self._sample_energy(now)
+        self._gang_power.sample(now)
         for gang in active:
             status = self._status_of(gang, now)
             if status.phase in (WorkloadPhase.SUCCEEDED, WorkloadPhase.FAILED):
@@ -517,96 +394,34 @@ class RayBackend:
             return
         self.pool.fill(self.ray_nodes())
 
-    def _status_of(self, gang: _Gang, now: float, stopped: bool = False) -> WorkloadStatus:
-        reports = [gang.reports[r] for r in sorted(gang.reports)]
-        world = len(gang.plans)
-        progress = min((r.progress for r in reports), default=0.0) if len(reports) == world \
-            else 0.0
-        checkpoints = [r.checkpoint_at for r in reports if r.checkpoint_at is not None]
-        base = WorkloadStatus(
-            job=gang.job, phase=WorkloadPhase.STARTING, progress=progress,
-            started_at=gang.started_at,
-            last_checkpoint_at=max(checkpoints) if checkpoints else None,
-            message="starting", energy_joules=self.power.joules(gang.job))
-        failed = [r for r in reports if r.phase == "failed"]
-        if stopped:
-            return replace(base, phase=WorkloadPhase.FAILED, finished_at=now, message="stopped")
-        if gang.setup_failed:
-            return replace(base, phase=WorkloadPhase.FAILED, finished_at=now,
-                           message=gang.setup_failed[min(gang.setup_failed)],
-                           retryable=False, fatal_reason=SETUP_FAILED)
-        if gang.lost:
-            return replace(base, phase=WorkloadPhase.FAILED, finished_at=now,
-                           message=gang.lost[min(gang.lost)],
-                           lost_nodes=tuple(sorted({gang.plans[r].node for r in gang.lost})))
-        if failed:
-            return replace(base, phase=WorkloadPhase.FAILED, finished_at=now,
-                           message=failed[0].message,
-                           retryable=all(r.retryable for r in failed))
-        if gang.ready_at is None and now - gang.started_at > self.start_timeout_seconds:
-            nodes = sorted({p.node for p in gang.plans})
-            return replace(base, phase=WorkloadPhase.FAILED, finished_at=now,
-                           message=f"placement group {pg_name(gang.job)} not ready after "
-                                   f"{self.start_timeout_seconds:g} s (pinned to "
-                                   f"{', '.join(nodes)})")
-        if len(reports) == world and all(r.phase == "succeeded" for r in reports):
-            end = max((r.finished_at or now) for r in reports)
-            return replace(base, phase=WorkloadPhase.SUCCEEDED, finished_at=end,
-                           message="all workers finished")
-        if len(reports) == world and all(r.phase in ("running", "succeeded")
-                                         for r in reports):
-            endpoints = [r.endpoint for r in reports if r.endpoint]
-            return replace(base, phase=WorkloadPhase.RUNNING,
-                           message=f"serving at {', '.join(endpoints)}" if endpoints
-                           else "running")
-        return base
+    def _status_of(self, gang: TrackedGang, now: float, stopped: bool = False) -> WorkloadStatus:
+        return gang_status(gang, now, energy_joules=self.power.joules(gang.job),
+                           start_timeout_seconds=self.start_timeout_seconds, stopped=stopped)
 
     # ----------------------------------------------------------------- adoption
 
     def adoptable(self) -> list[AdoptableGang]:
         """Gangs of ours running on Ray that this backend does not track (after a restart of
         the operator), found by placement-group name; their workers say where they run."""
-        found: list[AdoptableGang] = []
-        workers = self._found = GangWorkers(self.namespace)
-        for info in placement_group_table().values():
-            job = job_of_pg(str(info.get("name", "")))
-            if job is None or job in self._gangs or info.get("state") not in _ACTIVE_PG_STATES:
-                continue
-            plans = self._plans_of(workers.of(job, len(info.get("bundles") or {})))
-            if plans is None:
-                continue
-            found.append(AdoptableGang(job, tuple(plans), min(p.started_at for p in plans),
-                                       max(p.attempt for p in plans)))
-        return found
-
-    @staticmethod
-    def _plans_of(actors: list[Any] | None) -> list[WorkerPlan] | None:
-        if actors is None:
-            return None
-        try:
-            plans: list[WorkerPlan | None] = ray.get([a.describe.remote() for a in actors],
-                                                     timeout=_CALL_TIMEOUT_SECONDS)
-        except Exception:
-            return None
-        return None if None in plans else plans  # type: ignore[return-value]
+        return self._finder.adoptable(self._gangs)
 
     def adopt(self, spec: JobSpec, gang: AdoptableGang) -> None:
         """Track a running gang found by ``adoptable`` as this job's (no relaunch)."""
         pg = get_placement_group(pg_name(gang.job))
-        actors = (self._found or GangWorkers(self.namespace)).of(gang.job, len(gang.plans))
+        actors = self._finder.workers_of(gang)
         if actors is None:
             raise RayBackendError(f"the workers of {gang.job} are gone since they were found")
         by_name = {n.info.name: n.node_id for n in self.ray_nodes(fresh=True)}
         node_ids = [by_name.get(p.node, "") for p in gang.plans]
         self._attempts[gang.job] = gang.attempt
-        self._gangs[gang.job] = _Gang(spec, pg, actors, list(gang.plans), node_ids,
-                                      gang.started_at, ready_ref=pg.ready())
-        self._own_gpus(spec, gang.plans, self._clock())
+        self._gangs[gang.job] = TrackedGang(spec, pg, actors, list(gang.plans), node_ids,
+                                            gang.started_at, ready_ref=pg.ready())
+        self._gang_power.own(spec, gang.plans, self._clock())
 
     def discard(self, gang: AdoptableGang) -> None:
         """Remove a found gang nobody wants (its job was deleted while the operator was
         down): its workers and placement group go."""
-        self._remove_leftovers(gang.job)
+        self._finder.remove_leftovers(gang.job)
 
     # ----------------------------------------------------------------- telemetry
 
@@ -617,38 +432,11 @@ class RayBackend:
         if gang is None or gang.final is not None:
             return
         gang.spec = replace(gang.spec, power_cap_watts_per_gpu=watts_per_gpu)
-        self._cap_gpus(gang, watts_per_gpu)
-        self._own_gpus(gang.spec, gang.plans, self._clock())
-
-    def _cap_gpus(self, gang: _Gang, watts: float | None) -> None:
-        for plan in gang.plans:
-            self.actuator.set_power_limits(plan.node, dict.fromkeys(plan.local_gpus, watts))
-        gang.capped = watts is not None
-
-    def _own_gpus(self, spec: JobSpec, plans: Sequence[WorkerPlan], now: float) -> None:
-        self._sample_energy(now)
-        owner = Owner(spec.key, plans[0].milli if plans else MILLI_PER_GPU,
-                      default_utilization(spec), spec.power_cap_watts_per_gpu)
-        self.power.assign(((p.node, g) for p in plans for g in p.local_gpus), owner, now)
-
-    def _owners(self) -> dict[GpuKey, dict[str, int]]:
-        owners: dict[GpuKey, dict[str, int]] = {}
-        for gang in self._gangs.values():
-            if gang.final is not None:
-                continue
-            for plan in gang.plans:
-                report = gang.reports.get(plan.rank)
-                ids = [int(g) for g in report.gpu_ids if g.isdigit()] if report and \
-                    self.power.nvml else list(plan.local_gpus)
-                for g in ids:
-                    owners.setdefault((plan.node, g), {})[gang.job] = plan.milli
-        return owners
-
-    def _sample_energy(self, now: float) -> None:
-        self.power.sample(now, self.ray_nodes(), self._owners())
+        self._gang_power.cap(gang, watts_per_gpu)
+        self._gang_power.own(gang.spec, gang.plans, self._clock())
 
     def telemetry(self) -> TelemetrySnapshot:
-        return self.power.snapshot(self._clock(), self.ray_nodes(), self._owners())
+        return self._gang_power.snapshot(self._clock())
 
     def job_energy_joules(self, job: str) -> float:
         return self.power.joules(job)
@@ -706,18 +494,3 @@ def make_ray_backend(address: str | None = None, *,
         raise
     backend.local_cluster = cluster
     return backend
-
-
-class _NodeNvml:
-    """The default actuator: NVML on the gang's nodes, through their telemetry actors."""
-
-    def __init__(self, backend: RayBackend) -> None:
-        self.backend = backend
-
-    def set_power_limits(self, node: str, limits: Mapping[int, float | None]) -> None:
-        ray_node = next((n for n in self.backend.ray_nodes() if n.info.name == node), None)
-        if ray_node is None:
-            log.warning("power limits for %s not set: the node left", node)
-            return
-        for index, error in self.backend.power.set_power_limits(ray_node, limits).items():
-            log.warning("power limit of GPU %d on %s not set: %s", index, node, error)
