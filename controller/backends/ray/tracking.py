@@ -145,13 +145,13 @@ def gang_status(gang: TrackedGang, now: float, *, energy_joules: float,
 def release_gang(gang: TrackedGang) -> None:
     """Stop the gang's workers (keeping a command job's output), kill them and remove its
     placement group: nothing of it is left on Ray."""
-    live = [a for r, a in enumerate(gang.actors)
+    live = [(r, a) for r, a in enumerate(gang.actors)
             if r not in gang.lost and r not in gang.setup_failed]
-    stops = [a.stop.remote() for a in live]
+    stops = [a.stop.remote() for _, a in live]
     if stops:
         ray.wait(stops, num_returns=len(stops), timeout=2.0)
     if gang.spec.runtime.command:
-        for rank, actor in enumerate(live):
+        for rank, actor in live:  # by rank: a lost worker leaves a gap, not a shift
             with contextlib.suppress(Exception):
                 gang.logs[rank] = ray.get(actor.logs.remote(0), timeout=2.0)
     for actor in gang.actors:
