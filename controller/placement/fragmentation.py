@@ -53,9 +53,9 @@ difference, whatever arrives. A placement also pays for the change in that expec
 stranding, in milli-GPU like the fragment (``stranding_weight``, 1 by default):
 
 - X_n = max(0, free milli-GPU of n - min(free CPU / r_cpu, free memory / r_memory));
-- CPU-heavy work goes where CPU is left over (a CPU-light node it would strand costs),
-  CPU-light work where GPUs would otherwise be stranded (it lowers X_n), and CPU-only
-  work where its CPU strands no GPU.
+- CPU-heavy work goes where CPU is left over (taking the CPU a node's free GPUs need
+  costs), CPU-light work where GPUs would otherwise be stranded (it lowers X_n), and
+  CPU-only work where its CPU strands no GPU.
 
 On FGD's own orders (seeds 1-3, outside the held-out 42-51) this placed 0.35, 0.38 and 0.50
 points more of the GPUs at 100 % arrived demand on ``multigpu50``, ``gpushare40`` and
