@@ -177,10 +177,8 @@ def test_work_that_fits_anywhere_keeps_off_the_nodes_cpu_heavy_work_needs() -> N
     # lean-0's 32 free cores cannot feed its 4 free GPUs, and a 4-core task eases that.
     got = place_topology_aware(state, small, None, scorer)
     assert isinstance(got, Placement) and got.nodes == (LEAN0,)
-    scorer.stranding_weight = 0.0
-    scorer.bind(TOPO.kinds)
-    scorer.bind(())
-    got = place_topology_aware(state, small, None, scorer)
+    blind = FragmentationScorer(mix, scarcity_weight=0.0, stranding_weight=0.0)
+    got = place_topology_aware(state, small, None, blind)
     assert isinstance(got, Placement) and got.nodes == (FAT,)
 
 

@@ -142,8 +142,8 @@ class RayBackend:
         self.power = GpuPower(telemetry)
         # Where grid-event caps go: NVML on each node through its telemetry actor, unless
         # another actuator is given (tests: a RecordingActuator, which touches no GPU).
-        self.actuator: PowerActuator = actuator or NodeNvml(self.power, self.ray_nodes)
-        self._gang_power = GangPower(self.power, self.actuator, self._gangs, self.ray_nodes)
+        self._gang_power = GangPower(self.power, actuator or NodeNvml(self.power, self.ray_nodes),
+                                     self._gangs, self.ray_nodes)
         self.local_cluster: Any = None  # a LocalRayCluster this backend started and stops
         # Where the nodes' names and topology come from: the Kubernetes Nodes the Ray nodes
         # name (``controller.backends.ray.join``), or None: the Ray nodes' own labels.
